@@ -1,0 +1,46 @@
+# The whole setup is `make demo` and `make test`; everything else is what they use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install proto test lint demo clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, alone and pinned, so nothing else can pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml $(BIN)/activate
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed proto
+
+PROTOS := $(wildcard protos/unclip/v1/*.proto)
+
+# Stubs (and mypy stubs) land in unclip/v1/, importable as `unclip.v1.<name>_pb2`.
+unclip/v1/__init__.py: $(PROTOS) $(VENV)/.installed
+	mkdir -p unclip/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
+		--mypy_out=. --mypy_grpc_out=. $(PROTOS)
+	touch $@
+
+proto: unclip/v1/__init__.py
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+demo: install
+	$(BIN)/unclip demo
+
+clean:
+	rm -rf unclip/v1 .pytest_cache
