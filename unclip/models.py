@@ -1,0 +1,168 @@
+"""Karlo-layout component loading, component by component.
+
+A model is a folder laid out as ``kakaobrain/karlo-v1-alpha`` (one sub-folder per component, each written by
+the
+component's ``save_pretrained``), plus optional extras:
+
+    tokenizer/ text_encoder/                     encoder stage (CLIP text)
+    image_encoder/ feature_extractor/            encoder stage, variations only (optional)
+    prior/ prior_scheduler/                      prior stage
+    text_proj/ decoder/ decoder_scheduler/       decoder stage
+    super_res_first/ super_res_last/ super_res_scheduler/          upsampler stage "super_res"
+    super_res_2_first/ super_res_2_last/ super_res_2_scheduler/    upsampler stage "super_res_2" (optional)
+
+Each service loads only the folders its stage needs. ``resolve_model_dir`` is the one place that turns a model
+reference into a local folder, so remote storage (S3) can plug in there without touching any loader.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+
+# UnCLIPTextProjModel only exists in diffusers' deprecated unclip package; diffusers is pinned exactly for it.
+from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+# Upsampler stages in cascade order; each stage's folders are <stage>_first, <stage>_last, <stage>_scheduler.
+UPSAMPLER_STAGES = ("super_res", "super_res_2")
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder is missing a component or its components do not fit together."""
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """Turns a model reference into a local folder holding the Karlo layout.
+
+    Today only local folders are supported; ``s3://bucket/prefix`` references belong here once storage lands.
+    """
+    text = str(model)
+    if not text:
+        raise ModelLoadError("model must name a model folder, got an empty string")
+    if "://" in text:
+        raise ModelLoadError(f"model {text!r}: only local folders are supported so far")
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder {path} does not exist or is not a folder")
+    return path
+
+
+def _component_dir(model_dir: Path, folder: str, what: str) -> Path:
+    path = model_dir / folder
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder {model_dir} has no {folder}/ folder ({what})")
+    return path
+
+
+def _move(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    return module.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(model_dir: Path) -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(_component_dir(model_dir, "tokenizer", "CLIPTokenizer"))
+
+
+def load_text_encoder(model_dir: Path, device: torch.device | str = "cpu") -> CLIPTextModelWithProjection:
+    path = _component_dir(model_dir, "text_encoder", "CLIPTextModelWithProjection")
+    return _move(CLIPTextModelWithProjection.from_pretrained(path, local_files_only=True), device)
+
+
+def has_image_encoder(model_dir: Path) -> bool:
+    """True when the model carries the CLIP image encoder that variations need."""
+    return (model_dir / "image_encoder").is_dir() and (model_dir / "feature_extractor").is_dir()
+
+
+def load_image_encoder(
+    model_dir: Path, device: torch.device | str = "cpu"
+) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
+    encoder_path = _component_dir(model_dir, "image_encoder", "CLIPVisionModelWithProjection")
+    processor_path = _component_dir(model_dir, "feature_extractor", "CLIPImageProcessor")
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_path, local_files_only=True)
+    return _move(image_encoder, device), CLIPImageProcessor.from_pretrained(processor_path)
+
+
+def load_scheduler(model_dir: Path, folder: str) -> UnCLIPScheduler:
+    return UnCLIPScheduler.from_pretrained(_component_dir(model_dir, folder, "UnCLIPScheduler"))
+
+
+def tokenizer_max_length(model_dir: Path) -> int:
+    """The tokenizer's ``model_max_length``, read without building the tokenizer."""
+    path = _component_dir(model_dir, "tokenizer", "CLIPTokenizer") / "tokenizer_config.json"
+    try:
+        value = json.loads(path.read_text())["model_max_length"]
+    except (OSError, KeyError, ValueError) as error:
+        raise ModelLoadError(f"{path} must set model_max_length: {error}") from error
+    return int(value)
+
+
+def load_prior(model_dir: Path, device: torch.device | str = "cpu") -> PriorTransformer:
+    """The prior, checked against the tokenizer: its text positions must equal the tokenizer's length."""
+    prior = PriorTransformer.from_pretrained(_component_dir(model_dir, "prior", "PriorTransformer"))
+    max_length = tokenizer_max_length(model_dir)
+    if prior.config.num_embeddings != max_length:
+        raise ModelLoadError(
+            f"prior/ num_embeddings ({prior.config.num_embeddings}) must equal the tokenizer's "
+            f"model_max_length ({max_length}): the prior attends over exactly one position per text token"
+        )
+    return _move(prior, device)
+
+
+def load_text_proj(model_dir: Path, device: torch.device | str = "cpu") -> UnCLIPTextProjModel:
+    path = _component_dir(model_dir, "text_proj", "UnCLIPTextProjModel")
+    return _move(UnCLIPTextProjModel.from_pretrained(path), device)
+
+
+def load_decoder(model_dir: Path, device: torch.device | str = "cpu") -> UNet2DConditionModel:
+    path = _component_dir(model_dir, "decoder", "UNet2DConditionModel")
+    return _move(UNet2DConditionModel.from_pretrained(path), device)
+
+
+def upsampler_stages(model_dir: Path) -> list[str]:
+    """The upsampler stages present, in cascade order: ``super_res``, then ``super_res_2`` if its folders
+    exist.
+
+    A stage counts only if all three of its folders exist, and ``super_res_2`` only after ``super_res``.
+    """
+    stages = []
+    for stage in UPSAMPLER_STAGES:
+        folders = (f"{stage}_first", f"{stage}_last", f"{stage}_scheduler")
+        if not all((model_dir / folder).is_dir() for folder in folders):
+            break
+        stages.append(stage)
+    return stages
+
+
+def load_super_res(
+    model_dir: Path, stage: str = "super_res", device: torch.device | str = "cpu"
+) -> tuple[UNet2DModel, UNet2DModel, UnCLIPScheduler]:
+    """One upsampler stage: (first UNet for all but the last step, last UNet for the last step, scheduler)."""
+    if stage not in UPSAMPLER_STAGES:
+        raise ModelLoadError(f"stage must be one of {', '.join(UPSAMPLER_STAGES)}, got {stage!r}")
+    first = UNet2DModel.from_pretrained(_component_dir(model_dir, f"{stage}_first", "UNet2DModel"))
+    last = UNet2DModel.from_pretrained(_component_dir(model_dir, f"{stage}_last", "UNet2DModel"))
+    scheduler = load_scheduler(model_dir, f"{stage}_scheduler")
+    if first.config.sample_size != last.config.sample_size:
+        raise ModelLoadError(f"{stage}_first and {stage}_last must have the same sample_size")
+    return _move(first, device), _move(last, device), scheduler
+
+
+def stage_input_size(model_dir: Path, stage: str) -> int:
+    """The image size an upsampler stage receives: the previous stage's output size (0 if unknown).
+
+    Read from the previous stage's config only, so an upsampler service never loads the decoder's weights.
+    """
+    index = UPSAMPLER_STAGES.index(stage)
+    previous = "decoder" if index == 0 else f"{UPSAMPLER_STAGES[index - 1]}_first"
+    config = model_dir / previous / "config.json"
+    if not config.is_file():
+        return 0
+    return int(json.loads(config.read_text())["sample_size"])
