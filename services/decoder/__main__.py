@@ -1,0 +1,67 @@
+"""python -m services.decoder --model DIR --port N [--stage decoder|super_res|super_res_2].
+
+The decoder (text_proj + UNet) and every super-resolution stage run from this one code, one process per stage, so
+a deployment scales each on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from services.decoder.servicer import DEFAULT_STEPS, DecoderServicer, UpsamplerServicer
+from unclip.runtime import settings
+from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.v1 import decoder_pb2, decoder_pb2_grpc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.decoder", description=__doc__)
+    settings.add_arguments(parser, ["model", "stage", "device", "torch_threads", *SERVER_SETTINGS])
+    args = parser.parse_args(argv)
+    if not args.model:
+        parser.error("--model (or UNCLIP_MODEL) is required")
+    if args.stage not in DEFAULT_STEPS:
+        parser.error(f"--stage must be one of {', '.join(DEFAULT_STEPS)}, got {args.stage!r}")
+    if args.port is None:
+        args.port = settings.DEFAULT_PORTS[args.stage]
+    configure_logging(args.stage)
+    torch.set_num_threads(args.torch_threads)
+
+    if args.stage == "decoder":
+        servicer = DecoderServicer(args.stage, str(args.model))
+        service = "Decoder"
+
+        def register(server) -> None:
+            decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
+    else:
+        servicer = UpsamplerServicer(args.stage, str(args.model))
+        service = "Upsampler"
+
+        def register(server) -> None:
+            decoder_pb2_grpc.add_UpsamplerServicer_to_server(servicer, server)
+
+    def load() -> None:
+        from services.decoder.engine import DecoderEngine, UpsamplerEngine
+
+        if args.stage == "decoder":
+            engine = DecoderEngine.from_pretrained(args.model, device=args.device)
+        else:
+            engine = UpsamplerEngine.from_pretrained(args.model, stage=args.stage, device=args.device)
+        if hasattr(engine, "warmup"):
+            engine.warmup()
+        servicer.engine = engine
+
+    return serve(
+        args.stage,
+        args,
+        register=register,
+        service_names=[decoder_pb2.DESCRIPTOR.services_by_name[service].full_name],
+        load=load,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Decoder and Upsampler servicers: proto <-> tensors around DecoderEngine / UpsamplerEngine.
+
+One service code serves every image stage; `--stage` picks which (decoder, super_res, super_res_2).
+"""
+
+from __future__ import annotations
+
+import grpc
+import torch
+
+from unclip.rng import MAX_IMAGES
+from unclip.runtime.errors import StatusError, grpc_errors, step_callback_for
+from unclip.runtime.tensors import (
+    decode_generators,
+    decode_text_condition,
+    encode_generators,
+    from_field,
+    to_proto,
+)
+from unclip.runtime.validation import check_guidance, check_steps
+from unclip.v1 import decoder_pb2, decoder_pb2_grpc
+
+DEFAULT_STEPS = {"decoder": 25, "super_res": 7, "super_res_2": 7}  # Karlo's defaults
+
+
+def decode_inpaint(request, n: int):
+    """The optional InpaintInput: image float32 [n, 3, S, S] in [-1, 1], mask float32 [n, 1, S, S] in {0, 1}."""
+    if not request.HasField("inpaint"):
+        return None
+    from services.decoder.engine import InpaintInput
+
+    inpaint = request.inpaint
+    image = from_field(inpaint, "image", dtype=torch.float32, shape=[n, 3, None, None], finite=True)
+    size = image.shape[-1]
+    if image.shape[-2] != size or size < 1:
+        raise ValueError(f"inpaint.image must be square, got {list(image.shape)}")
+    mask = from_field(inpaint, "mask", dtype=torch.float32, shape=[n, 1, size, size], finite=True)
+    if bool(((mask < 0) | (mask > 1)).any()):
+        raise ValueError("inpaint.mask must hold values in [0, 1] (1 = keep, 0 = regenerate)")
+    return InpaintInput(image=image, mask=mask)
+
+
+def stage_info(stage: str, engine, model_id: str) -> decoder_pb2.StageInfo:
+    return decoder_pb2.StageInfo(
+        stage=stage,
+        input_size=getattr(engine, "input_size", 0),
+        output_size=engine.output_size,
+        default_num_inference_steps=DEFAULT_STEPS[stage],
+        model_id=model_id,
+    )
+
+
+class _Stage:
+    name = "decoder"
+
+    def __init__(self, stage: str, model_id: str) -> None:
+        self.stage = stage
+        self.model_id = model_id
+        self.engine = None  # set by __main__ once weights are loaded and warmed up
+
+    def _engine(self):
+        if self.engine is None:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"{self.stage} is loading its weights")
+        return self.engine
+
+    @grpc_errors
+    def GetStageInfo(self, request: decoder_pb2.StageInfoRequest, context: grpc.ServicerContext):
+        return stage_info(self.stage, self._engine(), self.model_id)
+
+
+class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
+    @grpc_errors
+    def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.ServicerContext):
+        engine = self._engine()
+        cfg = request.do_classifier_free_guidance
+        image_embeds = from_field(request, "image_embeds", dtype=torch.float32, shape=[None, None], finite=True)
+        n = image_embeds.shape[0]
+        if not 1 <= n <= MAX_IMAGES:
+            raise ValueError(f"image_embeds must have n rows, n in 1..{MAX_IMAGES}, got {n}")
+        _, text_embeds, hidden, mask = decode_text_condition(request, n, cfg)
+        check_steps(request.num_inference_steps, "num_inference_steps")
+        check_guidance(request.guidance_scale, "guidance_scale")
+        generators = decode_generators(request.generators, n)
+        output = engine.decode(
+            image_embeds,
+            text_embeds,
+            hidden,
+            mask,
+            generators,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            do_classifier_free_guidance=cfg,
+            inpaint=decode_inpaint(request, n),
+            step_callback=step_callback_for(context),
+        )
+        return decoder_pb2.ImagesOutput(images=to_proto(output.images), generators=encode_generators(output.generators))
+
+
+class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
+    @grpc_errors
+    def Upsample(self, request: decoder_pb2.UpsampleRequest, context: grpc.ServicerContext):
+        engine = self._engine()
+        size = engine.input_size
+        images = from_field(request, "images", dtype=torch.float32, shape=[None, 3, size, size], finite=True)
+        n = images.shape[0]
+        if not 1 <= n <= MAX_IMAGES:
+            raise ValueError(f"images must hold n images, n in 1..{MAX_IMAGES}, got {n}")
+        check_steps(request.num_inference_steps, "num_inference_steps")
+        generators = decode_generators(request.generators, n)
+        output = engine.upsample(
+            images,
+            generators,
+            num_inference_steps=request.num_inference_steps,
+            inpaint=decode_inpaint(request, n),
+            step_callback=step_callback_for(context),
+        )
+        return decoder_pb2.ImagesOutput(images=to_proto(output.images), generators=encode_generators(output.generators))

@@ -1,0 +1,46 @@
+"""python -m services.encoder --model DIR --port N: the CLIP text (and image) encoder stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from services.encoder.servicer import EncoderServicer
+from unclip.runtime import settings
+from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.v1 import encoder_pb2, encoder_pb2_grpc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.encoder", description=__doc__)
+    settings.add_arguments(
+        parser, ["model", "device", "torch_threads", *SERVER_SETTINGS], port=settings.DEFAULT_PORTS["encoder"]
+    )
+    args = parser.parse_args(argv)
+    if not args.model:
+        parser.error("--model (or UNCLIP_MODEL) is required")
+    configure_logging("encoder")
+    torch.set_num_threads(args.torch_threads)
+    servicer = EncoderServicer()
+
+    def load() -> None:
+        from services.encoder.engine import EncoderEngine
+
+        engine = EncoderEngine.from_pretrained(args.model, device=args.device)
+        if hasattr(engine, "warmup"):
+            engine.warmup()
+        servicer.engine = engine
+
+    return serve(
+        "encoder",
+        args,
+        register=lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server),
+        service_names=[encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name],
+        load=load,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""python -m services.orchestrator --port N: the public API, chaining the stages (their addresses from flags/env).
+
+It holds no model. It says SERVING once every stage it chains says SERVING and the cascade's sizes are known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from services.orchestrator.clients import Stages
+from services.orchestrator.pipeline import Pipeline
+from services.orchestrator.servicer import ImageServicer
+from unclip.runtime import settings
+from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+# How long to wait at start for the stages to say SERVING before giving up.
+STAGES_START_TIMEOUT_SECONDS = 600.0
+
+ADDRESS_SETTINGS = ["encoder_addr", "prior_addr", "decoder_addr", "upsampler_addrs", "safety_addr"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.orchestrator", description=__doc__)
+    settings.add_arguments(
+        parser,
+        [*ADDRESS_SETTINGS, "stage_timeout_seconds", *SERVER_SETTINGS],
+        port=settings.DEFAULT_PORTS["orchestrator"],
+    )
+    args = parser.parse_args(argv)
+    configure_logging("orchestrator")
+    upsamplers = [a.strip() for a in args.upsampler_addrs.split(",") if a.strip()]
+    servicer = ImageServicer(args.stage_timeout_seconds)
+
+    def load() -> None:
+        stages = Stages.connect(
+            encoder=args.encoder_addr,
+            prior=args.prior_addr,
+            decoder=args.decoder_addr,
+            upsamplers=upsamplers,
+            safety=args.safety_addr,
+            max_message_bytes=args.max_message_bytes,
+        )
+        stages.wait_until_serving(STAGES_START_TIMEOUT_SECONDS)
+        servicer.pipeline = Pipeline(stages, stages.cascade(), args.stage_timeout_seconds)
+
+    return serve(
+        "orchestrator",
+        args,
+        register=lambda server: orchestrator_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server),
+        service_names=[orchestrator_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name],
+        load=load,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

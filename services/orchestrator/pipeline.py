@@ -1,0 +1,435 @@
+"""The chain, top to bottom: safety -> encoder -> prior -> decoder -> safety -> upsampler(s) -> safety -> PNGs.
+
+Each arrow is one gRPC call (services.orchestrator.clients). The orchestrator holds no model: tensors pass through
+as the stages return them, together with every image's generator state, so a request's images equal diffusers'
+UnCLIPPipeline run in one process with `generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from services.orchestrator.clients import Calls, StageInfo, Stages
+from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
+from unclip.runtime.errors import StatusError
+from unclip.runtime.images import (
+    decode_image,
+    downscale,
+    encode_png,
+    known_mask,
+    pil_to_tensor,
+    png_bytes,
+    require_square,
+    resize_image,
+    resize_mask,
+    to_pixels,
+)
+from unclip.runtime.tensors import from_proto, to_proto
+from unclip.runtime.validation import (
+    MAX_PROMPT_CHARS,
+    check_guidance,
+    check_n,
+    check_prompt,
+    check_seed,
+    check_steps,
+)
+from unclip.v1 import (
+    decoder_pb2,
+    encoder_pb2,
+    orchestrator_pb2,
+    prior_pb2,
+    safety_pb2,
+    tensor_pb2,
+)
+
+# Karlo's defaults, used for every unset SamplingParams field.
+PRIOR_STEPS, PRIOR_GUIDANCE = 25, 4.0
+DECODER_STEPS, DECODER_GUIDANCE = 25, 8.0
+SUPER_RES_STEPS = 7
+MAX_CANDIDATES = 16
+
+
+@dataclass
+class Params:
+    """A request's sampling parameters with defaults filled in and every range checked."""
+
+    prior_num_inference_steps: int
+    prior_guidance_scale: float
+    decoder_num_inference_steps: int
+    decoder_guidance_scale: float
+    super_res_num_inference_steps: list[int]  # one per upsampler stage of the cascade
+    prior_num_candidates: int
+
+    @classmethod
+    def from_proto(cls, params: orchestrator_pb2.SamplingParams, upsamplers: int) -> Params:
+        def get(name: str, default: float) -> float:
+            return getattr(params, name) if params.HasField(name) else default
+
+        resolved = cls(
+            prior_num_inference_steps=int(get("prior_num_inference_steps", PRIOR_STEPS)),
+            prior_guidance_scale=float(get("prior_guidance_scale", PRIOR_GUIDANCE)),
+            decoder_num_inference_steps=int(get("decoder_num_inference_steps", DECODER_STEPS)),
+            decoder_guidance_scale=float(get("decoder_guidance_scale", DECODER_GUIDANCE)),
+            super_res_num_inference_steps=list(params.super_res_num_inference_steps),
+            prior_num_candidates=int(get("prior_num_candidates", 1)),
+        )
+        check_steps(resolved.prior_num_inference_steps, "params.prior_num_inference_steps")
+        check_guidance(resolved.prior_guidance_scale, "params.prior_guidance_scale")
+        check_steps(resolved.decoder_num_inference_steps, "params.decoder_num_inference_steps")
+        check_guidance(resolved.decoder_guidance_scale, "params.decoder_guidance_scale")
+        if not 1 <= resolved.prior_num_candidates <= MAX_CANDIDATES:
+            raise ValueError(f"params.prior_num_candidates must be in 1..{MAX_CANDIDATES}")
+        steps = resolved.super_res_num_inference_steps
+        if not steps:
+            steps = [SUPER_RES_STEPS]
+        if len(steps) == 1:
+            steps = steps * upsamplers
+        if len(steps) != upsamplers:
+            raise ValueError(
+                f"params.super_res_num_inference_steps must hold one value or one per upsampler stage "
+                f"({upsamplers}), got {len(resolved.super_res_num_inference_steps)}"
+            )
+        for value in steps:
+            check_steps(value, "params.super_res_num_inference_steps")
+        resolved.super_res_num_inference_steps = steps
+        return resolved
+
+
+@dataclass
+class Request:
+    """What every kind of request shares once validated."""
+
+    n: int
+    size: int
+    seed: int
+    output_format: int
+    user: str
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class Pipeline:
+    """Runs Generate, CreateVariation and Edit over the stages."""
+
+    def __init__(self, stages: Stages, cascade: list[StageInfo], stage_timeout_seconds: float):
+        self.stages = stages
+        self.cascade = cascade  # decoder first, then each upsampler
+        self.sizes = [stage.output_size for stage in cascade]  # ascending
+        self.stage_timeout_seconds = stage_timeout_seconds
+
+    # ---- validation shared by the three calls ------------------------------------------------------------------
+
+    def _request(self, n: int, size: int, has_seed: bool, seed: int, output_format: int, user: str) -> Request:
+        n = n or 1
+        check_n(n)
+        size = size or self.sizes[-1]
+        if not 1 <= size <= self.sizes[-1]:
+            sizes = ", ".join(str(s) for s in self.sizes)
+            raise ValueError(
+                f"size must be at most {self.sizes[-1]}, got {size}: this cascade makes {sizes} "
+                f"(and any size in between, downscaled from the next larger)"
+            )
+        if has_seed:
+            check_seed(seed)
+        else:
+            seed = secrets.randbelow(2**63)  # drawn and returned, so the result can be reproduced
+        if output_format not in orchestrator_pb2.OutputFormat.values():
+            raise ValueError(f"output_format must be one of {list(orchestrator_pb2.OutputFormat.keys())}")
+        return Request(n=n, size=size, seed=seed, output_format=output_format, user=user)
+
+    def _upsamplers_for(self, size: int) -> int:
+        """How many upsampler stages make `size`: the smallest stage output at least as large."""
+        return next(i for i, stage_size in enumerate(self.sizes) if stage_size >= size)
+
+    def capabilities(self) -> orchestrator_pb2.Capabilities:
+        defaults = orchestrator_pb2.SamplingParams(
+            prior_num_inference_steps=PRIOR_STEPS,
+            prior_guidance_scale=PRIOR_GUIDANCE,
+            decoder_num_inference_steps=DECODER_STEPS,
+            decoder_guidance_scale=DECODER_GUIDANCE,
+            super_res_num_inference_steps=[s.default_num_inference_steps for s in self.cascade[1:]],
+            prior_num_candidates=1,
+        )
+        return orchestrator_pb2.Capabilities(
+            sizes=self.sizes, defaults=defaults, max_n=MAX_IMAGES, max_prompt_chars=MAX_PROMPT_CHARS
+        )
+
+    # ---- the three public calls ------------------------------------------------------------------------------
+
+    def generate(self, req: orchestrator_pb2.GenerateRequest, calls: Calls) -> orchestrator_pb2.ImagesResponse:
+        # 1. Validate everything before any work.
+        check_prompt(req.prompt)
+        r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        params = Params.from_proto(req.params, len(self.cascade) - 1)
+        # Guidance is on or off for all stages at once, as UnCLIPPipeline decides it.
+        cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
+        generators = _generator_states(r.seed, r.n)
+
+        # 2. The prompt passes the content policy before any model work.
+        self._check_prompt(req.prompt, r, calls)
+
+        # 3. Encoder: the prompt n times (and "" n times, first, with guidance).
+        text = calls(
+            self.stages.encoder.EncodeText,
+            encoder_pb2.EncodeTextRequest(prompts=[req.prompt] * r.n, do_classifier_free_guidance=cfg),
+            "encoder",
+        )
+
+        # 4. Prior: text embedding -> CLIP image embedding, drawing from each image's generator.
+        prior = calls(
+            self.stages.prior.Sample,
+            prior_pb2.PriorRequest(
+                text_embeds=text.text_embeds,
+                text_encoder_hidden_states=text.text_encoder_hidden_states,
+                text_mask=text.text_mask,
+                generators=generators,
+                num_inference_steps=params.prior_num_inference_steps,
+                guidance_scale=params.prior_guidance_scale,
+                do_classifier_free_guidance=cfg,
+                num_candidates=params.prior_num_candidates,
+            ),
+            "prior",
+        )
+
+        # 5-8. Decoder, safety, upsamplers, safety, PNGs.
+        response = self._decode_and_upsample(r, params, cfg, prior.image_embeds, text, prior.generators, calls)
+        response.prompt_truncated = any(text.truncated)
+        return response
+
+    def create_variation(
+        self, req: orchestrator_pb2.VariationRequest, calls: Calls
+    ) -> orchestrator_pb2.ImagesResponse:
+        # 1. Validate: a square image, and the shared fields. No prior runs: its parameters are ignored.
+        image = decode_image(req.image, "image")
+        require_square(image, "image")
+        r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        params = Params.from_proto(req.params, len(self.cascade) - 1)
+        cfg = params.decoder_guidance_scale > 1.0  # as UnCLIPImageVariationPipeline
+        generators = _generator_states(r.seed, r.n)
+
+        # 2. The uploaded image passes the content policy.
+        self._check_images(pil_to_tensor(image)[None], safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
+
+        # 3. Encoder: the image's CLIP embedding (once, repeated per image) and the empty prompt n times.
+        encoded = calls(
+            self.stages.encoder.EncodeImage, encoder_pb2.EncodeImageRequest(images=[png_bytes(image)]), "encoder"
+        )
+        image_embeds = from_proto(encoded.image_embeds, "image_embeds", dtype=torch.float32)
+        image_embeds = to_proto(image_embeds.repeat_interleave(r.n, dim=0))  # [n, D]
+        text = calls(
+            self.stages.encoder.EncodeText,
+            encoder_pb2.EncodeTextRequest(prompts=[""] * r.n, do_classifier_free_guidance=cfg),
+            "encoder",
+        )
+
+        # 4-7. Decoder, safety, upsamplers, safety, PNGs.
+        return self._decode_and_upsample(r, params, cfg, image_embeds, text, generators, calls)
+
+    def edit(self, req: orchestrator_pb2.EditRequest, calls: Calls) -> orchestrator_pb2.ImagesResponse:
+        # 1. Validate: prompt, a square image, a mask of its size (or its own alpha), the shared fields.
+        check_prompt(req.prompt)
+        image = decode_image(req.image, "image")
+        require_square(image, "image")
+        mask = decode_image(req.mask, "mask") if req.mask else None
+        known = known_mask(image, mask)  # [1, S, S], 1 = keep
+        r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        params = Params.from_proto(req.params, len(self.cascade) - 1)
+        cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
+        generators = _generator_states(r.seed, r.n)
+
+        # 2. The original at the requested size; every stage resizes it (and the mask) to its own resolution.
+        original = pil_to_tensor(resize_image(image.convert("RGB"), r.size))[None]  # [1, 3, S, S]
+        known = resize_mask(known, r.size)[None]  # [1, 1, S, S]
+        inpaint = decoder_pb2.InpaintInput(
+            image=to_proto(original.expand(r.n, -1, -1, -1)), mask=to_proto(known.expand(r.n, -1, -1, -1))
+        )
+
+        # 3. Prompt and uploaded image pass the content policy.
+        self._check_prompt(req.prompt, r, calls)
+        self._check_images(original, safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
+
+        # 4. Encoder and prior, as for Generate.
+        text = calls(
+            self.stages.encoder.EncodeText,
+            encoder_pb2.EncodeTextRequest(prompts=[req.prompt] * r.n, do_classifier_free_guidance=cfg),
+            "encoder",
+        )
+        prior = calls(
+            self.stages.prior.Sample,
+            prior_pb2.PriorRequest(
+                text_embeds=text.text_embeds,
+                text_encoder_hidden_states=text.text_encoder_hidden_states,
+                text_mask=text.text_mask,
+                generators=generators,
+                num_inference_steps=params.prior_num_inference_steps,
+                guidance_scale=params.prior_guidance_scale,
+                do_classifier_free_guidance=cfg,
+                num_candidates=params.prior_num_candidates,
+            ),
+            "prior",
+        )
+
+        # 5. Decoder and upsamplers sample the masked region only; the known region is the original's.
+        response = self._decode_and_upsample(
+            r, params, cfg, prior.image_embeds, text, prior.generators, calls, inpaint=inpaint, keep=(original, known)
+        )
+        response.prompt_truncated = any(text.truncated)
+        return response
+
+    # ---- the image stages, shared by the three calls -----------------------------------------------------------
+
+    def _decode_and_upsample(
+        self,
+        r: Request,
+        params: Params,
+        cfg: bool,
+        image_embeds: tensor_pb2.Tensor,
+        text: encoder_pb2.EncodeTextResponse,
+        generators: list[tensor_pb2.GeneratorState],
+        calls: Calls,
+        inpaint: decoder_pb2.InpaintInput | None = None,
+        keep: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> orchestrator_pb2.ImagesResponse:
+        # Decoder: image embedding (+ text) -> small images [n, 3, s, s].
+        decoded = calls(
+            self.stages.decoder.Decode,
+            decoder_pb2.DecodeRequest(
+                image_embeds=image_embeds,
+                text_embeds=text.text_embeds,
+                text_encoder_hidden_states=text.text_encoder_hidden_states,
+                text_mask=text.text_mask,
+                generators=generators,
+                num_inference_steps=params.decoder_num_inference_steps,
+                guidance_scale=params.decoder_guidance_scale,
+                do_classifier_free_guidance=cfg,
+                inpaint=inpaint,
+            ),
+            "decoder",
+        )
+        images, generators = decoded.images, list(decoded.generators)
+
+        # Safety on the small images, before upsampler compute is spent; withheld images go no further.
+        indices = list(range(r.n))
+        upsamplers = self._upsamplers_for(r.size)
+        withheld: list[str] = []
+        if upsamplers:
+            images, generators, indices, withheld = self._filter_images(
+                images, generators, indices, safety_pb2.CHECK_STAGE_DECODER_OUTPUT, r, calls, inpaint
+            )
+            if inpaint is not None and len(indices) < r.n:
+                inpaint = decoder_pb2.InpaintInput(
+                    image=_select(inpaint.image, indices), mask=_select(inpaint.mask, indices)
+                )
+
+        # Upsamplers, in cascade order, each drawing from the generators the previous stage handed on.
+        for stage in range(upsamplers):
+            upsampled = calls(
+                self.stages.upsamplers[stage].Upsample,
+                decoder_pb2.UpsampleRequest(
+                    images=images,
+                    generators=generators,
+                    num_inference_steps=params.super_res_num_inference_steps[stage],
+                    inpaint=inpaint,
+                ),
+                self.cascade[stage + 1].stage,
+            )
+            images, generators = upsampled.images, list(upsampled.generators)
+
+        # A size between two stage sizes is a high-quality downscale of the next larger.
+        final = downscale(from_proto(images, "images", dtype=torch.float32), r.size)
+        if keep is not None and final.shape[-1] != self.sizes[upsamplers]:
+            # Resampling blurred the known region: restore it from the original at this size.
+            original, known = keep
+            final = known * original + (1 - known) * final
+        final_proto = to_proto(final)
+
+        # Safety on the final images; then PNGs (and float32 pixels when asked).
+        final_indices = indices
+        _, _, final_indices, more_withheld = self._filter_images(
+            final_proto, [], indices, safety_pb2.CHECK_STAGE_FINAL_OUTPUT, r, calls, None
+        )
+        withheld += more_withheld
+        pixels = to_pixels(final)  # [m, S, S, 3] in [0, 1]
+        response = orchestrator_pb2.ImagesResponse(
+            seed=r.seed, request_id=r.request_id, size=r.size, withheld=r.n - len(final_indices)
+        )
+        response.withheld_categories.extend(sorted(set(withheld)))
+        for row, index in enumerate(indices):
+            if index not in final_indices:
+                continue
+            image = orchestrator_pb2.Image(png=encode_png(pixels[row]), seed=r.seed + index, index=index)
+            if r.output_format == orchestrator_pb2.OUTPUT_FORMAT_FLOAT32:
+                image.pixels.CopyFrom(to_proto(pixels[row]))
+            response.images.append(image)
+        return response
+
+    # ---- the content policy -------------------------------------------------------------------------------
+
+    def _context(self, r: Request) -> safety_pb2.RequestContext:
+        return safety_pb2.RequestContext(request_id=r.request_id, user=r.user)
+
+    def _check_prompt(self, prompt: str, r: Request, calls: Calls) -> None:
+        verdict = calls(
+            self.stages.safety.CheckPrompt,
+            safety_pb2.CheckPromptRequest(prompt=prompt, context=self._context(r)),
+            "safety",
+        )
+        if verdict.action in (safety_pb2.ACTION_BLOCK, safety_pb2.ACTION_WITHHOLD):
+            raise StatusError(policy_code(), f"refused by the content policy: prompt check ({_categories(verdict)})")
+
+    def _check_images(self, images: torch.Tensor, stage: int, r: Request, calls: Calls) -> None:
+        verdict = calls(
+            self.stages.safety.CheckImages,
+            safety_pb2.CheckImagesRequest(images=to_proto(images), stage=stage, context=self._context(r)),
+            "safety",
+        )
+        if verdict.action in (safety_pb2.ACTION_BLOCK, safety_pb2.ACTION_WITHHOLD):
+            name = safety_pb2.CheckStage.Name(stage).removeprefix("CHECK_STAGE_").lower()
+            raise StatusError(policy_code(), f"refused by the content policy: {name} check ({_categories(verdict)})")
+
+    def _filter_images(self, images, generators, indices, stage, r, calls, inpaint):
+        """Checks images; BLOCK refuses the request, WITHHOLD drops that image. Returns what is left."""
+        verdict = calls(
+            self.stages.safety.CheckImages,
+            safety_pb2.CheckImagesRequest(images=images, stage=stage, context=self._context(r)),
+            "safety",
+        )
+        name = safety_pb2.CheckStage.Name(stage).removeprefix("CHECK_STAGE_").lower()
+        if verdict.action == safety_pb2.ACTION_BLOCK:
+            raise StatusError(policy_code(), f"refused by the content policy: {name} check ({_categories(verdict)})")
+        dropped = {v.index for v in verdict.verdicts if v.action in (safety_pb2.ACTION_WITHHOLD, safety_pb2.ACTION_BLOCK)}
+        if not dropped:
+            return images, generators, indices, []
+        categories = [c for v in verdict.verdicts if v.index in dropped for c in v.categories]
+        if len(dropped) >= len(indices):
+            raise StatusError(
+                policy_code(), f"refused by the content policy: {name} check withheld every image ({', '.join(categories)})"
+            )
+        rows = [row for row in range(len(indices)) if row not in dropped]
+        kept_generators = [generators[row] for row in rows] if generators else generators
+        return _select(images, rows), kept_generators, [indices[row] for row in rows], categories
+
+
+def policy_code() -> grpc.StatusCode:
+    """The status of a refusal by the content policy (the CLI exits 3 on it)."""
+    return grpc.StatusCode.PERMISSION_DENIED
+
+
+def _categories(verdict: safety_pb2.CheckResponse) -> str:
+    return ", ".join(sorted({c for v in verdict.verdicts for c in v.categories})) or "no category given"
+
+
+def _generator_states(seed: int, n: int) -> list[tensor_pb2.GeneratorState]:
+    """Image i's generator, manual_seed(seed + i), as the state that travels through the stages."""
+    return [tensor_pb2.GeneratorState(state=generator_to_bytes(g)) for g in generators_from_seed(seed, n)]
+
+
+def _select(tensor: tensor_pb2.Tensor, rows: list[int]) -> tensor_pb2.Tensor:
+    """The given rows of a tensor (first dimension)."""
+    return to_proto(from_proto(tensor, "images")[rows])
+
+

@@ -1,0 +1,46 @@
+"""python -m services.prior --model DIR --port N: the diffusion prior stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from services.prior.servicer import PriorServicer
+from unclip.runtime import settings
+from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.v1 import prior_pb2, prior_pb2_grpc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.prior", description=__doc__)
+    settings.add_arguments(
+        parser, ["model", "device", "torch_threads", *SERVER_SETTINGS], port=settings.DEFAULT_PORTS["prior"]
+    )
+    args = parser.parse_args(argv)
+    if not args.model:
+        parser.error("--model (or UNCLIP_MODEL) is required")
+    configure_logging("prior")
+    torch.set_num_threads(args.torch_threads)
+    servicer = PriorServicer()
+
+    def load() -> None:
+        from services.prior.engine import PriorEngine
+
+        engine = PriorEngine.from_pretrained(args.model, device=args.device)
+        if hasattr(engine, "warmup"):
+            engine.warmup()
+        servicer.engine = engine
+
+    return serve(
+        "prior",
+        args,
+        register=lambda server: prior_pb2_grpc.add_PriorServicer_to_server(servicer, server),
+        service_names=[prior_pb2.DESCRIPTOR.services_by_name["Prior"].full_name],
+        load=load,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The runtime every service shares: settings, the gRPC server, the tensor codec, error mapping, images."""

@@ -1,0 +1,180 @@
+"""The gRPC server every service runs, and the matching client channel.
+
+`serve()` is the life of one process:
+1. bind the port and start answering at once, with grpc.health.v1 saying NOT_SERVING (so probes see "alive, not
+   ready" while weights load) and server reflection on (so `grpcurl` can list and call every method);
+2. load the weights and run one warm-up in a background thread, then say SERVING;
+3. on SIGTERM / SIGINT: say NOT_SERVING, stop accepting new calls, let in-flight calls finish for up to
+   `grace_seconds`, then exit.
+Interceptors (telemetry, metrics) are passed through `interceptors=`; this module knows nothing about them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from unclip.runtime.settings import DEFAULT_MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+# The flags every service takes (see unclip.runtime.settings).
+SERVER_SETTINGS = [
+    "host",
+    "port",
+    "max_message_bytes",
+    "grace_seconds",
+    "max_connection_age_seconds",
+    "max_workers",
+]
+
+
+def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def create_server(
+    address: str,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_connection_age_seconds: float | None = None,
+    max_workers: int = 8,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> tuple[grpc.Server, int]:
+    """A server bound to `address` ("host:port", port 0 picks a free one); returns it (not started) and its port."""
+    options = message_options(max_message_bytes)
+    # Two servers on one port must fail loudly, not share it (Linux gRPC sets SO_REUSEPORT by default).
+    options.append(("grpc.so_reuseport", 0))
+    if max_connection_age_seconds:
+        # Clients reconnect (and re-resolve dns:/// names) after this age, so new replicas get traffic.
+        options.append(("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", int(max_connection_age_seconds * 1000)))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=list(interceptors), options=options
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port
+
+
+def create_channel(target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """A client channel with the same message limits; `dns:///name:port` targets balance round-robin."""
+    options: list[tuple[str, object]] = list(message_options(max_message_bytes))
+    options.append(("grpc.lb_policy_name", "round_robin"))
+    return grpc.insecure_channel(target, options=options)
+
+
+def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
+    """The grpc.health.v1 status name of `target` ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE"."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_for_serving(target: str, timeout: float, is_alive: Callable[[], bool] = lambda: True) -> bool:
+    """Polls until `target` says SERVING (True) or `timeout` passes / `is_alive()` turns False (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and is_alive():
+        if health_status(target, timeout=1.0) == "SERVING":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def serve(
+    name: str,
+    args: argparse.Namespace,
+    *,
+    register: Callable[[grpc.Server], None],
+    service_names: Iterable[str],
+    load: Callable[[], None] | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> int:
+    """Runs one service until SIGTERM/SIGINT; returns the process exit status (1 if loading failed).
+
+    `register(server)` adds the servicers (they answer UNAVAILABLE until `load` has finished); `load()` loads the
+    weights and runs one warm-up. `args` carries the SERVER_SETTINGS.
+    """
+    server, port = create_server(
+        f"{args.host}:{args.port}",
+        max_message_bytes=args.max_message_bytes,
+        max_connection_age_seconds=args.max_connection_age_seconds,
+        max_workers=args.max_workers,
+        interceptors=interceptors,
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    register(server)
+    service_names = list(service_names)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    for service in ["", *service_names]:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.start()
+    # The stack (unclip up) reads this line to learn the port; keep its format.
+    print(f"{name} listening on {args.host}:{port}", flush=True)
+
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: %s received, draining", name, signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def load_then_serve() -> None:
+        started = time.monotonic()
+        try:
+            if load is not None:
+                load()
+        except BaseException as error:  # reported by the main thread, which exits 1
+            failure.append(error)
+            stop.set()
+            return
+        for service in ["", *service_names]:
+            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s: SERVING on port %d (loaded in %.1fs)", name, port, time.monotonic() - started)
+
+    threading.Thread(target=load_then_serve, name=f"{name}-load", daemon=True).start()
+    while not stop.wait(0.5):  # a timed wait so signal handlers run promptly
+        pass
+
+    health_servicer.enter_graceful_shutdown()
+    server.stop(args.grace_seconds).wait()
+    if failure:
+        error = failure[0]
+        log.error("%s failed to start: %s: %s", name, type(error).__name__, error, exc_info=error)
+        print(f"{name} failed to start: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return 1
+    log.info("%s stopped", name)
+    return 0
+
+
+def configure_logging(name: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,158 @@
+"""The one registry of environment variables.
+
+Every process of the stack reads its configuration here: a command-line flag wins, then the environment variable,
+then the default. `python -m unclip.runtime.settings` prints the table (it is also in docs/interfaces.md).
+
+Message sizes: the largest message the stack carries is the orchestrator's answer (or an upsampler's request with an
+edit) at n=10, 1024 x 1024: 10 * 3 * 1024 * 1024 * 4 bytes = 126 MB of float32 pixels, plus an inpaint mask of
+42 MB, plus the PNGs (at most ~3 MB each). 256 MiB covers the largest request with room to spare; gRPC's default
+(4 MiB) would refuse any float image above ~590 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+# Default ports of each process (docs/interfaces.md).
+DEFAULT_PORTS = {
+    "orchestrator": 50051,
+    "encoder": 50052,
+    "prior": 50053,
+    "decoder": 50054,
+    "super_res": 50055,
+    "super_res_2": 50056,
+    "safety": 50057,
+}
+
+
+def _float_or_none(value: str) -> float | None:
+    return None if value in ("", "none") else float(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # attribute name on the parsed namespace, and the flag (--name with - for _)
+    env: str  # environment variable the flag falls back to
+    default: Any  # value when neither flag nor variable is set
+    type: Callable[[str], Any]  # parses the flag / variable text
+    help: str  # one line, shown by --help and in the docs
+
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        Setting(
+            "model", "UNCLIP_MODEL", None, str, "model folder in the Karlo layout (later s3://bucket/prefix)"
+        ),
+        Setting("host", "UNCLIP_HOST", "0.0.0.0", str, "address to listen on"),
+        Setting("port", "UNCLIP_PORT", None, int, "port to listen on (0 picks a free one and prints it)"),
+        Setting(
+            "stage",
+            "UNCLIP_STAGE",
+            "decoder",
+            str,
+            "services.decoder stage: decoder | super_res | super_res_2",
+        ),
+        Setting("device", "UNCLIP_DEVICE", "cpu", str, "torch device of the model stages"),
+        Setting("torch_threads", "UNCLIP_TORCH_THREADS", 1, int, "torch.set_num_threads in model stages"),
+        Setting(
+            "max_message_bytes",
+            "UNCLIP_MAX_MESSAGE_BYTES",
+            DEFAULT_MAX_MESSAGE_BYTES,
+            int,
+            "max gRPC send/receive message size (n=10 float32 at 1024^2 needs ~170 MB)",
+        ),
+        Setting(
+            "grace_seconds",
+            "UNCLIP_GRACE_SECONDS",
+            60.0,
+            float,
+            "on SIGTERM, time in-flight calls get to finish",
+        ),
+        Setting(
+            "max_connection_age_seconds",
+            "UNCLIP_MAX_CONNECTION_AGE_SECONDS",
+            None,
+            _float_or_none,
+            "close client connections after this age so clients re-resolve replicas (unset: never)",
+        ),
+        Setting(
+            "max_workers", "UNCLIP_MAX_WORKERS", 8, int, "concurrent calls a server runs (thread pool size)"
+        ),
+        Setting(
+            "encoder_addr", "UNCLIP_ENCODER_ADDR", "127.0.0.1:50052", str, "orchestrator -> encoder target"
+        ),
+        Setting("prior_addr", "UNCLIP_PRIOR_ADDR", "127.0.0.1:50053", str, "orchestrator -> prior target"),
+        Setting(
+            "decoder_addr", "UNCLIP_DECODER_ADDR", "127.0.0.1:50054", str, "orchestrator -> decoder target"
+        ),
+        Setting(
+            "upsampler_addrs",
+            "UNCLIP_UPSAMPLER_ADDRS",
+            "127.0.0.1:50055",
+            str,
+            "orchestrator -> upsampler targets, comma-separated, cascade order ('' for none)",
+        ),
+        Setting("safety_addr", "UNCLIP_SAFETY_ADDR", "127.0.0.1:50057", str, "orchestrator -> safety target"),
+        Setting(
+            "safety_policy", "UNCLIP_SAFETY_POLICY", None, str, "moderation policy file of the safety service"
+        ),
+        Setting(
+            "stage_timeout_seconds",
+            "UNCLIP_STAGE_TIMEOUT_SECONDS",
+            600.0,
+            float,
+            "orchestrator: deadline of one stage call when the client set none",
+        ),
+        Setting("metrics_port", "UNCLIP_METRICS_PORT", 9464, int, "Prometheus HTTP port (0 disables)"),
+    ]
+}
+
+
+def env_default(name: str) -> Any:
+    """The value of a setting from its environment variable, else its default."""
+    setting = SETTINGS[name]
+    raw = os.environ.get(setting.env)
+    if raw is None or raw == "":
+        return setting.default
+    try:
+        return setting.type(raw)
+    except ValueError as error:
+        raise SystemExit(f"{setting.env}={raw!r} is not valid: {error}") from error
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str], **defaults: Any) -> None:
+    """Adds `--name` flags for the given settings; each falls back to its environment variable.
+
+    `defaults` overrides a setting's default for this process (e.g. each stage's own port).
+    """
+    for name in names:
+        setting = SETTINGS[name]
+        default = env_default(name)
+        if name in defaults and os.environ.get(setting.env) in (None, ""):
+            default = defaults[name]
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=setting.type,
+            default=default,
+            help=f"{setting.help} [env {setting.env}, default {default!r}]",
+        )
+
+
+def table() -> str:
+    """The registry as a Markdown table."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS.values():
+        rows.append(f"| `{s.env}` | `--{s.name.replace('_', '-')}` | `{s.default!r}` | {s.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())
