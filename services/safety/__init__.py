@@ -1,0 +1,1 @@
+"""The moderation stage: filters, the policy that combines them, the audit trail. See docs/interfaces.md."""
