@@ -80,3 +80,17 @@ def check_tensor(
         if bool((tensor < low).any()) or bool((tensor > high).any()):
             raise ValueError(f"{field} values must be in [{low:g}, {high:g}]")
     return tensor
+
+
+def check_count(
+    generators: Sequence[torch.Generator], tensor: torch.Tensor, field: str, rows_per_image: int
+) -> None:
+    """Names ``generators`` when their count disagrees with the batch of an otherwise well-formed tensor."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        return  # check_tensor reports it
+    rows = tensor.shape[0]
+    if rows % rows_per_image == 0 and rows // rows_per_image != len(generators):
+        raise ValueError(
+            f"generators must hold one generator per image: {field} has {rows // rows_per_image} images"
+            f" ({rows} rows), got {len(generators)} generators"
+        )

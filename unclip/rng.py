@@ -13,6 +13,8 @@ request can be split, retried or batched differently and still draw the same noi
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 # torch's CPU generator (mt19937) state: 624 words of state + bookkeeping, serialised as 5056 bytes.
@@ -75,3 +77,13 @@ def randn_per_image(
         raise ValueError(f"generators must have one entry per row ({shape[0]}), got {len(generators)}")
     rows = [torch.randn((1, *shape[1:]), generator=g, device="cpu", dtype=dtype) for g in generators]
     return torch.cat(rows, dim=0).to(device)
+
+
+def derive_generator(generator: torch.Generator, index: int) -> torch.Generator:
+    """A new generator seeded from ``generator``'s current state and ``index``, without advancing
+    ``generator``.
+
+    For extra independent streams that must not disturb the image's own draws (the prior's rerank candidates).
+    """
+    digest = hashlib.sha256(generator_to_bytes(generator) + index.to_bytes(8, "little")).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little"))

@@ -17,13 +17,14 @@ import torch
 from unclip import models
 from unclip.checks import (
     check_callback,
+    check_count,
     check_flag,
     check_generators,
     check_guidance,
     check_steps,
     check_tensor,
 )
-from unclip.rng import randn_per_image
+from unclip.rng import derive_generator, randn_per_image
 
 # The most candidates the rerank may draw per image (each candidate costs a full prior sample).
 MAX_CANDIDATES = 16
@@ -59,6 +60,7 @@ class PriorEngine:
     def _check(self, text_embeds, text_encoder_hidden_states, text_mask, generators, do_cfg) -> int:
         n = check_generators(generators)
         rows = 2 * n if do_cfg else n  # guidance doubles the batch: [unconditional; conditional]
+        check_count(generators, text_embeds, "text_embeds", 2 if do_cfg else 1)
         check_tensor(text_embeds, "text_embeds", [rows, self.text_embed_dim])
         check_tensor(
             text_encoder_hidden_states, "text_encoder_hidden_states", [rows, self.num_tokens, self.hidden_dim]
@@ -112,10 +114,19 @@ class PriorEngine:
             text_embeds = text_embeds.repeat_interleave(k, dim=0)
             text_encoder_hidden_states = text_encoder_hidden_states.repeat_interleave(k, dim=0)
             text_mask = text_mask.repeat_interleave(k, dim=0)
-        # Row r draws from its image's generator. Draw order per image generator: the initial noise of its
-        # candidates 0..k-1, then at every step the noise of its candidates 0..k-1 (k = 1: exactly the
-        # reference).
-        row_generators = [generator for generator in generators for _ in range(k)]
+        # Row r draws from its candidate's generator. Candidate 0 of image i draws from the image's
+        # generator in
+        # exactly the order k = 1 does (initial noise, then one draw per step); candidate j >= 1 draws from
+        # its
+        # own generator derived from the image generator's state at entry and j (derive_generator), which
+        # leaves
+        # the image's generator untouched. So the image's generator ends where k = 1 leaves it (the decoder's
+        # draws do not depend on k), and candidate 0 is the k = 1 sample: reranking never scores lower.
+        row_generators = [
+            generator if j == 0 else derive_generator(generator, j)
+            for generator in generators
+            for j in range(k)
+        ]
 
         # 2. Timesteps (a private scheduler copy: set_timesteps mutates it, and requests may run
         # concurrently).

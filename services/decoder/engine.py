@@ -1,0 +1,303 @@
+"""The decoder stage (text_proj + UNet) and the super-resolution stages, torch only.
+
+Both loops are step for step the decoder and super-res sections of ``UnCLIPPipeline.__call__`` (and of
+``UnCLIPImageVariationPipeline``): the same batch composition, the same per-image generator draws (initial
+noise,
+then one draw per step inside ``UnCLIPScheduler.step``), the same guidance math, the decoder's ``clamp(-1,
+1)``, the
+bicubic upscale before super-resolution and the ``super_res_first`` / ``super_res_last`` split at the last
+step.
+
+One service code runs every stage: ``DecoderEngine`` for the decoder, ``UpsamplerEngine`` once per upsampler
+stage
+(``super_res``, ``super_res_2``), each in its own process. A second upsampler stage draws from the
+generators where
+the first left them. Edits (``inpaint``) add masked sampling to every stage; see
+``services/decoder/inpaint.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from services.decoder.inpaint import InpaintInput, KnownRegion, check_inpaint
+from unclip import models
+from unclip.checks import (
+    check_callback,
+    check_count,
+    check_flag,
+    check_generators,
+    check_guidance,
+    check_steps,
+    check_tensor,
+)
+from unclip.rng import randn_per_image
+
+__all__ = ["DecoderEngine", "DecoderOutput", "InpaintInput", "UpsamplerEngine"]
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class DecoderOutput:
+    images: torch.Tensor  # float32 [n, 3, s, s] in [-1, 1]
+    generators: list[torch.Generator]  # the n per-image generators, advanced past this stage's draws
+
+
+class DecoderEngine:
+    """UnCLIPTextProjModel + UNet2DConditionModel + its UnCLIPScheduler: image embedding -> small image."""
+
+    stage = "decoder"
+    default_num_inference_steps = 25  # Karlo's decoder_num_inference_steps
+
+    def __init__(self, text_proj, decoder, scheduler, device="cpu"):
+        self.text_proj = text_proj
+        self.decoder = decoder
+        self.scheduler = scheduler
+        self.device = torch.device(device)
+        self.output_size: int = decoder.config.sample_size  # pixels of the images it makes
+        self.image_embed_dim: int = text_proj.clip_image_embeddings_project_to_time_embeddings.in_features
+        self.text_embed_dim: int = text_proj.embedding_proj.in_features
+        self.hidden_dim: int = text_proj.encoder_hidden_states_proj.in_features
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> DecoderEngine:
+        model_dir = models.resolve_model_dir(model_dir)
+        return cls(
+            text_proj=models.load_text_proj(model_dir, device),
+            decoder=models.load_decoder(model_dir, device),
+            scheduler=models.load_scheduler(model_dir, "decoder_scheduler"),
+            device=device,
+        )
+
+    def _check(self, image_embeds, text_embeds, text_encoder_hidden_states, text_mask, generators, do_cfg):
+        n = check_generators(generators)
+        rows = 2 * n if do_cfg else n  # guidance doubles the batch: [unconditional; conditional]
+        check_count(generators, image_embeds, "image_embeds", 1)
+        check_tensor(image_embeds, "image_embeds", [n, self.image_embed_dim])
+        check_tensor(text_embeds, "text_embeds", [rows, self.text_embed_dim])
+        hidden = check_tensor(
+            text_encoder_hidden_states, "text_encoder_hidden_states", [rows, None, self.hidden_dim]
+        )
+        check_tensor(text_mask, "text_mask", [rows, hidden.shape[1]], dtype=torch.bool)
+        return n
+
+    @torch.no_grad()
+    def decode(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_encoder_hidden_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        generators: list[torch.Generator],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 8.0,
+        do_classifier_free_guidance: bool = True,
+        inpaint: InpaintInput | None = None,
+        step_callback: StepCallback | None = None,
+    ) -> DecoderOutput:
+        """Decodes n image embeddings [n, D] into n images [n, 3, s, s] in [-1, 1].
+
+        text_embeds [B, D], text_encoder_hidden_states [B, L, H], text_mask bool [B, L]: the encoder's output,
+        B = 2n with guidance (rows [0, n) unconditional), else n. inpaint: masked sampling for edits.
+        step_callback(step, total) runs after every step (step = steps done, 1..total); it may raise to stop.
+        """
+        do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
+        num_inference_steps = check_steps(num_inference_steps)
+        guidance_scale = check_guidance(guidance_scale)
+        check_callback(step_callback)
+        n = self._check(image_embeds, text_embeds, text_encoder_hidden_states, text_mask, generators, do_cfg)
+        check_inpaint(inpaint, n)
+        generators = list(generators)
+        device = self.device
+
+        # 1. Conditioning: text_proj adds the CLIP image embedding as extra context tokens and time embedding.
+        text_encoder_hidden_states, additive_clip_time_embeddings = self.text_proj(
+            image_embeddings=image_embeds.to(device),
+            prompt_embeds=text_embeds.to(device),
+            text_encoder_hidden_states=text_encoder_hidden_states.to(device),
+            do_classifier_free_guidance=do_cfg,
+        )
+        extra_tokens = self.text_proj.clip_extra_context_tokens
+        decoder_text_mask = F.pad(text_mask.to(device), (extra_tokens, 0), value=True)  # [B, extra + L]
+
+        # 2. Timesteps (a private scheduler copy: set_timesteps mutates it, and requests may run
+        # concurrently).
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+
+        # 3. Initial latents: per-image noise [n, C, s, s].
+        channels, size = self.decoder.config.in_channels, self.output_size
+        dtype = text_encoder_hidden_states.dtype
+        latents = randn_per_image((n, channels, size, size), generators, device, dtype)
+        latents = latents * scheduler.init_noise_sigma
+        known = KnownRegion.at_size(inpaint, size, device) if inpaint is not None else None
+
+        # 4. Denoising loop.
+        for i, t in enumerate(timesteps):
+            # expand the latents if we are doing classifier free guidance
+            latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+
+            noise_pred = self.decoder(
+                sample=latent_model_input,
+                timestep=t,
+                encoder_hidden_states=text_encoder_hidden_states,
+                class_labels=additive_clip_time_embeddings,
+                attention_mask=decoder_text_mask,
+            ).sample
+
+            if do_cfg:
+                # The UNet predicts [noise; variance]: guide the noise, keep the conditional variance.
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred_uncond, _ = noise_pred_uncond.split(latent_model_input.shape[1], dim=1)
+                noise_pred_text, predicted_variance = noise_pred_text.split(
+                    latent_model_input.shape[1], dim=1
+                )
+                noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                noise_pred = torch.cat([noise_pred, predicted_variance], dim=1)
+
+            prev_timestep = None if i + 1 == timesteps.shape[0] else timesteps[i + 1]
+
+            # compute the previous noisy sample x_t -> x_t-1
+            latents = scheduler.step(
+                noise_pred, t, latents, prev_timestep=prev_timestep, generator=generators
+            ).prev_sample
+
+            # edits: put the original back into the known region, at the sample's new noise level
+            if known is not None:
+                latents = known.paste(latents, scheduler, prev_timestep, generators)
+
+            if step_callback is not None:
+                step_callback(i + 1, len(timesteps))
+
+        images = latents.clamp(-1, 1)
+        return DecoderOutput(images=images.float().cpu(), generators=generators)
+
+    def warmup(self) -> None:
+        """A 2-step decode of zeros, so the first request does not pay for lazy init."""
+        self.decode(
+            torch.zeros(1, self.image_embed_dim),
+            torch.zeros(2, self.text_embed_dim),
+            torch.zeros(2, 4, self.hidden_dim),
+            torch.ones(2, 4, dtype=torch.bool),
+            [torch.Generator("cpu").manual_seed(0)],
+            num_inference_steps=2,
+        )
+
+
+class UpsamplerEngine:
+    """One super-resolution stage: <stage>_first (all but the last step), <stage>_last (the last step), and
+    <stage>_scheduler. Unconditional apart from the low-resolution image (no guidance)."""
+
+    default_num_inference_steps = 7  # Karlo's super_res_num_inference_steps
+
+    def __init__(self, first, last, scheduler, stage="super_res", input_size=0, device="cpu"):
+        self.first = first
+        self.last = last
+        self.scheduler = scheduler
+        self.stage = stage  # "super_res" or "super_res_2"
+        self.device = torch.device(device)
+        self.output_size: int = first.config.sample_size  # pixels of the images it makes
+        # Pixels of the images it takes (the previous stage's output size); 0 = any square size.
+        self.input_size: int = input_size
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, stage: str = "super_res", device: str | torch.device = "cpu"
+    ) -> UpsamplerEngine:
+        model_dir = models.resolve_model_dir(model_dir)
+        first, last, scheduler = models.load_super_res(model_dir, stage, device)
+        input_size = models.stage_input_size(model_dir, stage)
+        return cls(first, last, scheduler, stage=stage, input_size=input_size, device=device)
+
+    def _check(self, images, generators) -> int:
+        n = check_generators(generators)
+        check_count(generators, images, "images", 1)
+        size = self.input_size or None
+        images = check_tensor(images, "images", [n, 3, size, size], value_range=(-1.0, 1.0))
+        if images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"images must be square, got {images.shape[-2]}x{images.shape[-1]}")
+        return n
+
+    @torch.no_grad()
+    def upsample(
+        self,
+        images: torch.Tensor,
+        generators: list[torch.Generator],
+        num_inference_steps: int = 7,
+        inpaint: InpaintInput | None = None,
+        step_callback: StepCallback | None = None,
+    ) -> DecoderOutput:
+        """Upsamples n images [n, 3, input_size, input_size] in [-1, 1] to [n, 3, output_size, output_size].
+
+        The output is clamped to [-1, 1] (the reference clamps when it converts to pixels; the same values),
+        so
+        it can feed the next stage of a cascade. step_callback(step, total) as in ``DecoderEngine.decode``.
+        """
+        num_inference_steps = check_steps(num_inference_steps)
+        check_callback(step_callback)
+        n = self._check(images, generators)
+        check_inpaint(inpaint, n)
+        generators = list(generators)
+        device = self.device
+
+        # 1. Timesteps (a private scheduler copy: set_timesteps mutates it, and requests may run
+        # concurrently).
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+
+        # 2. Initial latents: per-image noise [n, C, S, S], drawn where the previous stage left the
+        # generators.
+        channels, size = self.first.config.in_channels // 2, self.output_size
+        images = images.to(device)
+        latents = randn_per_image((n, channels, size, size), generators, device, images.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        known = KnownRegion.at_size(inpaint, size, device) if inpaint is not None else None
+
+        # 3. The low-resolution image, upscaled once; every step sees it beside the sample.
+        if device.type == "mps":  # MPS lacks bicubic interpolation (as the reference)
+            image_upscaled = F.interpolate(images, size=[size, size])
+        else:
+            image_upscaled = F.interpolate(
+                images, size=[size, size], mode="bicubic", align_corners=False, antialias=True
+            )
+
+        # 4. Denoising loop (no classifier-free guidance).
+        for i, t in enumerate(timesteps):
+            unet = self.last if i == timesteps.shape[0] - 1 else self.first
+
+            latent_model_input = torch.cat([latents, image_upscaled], dim=1)
+
+            noise_pred = unet(sample=latent_model_input, timestep=t).sample
+
+            prev_timestep = None if i + 1 == timesteps.shape[0] else timesteps[i + 1]
+
+            # compute the previous noisy sample x_t -> x_t-1
+            latents = scheduler.step(
+                noise_pred, t, latents, prev_timestep=prev_timestep, generator=generators
+            ).prev_sample
+
+            # edits: put the original back into the known region, at the sample's new noise level
+            if known is not None:
+                latents = known.paste(latents, scheduler, prev_timestep, generators)
+
+            if step_callback is not None:
+                step_callback(i + 1, len(timesteps))
+
+        images = latents.clamp(-1, 1)
+        return DecoderOutput(images=images.float().cpu(), generators=generators)
+
+    def warmup(self) -> None:
+        """A 2-step upsample of a gray image, so the first request does not pay for lazy init."""
+        size = self.input_size or self.output_size
+        self.upsample(
+            torch.zeros(1, 3, size, size), [torch.Generator("cpu").manual_seed(0)], num_inference_steps=2
+        )

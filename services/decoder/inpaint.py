@@ -1,0 +1,83 @@
+"""Masked sampling for edits, shared by the decoder and every upsampler stage.
+
+After every denoising step the known region of the sample is replaced by the original image (resized to the
+stage's resolution) noised to the noise level the sample now has (``scheduler.add_noise`` at the step's
+previous
+timestep); after the final step it is replaced by the original itself. The noise comes from the image's own
+generator, drawn right after the scheduler step's own draw, so an edit is as reproducible as a generation.
+
+At a resolution below the mask's, a pixel counts as known only if every mask pixel it covers is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from unclip.checks import check_tensor
+from unclip.rng import randn_per_image
+
+
+@dataclass
+class InpaintInput:
+    image: torch.Tensor  # float32 [n, 3, S, S] in [-1, 1], any S (each stage resizes it to its own size)
+    mask: torch.Tensor  # float32 [n, 1, S, S], 1 = known (keep), 0 = regenerate; only exact 1 counts as known
+
+
+def check_inpaint(inpaint: InpaintInput | None, n: int, field: str = "inpaint") -> None:
+    """Validates an edit's image and mask for n images; no-op when ``inpaint`` is None."""
+    if inpaint is None:
+        return
+    if not isinstance(inpaint, InpaintInput):
+        raise ValueError(f"{field} must be an InpaintInput, got {type(inpaint).__name__}")
+    image = check_tensor(inpaint.image, f"{field}.image", [n, 3, None, None], value_range=(-1.0, 1.0))
+    size = image.shape[-1]
+    if image.shape[-2] != size:
+        raise ValueError(f"{field}.image must be square, got {image.shape[-2]}x{size}")
+    check_tensor(inpaint.mask, f"{field}.mask", [n, 1, size, size], value_range=(0.0, 1.0))
+
+
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, C, S, S] -> [n, C, size, size]: bicubic with antialiasing (a proper low-pass when shrinking)."""
+    if image.shape[-1] == size:
+        return image
+    resized = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return resized.clamp(-1, 1)  # bicubic overshoots at edges; the original stays in the data range
+
+
+def known_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, 1, S, S] -> bool [n, 1, size, size]: True where every covered input pixel is fully known (== 1)."""
+    unknown = (mask != 1).float()
+    if mask.shape[-1] > size:
+        # A low-resolution pixel is unknown if any pixel it covers is (max-pool of "unknown").
+        unknown = F.adaptive_max_pool2d(unknown, size)
+    elif mask.shape[-1] < size:
+        unknown = F.interpolate(unknown, size=(size, size), mode="nearest")
+    return unknown == 0
+
+
+@dataclass
+class KnownRegion:
+    """An edit's known region at one stage's resolution."""
+
+    image: torch.Tensor  # float32 [n, 3, s, s] the original, resized
+    known: torch.Tensor  # bool [n, 1, s, s] True = keep the original
+
+    @classmethod
+    def at_size(cls, inpaint: InpaintInput, size: int, device: torch.device) -> KnownRegion:
+        image = resize_image(inpaint.image.to(device), size)
+        return cls(image=image, known=known_mask(inpaint.mask.to(device), size))
+
+    def paste(self, latents, scheduler, prev_timestep, generators: list[torch.Generator]) -> torch.Tensor:
+        """The sample after a step with its known region replaced (see the module docstring).
+
+        prev_timestep: the timestep the sample is now at; None after the final step (the original itself).
+        """
+        if prev_timestep is None:
+            return torch.where(self.known, self.image, latents)
+        noise = randn_per_image(self.image.shape, generators, latents.device, latents.dtype)
+        timesteps = torch.full((self.image.shape[0],), int(prev_timestep), dtype=torch.long)
+        noisy = scheduler.add_noise(self.image, noise, timesteps)
+        return torch.where(self.known, noisy, latents)
