@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from services.orchestrator.clients import Calls, StageInfo, Stages
+from services.safety.refusal import refusal_status
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
 from unclip.runtime.images import (
@@ -379,7 +380,7 @@ class Pipeline:
             "safety",
         )
         if verdict.action in (safety_pb2.ACTION_BLOCK, safety_pb2.ACTION_WITHHOLD):
-            raise StatusError(policy_code(), f"refused by the content policy: prompt check ({_categories(verdict)})")
+            raise refused(safety_pb2.CHECK_STAGE_PROMPT, _categories(verdict), verdict)
 
     def _check_images(self, images: torch.Tensor, stage: int, r: Request, calls: Calls) -> None:
         verdict = calls(
@@ -388,8 +389,7 @@ class Pipeline:
             "safety",
         )
         if verdict.action in (safety_pb2.ACTION_BLOCK, safety_pb2.ACTION_WITHHOLD):
-            name = safety_pb2.CheckStage.Name(stage).removeprefix("CHECK_STAGE_").lower()
-            raise StatusError(policy_code(), f"refused by the content policy: {name} check ({_categories(verdict)})")
+            raise refused(stage, _categories(verdict), verdict)
 
     def _filter_images(self, images, generators, indices, stage, r, calls, inpaint):
         """Checks images; BLOCK refuses the request, WITHHOLD drops that image. Returns what is left."""
@@ -398,29 +398,27 @@ class Pipeline:
             safety_pb2.CheckImagesRequest(images=images, stage=stage, context=self._context(r)),
             "safety",
         )
-        name = safety_pb2.CheckStage.Name(stage).removeprefix("CHECK_STAGE_").lower()
         if verdict.action == safety_pb2.ACTION_BLOCK:
-            raise StatusError(policy_code(), f"refused by the content policy: {name} check ({_categories(verdict)})")
+            raise refused(stage, _categories(verdict), verdict)
         dropped = {v.index for v in verdict.verdicts if v.action in (safety_pb2.ACTION_WITHHOLD, safety_pb2.ACTION_BLOCK)}
         if not dropped:
             return images, generators, indices, []
         categories = [c for v in verdict.verdicts if v.index in dropped for c in v.categories]
         if len(dropped) >= len(indices):
-            raise StatusError(
-                policy_code(), f"refused by the content policy: {name} check withheld every image ({', '.join(categories)})"
-            )
+            raise refused(stage, categories, verdict)  # every image withheld
         rows = [row for row in range(len(indices)) if row not in dropped]
         kept_generators = [generators[row] for row in rows] if generators else generators
         return _select(images, rows), kept_generators, [indices[row] for row in rows], categories
 
 
-def policy_code() -> grpc.StatusCode:
-    """The status of a refusal by the content policy (the CLI exits 3 on it)."""
-    return grpc.StatusCode.PERMISSION_DENIED
+def refused(stage: int, categories: list[str], verdict: safety_pb2.CheckResponse) -> StatusError:
+    """A refusal by the content policy: INVALID_ARGUMENT with an ErrorInfo CONTENT_POLICY_VIOLATION (the CLI exits 3)."""
+    status = refusal_status(stage, categories, verdict.policy_version)
+    return StatusError(grpc.StatusCode.INVALID_ARGUMENT, status.details, status)
 
 
-def _categories(verdict: safety_pb2.CheckResponse) -> str:
-    return ", ".join(sorted({c for v in verdict.verdicts for c in v.categories})) or "no category given"
+def _categories(verdict: safety_pb2.CheckResponse) -> list[str]:
+    return sorted({c for v in verdict.verdicts for c in v.categories})
 
 
 def _generator_states(seed: int, n: int) -> list[tensor_pb2.GeneratorState]:

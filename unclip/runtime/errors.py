@@ -22,10 +22,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 class StatusError(Exception):
     """An error with the gRPC status it should reach the caller as."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, status: grpc.Status | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status  # a rich status (with details, e.g. a content-policy refusal) to abort with
 
 
 class RequestCancelled(Exception):
@@ -63,6 +64,8 @@ def grpc_errors(method: F) -> F:
         except ValueError as error:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except StatusError as error:
+            if error.status is not None:
+                context.abort_with_status(error.status)
             code, message = error.code, error.message
         except RequestCancelled as error:
             code, message = error.code, str(error)

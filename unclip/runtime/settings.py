@@ -110,6 +110,7 @@ SETTINGS: dict[str, Setting] = {
             float,
             "orchestrator: deadline of one stage call when the client set none",
         ),
+        Setting("addr", "UNCLIP_ADDR", "127.0.0.1:50051", str, "the CLI's orchestrator address"),
         Setting("metrics_port", "UNCLIP_METRICS_PORT", 9464, int, "Prometheus HTTP port (0 disables)"),
     ]
 }

@@ -1,0 +1,305 @@
+"""The `unclip` command: start the stack, generate, vary and edit images, make a tiny model, run the demo.
+
+Exit codes: 0 done; 2 invalid input (the message names the field); 3 refused by the content policy (the message
+says which check); 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_REFUSED = 0, 1, 2, 3
+DEFAULT_ADDR = "127.0.0.1:50051"
+DEMO_PROMPT = "a red circle above a blue square"
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-toy"
+
+
+class UsageError(Exception):
+    """Bad input found before any call (exit 2)."""
+
+
+# ---- requests ------------------------------------------------------------------------------------------------
+
+
+def _sampling_params(args: argparse.Namespace):
+    from unclip.v1 import orchestrator_pb2
+
+    params = orchestrator_pb2.SamplingParams()
+    for flag, field in [
+        ("prior_steps", "prior_num_inference_steps"),
+        ("prior_guidance", "prior_guidance_scale"),
+        ("decoder_steps", "decoder_num_inference_steps"),
+        ("decoder_guidance", "decoder_guidance_scale"),
+    ]:
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(params, field, value)
+    if args.super_res_steps:
+        try:
+            steps = [int(part) for part in args.super_res_steps.split(",")]
+        except ValueError as error:
+            raise UsageError(f"--super-res-steps must be N or N,N,..., got {args.super_res_steps!r}") from error
+        params.super_res_num_inference_steps.extend(steps)
+    return params
+
+
+def _common(args: argparse.Namespace) -> dict:
+    from unclip.rng import MAX_SEED
+    from unclip.v1 import orchestrator_pb2
+
+    fields: dict = {"n": args.n, "size": args.size, "params": _sampling_params(args)}
+    if args.seed is not None:
+        if not 0 <= args.seed <= MAX_SEED:
+            raise UsageError(f"seed must be in 0..{MAX_SEED}, got {args.seed}")
+        fields["seed"] = args.seed
+    for name in ("n", "size"):
+        if not -(2**31) <= fields[name] < 2**31:
+            raise UsageError(f"{name} is out of range: {fields[name]}")
+    fields["output_format"] = orchestrator_pb2.OUTPUT_FORMAT_PNG
+    return fields
+
+
+def _read(path: str, field: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(f"{field}: cannot read {path}: {error.strerror}") from error
+
+
+def _call(args: argparse.Namespace, method: str, request, prefix: str) -> int:
+    from unclip.runtime.server import create_channel
+    from unclip.v1 import orchestrator_pb2_grpc
+
+    with create_channel(args.addr) as channel:
+        stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
+        response = getattr(stub, method)(request, timeout=args.timeout, wait_for_ready=args.wait)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"seed {response.seed}  size {response.size}  request {response.request_id}", file=sys.stderr)
+    if response.prompt_truncated:
+        print("note: the prompt was longer than the text encoder's limit and was truncated", file=sys.stderr)
+    if response.withheld:
+        categories = ", ".join(response.withheld_categories) or "no category given"
+        print(f"{response.withheld} image(s) withheld by the content policy ({categories})", file=sys.stderr)
+    for image in response.images:
+        path = out / f"{prefix}-{image.seed}.png"
+        path.write_bytes(image.png)
+        print(path)
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from unclip.v1 import orchestrator_pb2
+
+    request = orchestrator_pb2.GenerateRequest(prompt=args.prompt, **_common(args))
+    return _call(args, "Generate", request, "generate")
+
+
+def cmd_vary(args: argparse.Namespace) -> int:
+    from unclip.v1 import orchestrator_pb2
+
+    request = orchestrator_pb2.VariationRequest(image=_read(args.image, "image"), **_common(args))
+    return _call(args, "CreateVariation", request, "vary")
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from unclip.v1 import orchestrator_pb2
+
+    mask = _read(args.mask, "mask") if args.mask else b""
+    request = orchestrator_pb2.EditRequest(
+        image=_read(args.image, "image"), mask=mask, prompt=args.prompt, **_common(args)
+    )
+    return _call(args, "Edit", request, "edit")
+
+
+# ---- the stack -----------------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from unclip.stack import Stack, run_until_signalled
+
+    stack = Stack(
+        model=args.model,
+        port=args.port,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+        safety_policy=args.safety_policy,
+        grace_seconds=args.grace_seconds,
+    )
+    return run_until_signalled(stack, timeout=args.start_timeout)
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from unclip.tiny import make_tiny_model
+
+    path = make_tiny_model(args.dir, super_res_stages=args.super_res_stages)
+    print(path)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Starts the stack on the bundled model (or a tiny random one), draws 4 images and a contact sheet."""
+    import io
+
+    import PIL.Image
+
+    from unclip.runtime.server import create_channel
+    from unclip.stack import Stack, StackError
+    from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    if args.model:
+        model = Path(args.model)
+    elif (BUNDLED_MODEL / "decoder").is_dir():
+        model = BUNDLED_MODEL
+        print(f"demo: using the bundled model {model}", file=sys.stderr)
+    else:
+        from unclip.tiny import make_tiny_model
+
+        model = make_tiny_model(Path(tempfile.mkdtemp(prefix="unclip-tiny-")) / "model")
+        print(
+            f"demo: no bundled model in {BUNDLED_MODEL} yet; using a TINY RANDOM model ({model}): "
+            "the pictures will be noise",
+            file=sys.stderr,
+        )
+    print("demo: starting the stack (every stage its own process)...", file=sys.stderr, flush=True)
+    stack = Stack(model=str(model), port=0)
+    try:
+        address = stack.start()
+    except StackError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        print(f"demo: stack up, orchestrator at {address}; generating 4 images of {args.prompt!r}", file=sys.stderr)
+        request = orchestrator_pb2.GenerateRequest(prompt=args.prompt, n=4, seed=args.seed)
+        with create_channel(address) as channel:
+            response = orchestrator_pb2_grpc.ImageServiceStub(channel).Generate(request, timeout=args.timeout)
+    finally:
+        stack.stop()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = [PIL.Image.open(io.BytesIO(image.png)).convert("RGB") for image in response.images]
+    for image, proto in zip(images, response.images, strict=True):
+        path = out / f"demo-{proto.seed}.png"
+        image.save(path)
+        print(path)
+    if images:
+        size = images[0].width
+        sheet = PIL.Image.new("RGB", (2 * size, ((len(images) + 1) // 2) * size), "white")
+        for i, image in enumerate(images):
+            sheet.paste(image, ((i % 2) * size, (i // 2) * size))
+        sheet_path = out / "demo-contact-sheet.png"
+        sheet.save(sheet_path)
+        print(sheet_path)
+    if response.withheld:
+        print(f"demo: {response.withheld} image(s) withheld by the content policy", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---- argument parsing ----------------------------------------------------------------------------------------
+
+
+def _add_request_options(parser: argparse.ArgumentParser) -> None:
+    from unclip.runtime import settings
+
+    parser.add_argument("-n", type=int, default=1, help="number of images, 1..10 (default 1)")
+    parser.add_argument("--size", type=int, default=0, help="square side in pixels (default: the largest)")
+    parser.add_argument("--seed", type=int, default=None, help="0..2^63-1 (default: drawn and printed)")
+    parser.add_argument("--out", default="unclip-out", help="folder for the PNGs (default ./unclip-out)")
+    parser.add_argument(
+        "--addr",
+        default=settings.env_default("addr") or DEFAULT_ADDR,
+        help=f"orchestrator address [env UNCLIP_ADDR, default {DEFAULT_ADDR}]",
+    )
+    parser.add_argument("--prior-steps", type=int, default=None, help="prior denoising steps (default 25)")
+    parser.add_argument("--decoder-steps", type=int, default=None, help="decoder denoising steps (default 25)")
+    parser.add_argument(
+        "--super-res-steps", default=None, help="steps per upsampler stage: N for all, or N,N (default 7)"
+    )
+    parser.add_argument("--prior-guidance", type=float, default=None, help="prior guidance scale (default 4.0)")
+    parser.add_argument("--decoder-guidance", type=float, default=None, help="decoder guidance scale (default 8.0)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    parser.add_argument("--wait", action="store_true", help="wait for the orchestrator to come up")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from unclip.runtime import settings
+
+    parser = argparse.ArgumentParser(prog="unclip", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start every stage and the orchestrator on 127.0.0.1")
+    up.add_argument("--model", default=settings.env_default("model"), help="model folder [env UNCLIP_MODEL]")
+    up.add_argument("--port", type=int, default=50051, help="orchestrator port (0: a free one; default 50051)")
+    up.add_argument("--log-dir", default=None, help="one log per process (default: a temporary folder)")
+    up.add_argument("--safety-policy", default=settings.env_default("safety_policy"), help="moderation policy file")
+    up.add_argument("--grace-seconds", type=float, default=30.0, help="drain time when stopping")
+    up.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every stage")
+    up.set_defaults(func=cmd_up)
+
+    generate = commands.add_parser("generate", help="text -> images")
+    generate.add_argument("prompt")
+    _add_request_options(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    vary = commands.add_parser("vary", help="variations of an image")
+    vary.add_argument("image")
+    _add_request_options(vary)
+    vary.set_defaults(func=cmd_vary)
+
+    edit = commands.add_parser("edit", help="regenerate the transparent region of an image from a prompt")
+    edit.add_argument("image")
+    edit.add_argument("prompt")
+    edit.add_argument("--mask", default=None, help="RGBA PNG of the image's size; transparent = regenerate")
+    _add_request_options(edit)
+    edit.set_defaults(func=cmd_edit)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random model (tests, smoke runs)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--super-res-stages", type=int, default=1, choices=[1, 2])
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    demo = commands.add_parser("demo", help="start the stack on the bundled model and draw 4 pictures")
+    demo.add_argument("--model", default=None, help="model folder (default: models/shapes-toy, else tiny random)")
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--timeout", type=float, default=1800.0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up" and not args.model:
+        print("unclip up: --model (or UNCLIP_MODEL) is required", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        return args.func(args)
+    except UsageError as error:
+        print(f"unclip {args.command}: invalid input: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    except grpc.RpcError as error:
+        from services.safety.refusal import parse_refusal
+
+        code, details = error.code(), error.details()
+        refusal = parse_refusal(error)
+        if refusal is not None:
+            categories = ", ".join(refusal.categories) or "unspecified"
+            print(f"unclip {args.command}: refused by the content policy at the {refusal.stage} check "
+                  f"({categories})", file=sys.stderr)
+            return EXIT_REFUSED
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            print(f"unclip {args.command}: invalid input: {details}", file=sys.stderr)
+            return EXIT_INVALID
+        print(f"unclip {args.command}: {code.name}: {details}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

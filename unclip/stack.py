@@ -1,0 +1,267 @@
+"""`unclip up`: every stage as its own OS process on 127.0.0.1, plus the safety service and the orchestrator.
+
+Each process listens on a free port (`--port 0`) and announces it on its first log line; the stack reads it, waits
+until every process says SERVING, then reports the orchestrator's address. Stopping is orchestrator first (it drains
+the requests in flight, which need the stages), then the rest; SIGKILL after the grace period.
+
+No orphans: every child gets PR_SET_PDEATHSIG(SIGTERM), so the kernel stops it even if `unclip up` itself is
+SIGKILLed; children run in their own session so a terminal's Ctrl-C reaches only `unclip up`, which stops them in
+order. A stage that fails to start stops the whole stack, naming the stage and quoting its log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unclip.runtime.server import health_status
+
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_PR_SET_PDEATHSIG = 1
+
+
+def _upsampler_stages(model_dir: Path) -> list[str]:
+    """The upsampler stages of a model folder, in cascade order (as unclip.models.upsampler_stages, which is not
+    imported here: it pulls in transformers and diffusers, seconds of start-up for a process that loads no model)."""
+    stages = []
+    for stage in ("super_res", "super_res_2"):
+        if not all((model_dir / f"{stage}_{part}").is_dir() for part in ("first", "last", "scheduler")):
+            break
+        stages.append(stage)
+    return stages
+
+
+class StackError(RuntimeError):
+    """A process of the stack failed to start (the message names it and says why)."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: the stack's own signal handling still stops the children
+        pass
+
+
+@dataclass
+class Process:
+    name: str  # "encoder", "prior", "decoder", "super_res", "super_res_2", "safety", "orchestrator"
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen | None = None
+    address: str | None = None  # "127.0.0.1:port" once announced
+
+    def start(self, env: dict[str, str]) -> None:
+        log = open(self.log_path, "wb")  # noqa: SIM115 (the child owns it from here)
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def poll_address(self) -> str | None:
+        if self.address is None:
+            try:
+                match = _LISTENING.search(self.log_path.read_text(errors="replace"))
+            except OSError:
+                match = None
+            if match:
+                host = "127.0.0.1" if match.group(1) in ("0.0.0.0", "[::]") else match.group(1)
+                self.address = f"{host}:{match.group(2)}"
+        return self.address
+
+    def failure(self) -> str:
+        code = self.popen.returncode if self.popen else None
+        return f"{self.name} exited with status {code} before it was ready; its log ({self.log_path}) ends:\n" + (
+            self.log_tail()
+        )
+
+
+@dataclass
+class Stack:
+    """The local stack: `start()` brings every process up, `stop()` takes them down (idempotent)."""
+
+    model: str  # model folder in the Karlo layout
+    port: int = 50051  # the orchestrator's port (0: a free one)
+    log_dir: Path | None = None  # one log per process (default: a new temporary folder)
+    safety_policy: str | None = None  # policy file for the safety service
+    grace_seconds: float = 30.0  # how long in-flight calls get when stopping
+    extra_env: dict[str, str] = field(default_factory=dict)
+    interrupted: list[int] = field(default_factory=list)  # a signal arrived: abandon starting
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.processes[-1].address if self.processes else ""
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # Each process reads only its flags; variables meant for a single service must not leak into the others.
+        for name in ("UNCLIP_PORT", "UNCLIP_STAGE", "UNCLIP_HOST"):
+            env.pop(name, None)
+        env.update(self.extra_env)
+        return env
+
+    def _process(self, name: str, module: str, *args: str, port: int = 0) -> Process:
+        argv = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
+        assert self.log_dir is not None
+        return Process(name=name, argv=argv, log_path=self.log_dir / f"{name}.log")
+
+    def start(self, timeout: float = 300.0) -> str:
+        """Starts everything and waits until all say SERVING; returns the orchestrator's address.
+
+        Raises StackError (after stopping whatever had started) when a process fails or the timeout passes.
+        """
+        model_dir = Path(self.model)
+        if not model_dir.is_dir():
+            raise StackError(f"model folder {self.model} does not exist")
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="unclip-up-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        model = ["--model", str(model_dir)]
+        stages = [
+            self._process("encoder", "services.encoder", *model),
+            self._process("prior", "services.prior", *model),
+            self._process("decoder", "services.decoder", *model, "--stage", "decoder"),
+            *[
+                self._process(stage, "services.decoder", *model, "--stage", stage)
+                for stage in _upsampler_stages(model_dir)
+            ],
+            self._process(
+                "safety",
+                "services.safety",
+                "--audit-dir",
+                str(self.log_dir / "audit"),
+                *(["--policy", self.safety_policy] if self.safety_policy else []),
+            ),
+        ]
+        env = self._env()
+        deadline = time.monotonic() + timeout
+        try:
+            for process in stages:
+                self.processes.append(process)
+                process.start(env)
+            self._wait(stages, deadline, need_serving=False)  # every port known
+
+            by_name = {p.name: p.address for p in stages}
+            upsamplers = [p.address for p in stages if p.name.startswith("super_res")]
+            orchestrator = self._process(
+                "orchestrator",
+                "services.orchestrator",
+                "--encoder-addr", by_name["encoder"],
+                "--prior-addr", by_name["prior"],
+                "--decoder-addr", by_name["decoder"],
+                "--upsampler-addrs", ",".join(upsamplers),
+                "--safety-addr", by_name["safety"],
+                port=self.port,
+            )  # fmt: skip
+            self.processes.append(orchestrator)
+            orchestrator.start(env)
+            self._wait(self.processes, deadline, need_serving=True)
+        except BaseException:
+            self.stop()
+            raise
+        return orchestrator.address or ""
+
+    def _wait(self, processes: list[Process], deadline: float, need_serving: bool) -> None:
+        pending = list(processes)
+        while pending:
+            if self.interrupted:
+                raise StackError("interrupted while starting")
+            for process in list(pending):
+                if not process.alive():
+                    raise StackError(process.failure())
+                address = process.poll_address()
+                if address and (not need_serving or health_status(address, timeout=1.0) == "SERVING"):
+                    pending.remove(process)
+            if pending and time.monotonic() > deadline:
+                what = "SERVING" if need_serving else "listening"
+                names = ", ".join(f"{p.name} (log {p.log_path})" for p in pending)
+                raise StackError(f"timed out waiting for {names} to be {what}")
+            time.sleep(0.1)
+
+    def dead(self) -> list[Process]:
+        """Processes that have exited (a running stack has none)."""
+        return [p for p in self.processes if p.popen is not None and not p.alive()]
+
+    def stop(self) -> None:
+        """SIGTERM the orchestrator, then the rest; SIGKILL whatever outlives the grace period."""
+        orchestrators = [p for p in self.processes if p.name == "orchestrator"]
+        others = [p for p in self.processes if p.name != "orchestrator"]
+        for group in (orchestrators, others):
+            for process in group:
+                if process.alive():
+                    process.popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.grace_seconds + 5
+            for process in group:
+                if process.popen is None:
+                    continue
+                try:
+                    process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.popen.kill()
+                    process.popen.wait()
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
+    """`unclip up`: start, print the addresses, wait for Ctrl-C / SIGTERM (or a process dying), stop everything."""
+    stopping = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        stack.interrupted.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        address = stack.start(timeout=timeout)
+    except StackError as error:
+        print(f"unclip up: {error}", file=sys.stderr, flush=True)
+        return 1
+    for process in stack.processes:
+        print(f"  {process.name:<13} {process.address}   log {process.log_path}", flush=True)
+    print(f"orchestrator listening on {address}", flush=True)
+    status = 0
+    while not stopping:
+        dead = stack.dead()
+        if dead:
+            print(f"unclip up: {dead[0].name} exited (status {dead[0].popen.returncode}); stopping", file=sys.stderr)
+            print(dead[0].log_tail(), file=sys.stderr, flush=True)
+            status = 1
+            break
+        time.sleep(0.2)
+    print("unclip up: stopping", flush=True)
+    stack.stop()
+    return status
