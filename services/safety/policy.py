@@ -260,11 +260,15 @@ def _validate(path: str, raw: bytes, doc: Any, previous: Policy | None) -> Polic
     instances: dict[str, Filter] = {}
     try:
         for name, spec in specs.items():
-            if previous is not None and _same_spec(previous.specs.get(name), spec) and name in previous.filters:
+            same_encoder = previous is not None and previous.encoder_addr == encoder_addr
+            if same_encoder and _same_spec(previous.specs.get(name), spec) and name in previous.filters:
                 instances[name] = previous.filters[name]
                 continue
             try:
                 instances[name] = FILTER_TYPES[spec["type"]](name, spec, policy_dir)
+                bind = getattr(instances[name], "bind", None)
+                if bind is not None:
+                    bind(encoder_addr)
             except SpecError as error:
                 entry = filters_node[name]
                 line = _line_of_path(entry, error.key)

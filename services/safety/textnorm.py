@@ -26,13 +26,13 @@ _CONFUSABLES = {
     "А": "A", "а": "a", "В": "B", "в": "b", "Е": "E", "е": "e", "Ё": "E", "ё": "e", "К": "K", "к": "k",
     "М": "M", "м": "m", "Н": "H", "н": "h", "О": "O", "о": "o", "Р": "P", "р": "p", "С": "C", "с": "c",
     "Т": "T", "т": "t", "У": "Y", "у": "y", "Х": "X", "х": "x", "Ѕ": "S", "ѕ": "s", "І": "I", "і": "i",
-    "Ї": "I", "ї": "i", "Ј": "J", "ј": "j", "Ԛ": "Q", "ԛ": "q", "Ԝ": "W", "ԝ": "w", "ԁ": "d", "һ": "h",
+    "Ї": "I", "ї": "i", "Ј": "J", "ј": "j", "Ԛ": "Q", "ԛ": "q", "Ԝ": "W", "ԝ": "w", "ԁ": "d", "Ԁ": "d", "һ": "h",
     "Ь": "b", "ь": "b", "Ъ": "b", "ъ": "b", "Ү": "Y", "ү": "y", "Һ": "H", "Ӏ": "l", "ӏ": "l", "п": "n",
     "г": "r", "Г": "r", "З": "3", "з": "3", "Ч": "4", "ч": "4", "Д": "A", "Л": "N", "И": "N", "и": "u",
     "Я": "R", "я": "r", "ш": "w", "Ш": "W", "щ": "w", "Щ": "W", "Ц": "U", "ц": "u", "Ж": "X", "ж": "x",
     # Greek
     "Α": "A", "α": "a", "Β": "B", "β": "b", "Ε": "E", "ε": "e", "Ζ": "Z", "Η": "H", "η": "n", "Ι": "I",
-    "ι": "i", "Κ": "K", "κ": "k", "Μ": "M", "μ": "u", "Ν": "N", "ν": "v", "Ο": "O", "ο": "o", "Ρ": "P",
+    "ι": "i", "Κ": "K", "κ": "k", "Μ": "M", "μ": "u", "ϰ": "k", "Ν": "N", "ν": "v", "Ο": "O", "ο": "o", "Ρ": "P",
     "ρ": "p", "Τ": "T", "τ": "t", "Υ": "Y", "υ": "u", "Χ": "X", "χ": "x", "ϲ": "c", "Ϲ": "C", "ς": "s",
     "σ": "o", "Σ": "E", "ω": "w", "γ": "y", "δ": "d", "θ": "o", "Θ": "O", "λ": "A", "π": "n", "ψ": "w",
     "Π": "N", "Ω": "O", "Δ": "A", "Λ": "A", "ϳ": "j",
@@ -64,6 +64,8 @@ _INVISIBLE_EXTRA = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u17b4\u17b5\u
 
 def fold(text: str) -> str:
     """NFKC, look-alikes to Latin, case fold, accents and invisible characters removed."""
+    # Look-alikes before NFKC too: NFKC turns some of them into other letters (lunate sigma "ϲ" into "ς").
+    text = "".join(_CONFUSABLES.get(ch, ch) for ch in text)
     text = unicodedata.normalize("NFKC", text)
     text = "".join(_CONFUSABLES.get(ch, ch) for ch in text)
     text = text.casefold()
@@ -116,6 +118,9 @@ def tokenize(text: str) -> tuple[list[str], list[Token]]:
             chunks.append(pieces)
 
     flat: list[str] = [p for pieces in chunks for p in pieces]
+    # A piece counts as a single letter of a spaced-out word when it is one character, or one with punctuation-like
+    # leet symbols around it ("(s", "e!").
+    singles = [next((v for v in piece_variants(p) if len(v) == 1), "") for p in flat]
     candidates: list[Token] = []
     seen: set[tuple[str, int, int]] = set()
 
@@ -132,28 +137,36 @@ def tokenize(text: str) -> tuple[list[str], list[Token]]:
                 add(variant, index, index + 1)
             index += 1
         if len(pieces) > 1:
-            add("".join(pieces), index - len(pieces), index)
+            for variant in piece_variants("".join(pieces)):
+                add(variant, index - len(pieces), index)
 
     # Runs of single characters ("b a d", "b.a.d", "k 1 l l"): every contiguous sub-run is a candidate, so a
     # stray single letter in front ("a b a d") does not hide the word. Runs never include longer words, so two
     # ordinary words are never glued together.
     run_start = None
     for i in range(len(flat) + 1):
-        single = i < len(flat) and len(flat[i]) == 1
+        single = i < len(flat) and len(singles[i]) == 1
         if single and run_start is None:
             run_start = i
         elif not single and run_start is not None:
             for a in range(run_start, i):
                 for b in range(a + 2, min(i, a + _MAX_RUN) + 1):
-                    add("".join(flat[a:b]), a, b)
+                    add("".join(singles[a:b]), a, b)
             run_start = None
     return flat, candidates
 
 
 def piece_variants(piece: str) -> list[str]:
-    """`piece`, and without the leet symbols at its ends, which are more often punctuation ("(bad)!" -> "bad")."""
-    variants = [piece, piece.strip(_EDGE_SYMBOLS), piece.rstrip(_EDGE_SYMBOLS), piece.lstrip(_EDGE_SYMBOLS)]
-    return list(dict.fromkeys(v for v in variants if v))
+    """`piece`, and without up to two leet symbols at either end: those are as often punctuation as letters
+    ("(bad)!" -> "bad", but "(@@ss" -> "@@ss" keeps the "@" that stands for "a")."""
+    lead = len(piece) - len(piece.lstrip(_EDGE_SYMBOLS))
+    trail = len(piece) - len(piece.rstrip(_EDGE_SYMBOLS))
+    variants = [piece]
+    for j in range(min(trail, 2) + 1):  # leading symbols first: "($" is more likely "(" + "s" than "c" + ")"
+        for i in range(min(lead, 2) + 1):
+            if i + j and i + j < len(piece):
+                variants.append(piece[i : len(piece) - j])
+    return list(dict.fromkeys(variants))
 
 
 def term_pattern(term: str) -> str:
@@ -175,7 +188,8 @@ def term_pattern(term: str) -> str:
         i = j
     s, e = _char_class("s"), _char_class("e")
     # Simple plurals and their spellings in evasion: -s, -es, -z.
-    plural = f"(?:{s}+|{e}+{s}+|{_char_class('z')}+)?"
+    # Exactly one plural ending: "asses" is "ass" + "es", but "assess" is not.
+    plural = f"(?:{s}|{e}{s}|{_char_class('z')})?"
     return "".join(parts) + plural
 
 
