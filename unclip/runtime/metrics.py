@@ -99,11 +99,17 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         self.service = service
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         handler = continuation(handler_call_details)
         full = handler_call_details.method  # "/unclip.v1.Prior/Sample"
-        if handler is None or handler.unary_unary is None or full.startswith(("/grpc.health.", "/grpc.reflection.")):
+        if (
+            handler is None
+            or handler.unary_unary is None
+            or full.startswith(("/grpc.health.", "/grpc.reflection."))
+        ):
             return handler
         method, inner, service = full.rsplit("/", 1)[-1], handler.unary_unary, self.service
 
@@ -184,7 +190,7 @@ class ServiceMetrics:
 
     @contextlib.contextmanager
     def stage(self, stage: str) -> Iterator[None]:
-        """Orchestrator: times one call to `stage` ("encoder", "prior", "decoder", "super_res", "safety", ...)."""
+        """Orchestrator: times one call to `stage` ("encoder", "prior", "decoder", "super_res", ...)."""
         started = time.perf_counter()
         outcome = "ok"
         try:
@@ -201,7 +207,9 @@ class ServiceMetrics:
             STAGE_LATENCY.labels(self.service, stage, outcome).observe(time.perf_counter() - started)
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> int | None:
+def start_metrics_server(
+    port: int, addr: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY
+) -> int | None:
     """Serves /metrics over HTTP on `port` (0: disabled, returns None); returns the port."""
     if not port:
         return None

@@ -1,15 +1,16 @@
 """OpenTelemetry tracing of every service: one request is one trace across all processes.
 
 The orchestrator's server span is the root; each stage call is a client span whose context travels in gRPC
-metadata as a W3C `traceparent` header (the default OTEL_PROPAGATORS, tracecontext,baggage); the stage's server
-span continues it, and the stage's `<service>.queue` / `<service>.compute` spans (unclip.runtime.metrics) nest
-under that. Configuration is the standard OpenTelemetry environment, read by the SDK itself:
+metadata as a W3C `traceparent` header (the default OTEL_PROPAGATORS, tracecontext,baggage); the stage's
+server span continues it, and the stage's `<service>.queue` / `<service>.compute` spans
+(unclip.runtime.metrics) nest under that. Configuration is the standard OpenTelemetry environment,
+read by the SDK itself:
 
     OTEL_SERVICE_NAME                 overrides the service name a process passes to setup_tracing
     OTEL_TRACES_EXPORTER              otlp (default) | console | none
     OTEL_EXPORTER_OTLP_ENDPOINT       collector address (default http://localhost:4317), OTLP over gRPC
     OTEL_EXPORTER_OTLP_*              headers, timeout, certificate, compression ...
-    OTEL_TRACES_SAMPLER(_ARG)         parentbased_always_on by default: a stage follows the orchestrator's choice
+    OTEL_TRACES_SAMPLER(_ARG)         parentbased_always_on (default): stages follow the orchestrator
     OTEL_RESOURCE_ATTRIBUTES          e.g. k8s.pod.name=...,k8s.namespace.name=...
     OTEL_BSP_*                        batch span processor (queue size, schedule delay)
     OTEL_SDK_DISABLED=true            no tracing at all (contexts still propagate as no-ops)
@@ -28,7 +29,7 @@ import threading
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import client_interceptor, filters, server_interceptor
+from opentelemetry.instrumentation.grpc import client_interceptor, filters, grpcext, server_interceptor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -39,7 +40,9 @@ _lock = threading.Lock()
 _provider: TracerProvider | None = None
 
 # Kubelet probes call grpc.health.v1 every few seconds; a span per probe would drown the real traces.
-_NOT_HEALTH = filters.negate(filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection")))
+_NOT_HEALTH = filters.negate(
+    filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+)
 
 
 def _exporter_from_env() -> SpanExporter | None:
@@ -55,7 +58,9 @@ def _exporter_from_env() -> SpanExporter | None:
         "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
     )
     if protocol != "grpc":
-        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL must be grpc (the installed exporter), got {protocol!r}")
+        raise ValueError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL must be grpc (the installed exporter), got {protocol!r}"
+        )
     # Imported here: the exporter pulls in its own gRPC client, needed only when exporting.
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -91,14 +96,14 @@ def server_interceptors() -> list[grpc.ServerInterceptor]:
     return [server_interceptor(tracer_provider=trace.get_tracer_provider(), filter_=_NOT_HEALTH)]
 
 
-def client_interceptors() -> list[grpc.UnaryUnaryClientInterceptor]:
-    """Interceptors that open a client span per call and send its context as `traceparent` metadata."""
-    return [client_interceptor(tracer_provider=trace.get_tracer_provider(), filter_=_NOT_HEALTH)]
-
-
 def instrument_channel(channel: grpc.Channel) -> grpc.Channel:
-    """`channel` with the client interceptors: stubs made on it propagate the current trace."""
-    return grpc.intercept_channel(channel, *client_interceptors())
+    """`channel` with a client span per call whose context is sent as `traceparent` metadata.
+
+    Stubs made on the returned channel propagate the current trace. (OpenTelemetry's client interceptor is of
+    its own grpcext kind, not a grpc.*ClientInterceptor, so it is applied here rather than handed out.)
+    """
+    interceptor = client_interceptor(tracer_provider=trace.get_tracer_provider(), filter_=_NOT_HEALTH)
+    return grpcext.intercept_channel(channel, interceptor)
 
 
 def tracer() -> trace.Tracer:
