@@ -150,3 +150,15 @@ def prompt_request(prompt: str, request_id: str = "", user: str = "") -> safety_
     return safety_pb2.CheckPromptRequest(
         prompt=prompt, context=safety_pb2.RequestContext(request_id=request_id, user=user)
     )
+
+
+def _wait_rejected(self: Safety, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(self.records("policy_rejected")) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no policy rejection recorded:\n{self.process.text()}")
+
+
+Safety.wait_rejected = _wait_rejected  # type: ignore[attr-defined]
