@@ -111,7 +111,8 @@ class Calls:
 
     def timeout(self) -> float:
         remaining = self._context.time_remaining() if self._context is not None else None
-        if remaining is None:
+        if remaining is None or remaining > self._default_timeout:
+            # No client deadline reads as a far-future one: passing it on would overflow gRPC's timer.
             return self._default_timeout
         if remaining <= 0:
             raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")

@@ -215,12 +215,12 @@ class Pipeline:
         # 2. The uploaded image passes the content policy.
         self._check_images(pil_to_tensor(image)[None], safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
 
-        # 3. Encoder: the image's CLIP embedding (once, repeated per image) and the empty prompt n times.
+        # 3. Encoder: the image's CLIP embedding and the empty prompt, each n times in one batch, as the reference
+        #    called with image=[image] * n computes them (a batch of one, repeated, rounds differently).
         encoded = calls(
-            self.stages.encoder.EncodeImage, encoder_pb2.EncodeImageRequest(images=[png_bytes(image)]), "encoder"
+            self.stages.encoder.EncodeImage, encoder_pb2.EncodeImageRequest(images=[png_bytes(image)] * r.n), "encoder"
         )
-        image_embeds = from_proto(encoded.image_embeds, "image_embeds", dtype=torch.float32)
-        image_embeds = to_proto(image_embeds.repeat_interleave(r.n, dim=0))  # [n, D]
+        image_embeds = encoded.image_embeds  # [n, D]
         text = calls(
             self.stages.encoder.EncodeText,
             encoder_pb2.EncodeTextRequest(prompts=[""] * r.n, do_classifier_free_guidance=cfg),

@@ -1,0 +1,56 @@
+"""Session fixtures shared by the service and end-to-end tests.
+
+`stack_model_dir`: a tiny random model with two upsampler stages (32 -> 64 -> 128 px) and the image encoder, so
+one stack covers text-to-image, variations, edits and the two-stage cascade.
+`stack`: ONE multi-process stack on that model (each stage its own process, real gRPC on loopback), started once
+per session. Tests using it must leave it as they found it; tests that kill or reconfigure start their own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def stack_model_dir(tmp_path_factory) -> Path:
+    from unclip.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("stack-model") / "model", super_res_stages=2, variation=True)
+
+
+@dataclass
+class RunningStack:
+    address: str  # the orchestrator's host:port
+    addresses: dict[str, str]  # process name ("encoder", "prior", "decoder", "super_res", ...) -> host:port
+    model_dir: Path
+    log_dir: Path
+
+    def channel(self, name: str = "orchestrator"):
+        from unclip.runtime.server import create_channel
+
+        return create_channel(self.addresses[name])
+
+
+@pytest.fixture(scope="session")
+def stack(stack_model_dir, tmp_path_factory):
+    from unclip.stack import Stack
+
+    log_dir = tmp_path_factory.mktemp("stack-logs")
+    running = Stack(model=str(stack_model_dir), port=0, log_dir=log_dir, grace_seconds=5.0)
+    address = running.start(timeout=300)
+    try:
+        yield RunningStack(
+            address=address,
+            addresses={p.name: p.address for p in running.processes},
+            model_dir=stack_model_dir,
+            log_dir=log_dir,
+        )
+    finally:
+        running.stop()
