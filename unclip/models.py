@@ -12,7 +12,8 @@ component's ``save_pretrained``), plus optional extras:
     super_res_2_first/ super_res_2_last/ super_res_2_scheduler/    upsampler stage "super_res_2" (optional)
 
 Each service loads only the folders its stage needs. ``resolve_model_dir`` is the one place that turns a model
-reference into a local folder, so remote storage (S3) can plug in there without touching any loader.
+reference (a folder, or ``s3://bucket/prefix`` via ``unclip.storage``) into a local folder; loaders take
+folders.
 """
 
 from __future__ import annotations
@@ -43,13 +44,21 @@ class ModelLoadError(RuntimeError):
 def resolve_model_dir(model: str | Path) -> Path:
     """Turns a model reference into a local folder holding the Karlo layout.
 
-    Today only local folders are supported; ``s3://bucket/prefix`` references belong here once storage lands.
+    A local folder is used in place; ``s3://bucket/prefix`` is fetched into the verified local cache by
+    ``unclip.storage.fetch_model`` (configured from the environment) and that folder is returned.
     """
     text = str(model)
     if not text:
         raise ModelLoadError("model must name a model folder, got an empty string")
+    if text.startswith("s3://"):
+        from unclip import storage  # imported here: only S3-backed deployments need the S3 client
+
+        try:
+            return storage.fetch_model(text)
+        except (storage.StorageError, ValueError) as error:
+            raise ModelLoadError(f"model {text}: {error}") from error
     if "://" in text:
-        raise ModelLoadError(f"model {text!r}: only local folders are supported so far")
+        raise ModelLoadError(f"model {text!r}: only local folders and s3://bucket/prefix are supported")
     path = Path(text).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist or is not a folder")

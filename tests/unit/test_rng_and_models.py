@@ -133,6 +133,11 @@ def test_missing_folder_error_names_it(tmp_path, tiny_model_dir):
         models.load_super_res(model, "super_res")
     with pytest.raises(models.ModelLoadError, match="does not exist"):
         models.resolve_model_dir(tmp_path / "nowhere")
+    with pytest.raises(models.ModelLoadError, match="only local folders and s3://"):
+        models.resolve_model_dir("https://example.com/model")
+    # s3:// references go to unclip.storage; a malformed one fails before any network call.
+    with pytest.raises(models.ModelLoadError, match="not an S3 bucket name"):
+        models.resolve_model_dir("s3://Not_A_Bucket/model")
 
 
 def test_prior_and_tokenizer_lengths_must_agree(tmp_path, tiny_model_dir):
