@@ -62,6 +62,8 @@ class AuditLog:
         self._opened_at = 0.0
         self._size = 0
         self._closed = False
+        self._ship_lock = threading.Lock()
+        self._shipping: set[Path] = set()  # queued or being shipped (never twice at once)
         self._open_segment()
         self._ship_pending()
 
@@ -106,7 +108,10 @@ class AuditLog:
             self._closed = True
             with self._sync_lock:
                 self._close_fd()
-        self._ship_pending(wait=False)
+            if self._size == 0 and self._path is not None:
+                self._path.unlink(missing_ok=True)  # nothing was decided: no segment to keep or ship
+            self._path = None  # the last segment is closed too: ship it
+        self._ship_pending()
 
     # --- segments -------------------------------------------------------------------------------------------------
     def _open_segment(self) -> None:
@@ -134,26 +139,30 @@ class AuditLog:
     def closed_segments(self) -> list[Path]:
         return sorted(p for p in self.directory.glob(SEGMENT_GLOB) if p != self._path)
 
-    def _ship_pending(self, wait: bool = False) -> None:
+    def _ship_pending(self) -> None:
         if self.on_segment_closed is None:
             return
-        pending = [p for p in self.closed_segments() if not p.with_name(p.name + SHIPPED_SUFFIX).exists()]
-        if not pending:
-            return
-        thread = threading.Thread(target=self._ship, args=(pending,), name="audit-ship", daemon=True)
-        thread.start()
-        if wait:
-            thread.join()
+        with self._ship_lock:
+            pending = [
+                p
+                for p in self.closed_segments()
+                if p not in self._shipping and not p.with_name(p.name + SHIPPED_SUFFIX).exists()
+            ]
+            self._shipping.update(pending)
+        if pending:
+            threading.Thread(target=self._ship, args=(pending,), name="audit-ship", daemon=True).start()
 
     def _ship(self, segments: list[Path]) -> None:
         assert self.on_segment_closed is not None
         for segment in segments:
             try:
                 self.on_segment_closed(segment)
+                segment.with_name(segment.name + SHIPPED_SUFFIX).touch()
             except Exception:  # retried at the next rotation or start
                 log.exception("shipping audit segment %s failed", segment)
-                continue
-            segment.with_name(segment.name + SHIPPED_SUFFIX).touch()
+            finally:
+                with self._ship_lock:
+                    self._shipping.discard(segment)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -1,0 +1,139 @@
+"""Prints and filters the safety service's audit log (services/safety/audit.py).
+
+    python -m unclip.audit_cli --dir runs/audit --action block --since 2026-11-27T10:00
+    unclip audit ...   (the same, where the CLI hooks `add_parser` in)
+
+Filters combine (all must hold). Default output: one line per decision; `--json` prints the records as stored.
+Exit codes: 0 done (also when nothing matched); 2 invalid arguments or no such directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from services.safety.audit import read_records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dir",
+        default=os.environ.get("UNCLIP_AUDIT_DIR") or "runs/audit",
+        help="audit log directory [env UNCLIP_AUDIT_DIR, default runs/audit]",
+    )
+    parser.add_argument("--request-id", help="only this request")
+    parser.add_argument("--user", help="only this caller (the request's `user` field)")
+    parser.add_argument("--identity", help="only this authenticated identity")
+    parser.add_argument(
+        "--stage", choices=["prompt", "input_image", "decoder_output", "final_output"], help="only this check"
+    )
+    parser.add_argument("--action", choices=["allow", "flag", "withhold", "block"], help="only this action")
+    parser.add_argument("--category", help="only decisions in which this category triggered")
+    parser.add_argument("--filter", dest="filter_name", help="only decisions this filter scored or failed in")
+    parser.add_argument("--policy-version", help="only decisions under this policy version")
+    parser.add_argument("--since", type=_time, help="from this time (ISO 8601, UTC)")
+    parser.add_argument("--until", type=_time, help="before this time (ISO 8601, UTC)")
+    parser.add_argument(
+        "--events", action="store_true", help="also policy events (policy_loaded, policy_rejected), not only decisions"
+    )
+    parser.add_argument("--json", action="store_true", help="print the matching records as JSON lines")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Hooks `audit` into a CLI's subparsers; the parsed namespace runs with `run(args)`."""
+    parser = subparsers.add_parser("audit", help="print and filter the safety audit log", description=__doc__)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _time(text: str) -> str:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from error
+    if moment.tzinfo is not None:  # the log is in UTC
+        from datetime import UTC
+
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def matches(record: dict[str, Any], args: argparse.Namespace) -> bool:
+    if record.get("event") != "decision":
+        return bool(args.events) and _in_time(record, args)
+    checks = [
+        (args.request_id, record.get("request_id")),
+        (args.user, record.get("user")),
+        (args.identity, record.get("identity")),
+        (args.stage, record.get("stage")),
+        (args.action, record.get("action")),
+        (args.policy_version, record.get("policy_version")),
+    ]
+    if any(wanted is not None and wanted != value for wanted, value in checks):
+        return False
+    if args.category is not None and not any(args.category in v["categories"] for v in record.get("verdicts", [])):
+        return False
+    if args.filter_name is not None and not any(f["filter"] == args.filter_name for f in record.get("filters", [])):
+        return False
+    return _in_time(record, args)
+
+
+def _in_time(record: dict[str, Any], args: argparse.Namespace) -> bool:
+    stamp = str(record.get("time", "")).rstrip("Z")
+    return (args.since is None or stamp >= args.since) and (args.until is None or stamp < args.until)
+
+
+def format_record(record: dict[str, Any]) -> str:
+    if record.get("event") != "decision":
+        details = {k: v for k, v in record.items() if k not in ("event", "time")}
+        return f"{record.get('time', '')}  {record.get('event', '?'):<15} {json.dumps(details, ensure_ascii=False)}"
+    categories = sorted({c for v in record.get("verdicts", []) for c in v["categories"]})
+    failed = [f["filter"] for f in record.get("filters", []) if "error" in f]
+    parts = [
+        record.get("time", ""),
+        f"{record.get('action', '?'):<8}",
+        f"{record.get('stage', '?'):<14}",
+        f"request={record.get('request_id') or '-'}",
+        f"user={record.get('user') or '-'}",
+    ]
+    if record.get("identity"):
+        parts.append(f"identity={record['identity']}")
+    parts.append(f"categories={','.join(categories) or '-'}")
+    if record.get("items", 1) > 1:
+        withheld = sum(1 for v in record["verdicts"] if v["action"] == "withhold")
+        parts.append(f"images={record['items']} withheld={withheld}")
+    if failed:
+        parts.append(f"failed={','.join(failed)}")
+    parts.append(f"policy={record.get('policy_version', '?')}")
+    return "  ".join(parts)
+
+
+def run(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
+    if not os.path.isdir(args.dir):
+        print(f"--dir: no such directory: {args.dir}", file=sys.stderr)
+        return 2
+    records: Iterable[dict[str, Any]] = (r for r in read_records(args.dir) if matches(r, args))
+    try:
+        for record in records:
+            line = json.dumps(record, ensure_ascii=False) if args.json else format_record(record)
+            print(line, file=out)
+    except BrokenPipeError:  # `| head` is fine
+        return 0
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unclip audit", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
