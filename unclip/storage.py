@@ -405,6 +405,26 @@ def presigned_get_url(
         return config.client(public=True).presigned_get_object(bucket, key, expires=expires)
 
 
+def ship_audit_segment(path: str | Path) -> str:
+    """Uploads one closed audit segment to UNCLIP_AUDIT_URL (s3://bucket/prefix); returns its s3:// URL.
+
+    The safety service calls it off the request path when UNCLIP_AUDIT_SHIP=unclip.storage:ship_audit_segment.
+    Segments are immutable once closed, so a retried upload of the same file is harmless.
+    """
+    target = os.environ.get("UNCLIP_AUDIT_URL", "")
+    if not target:
+        raise StorageError(
+            "UNCLIP_AUDIT_URL is not set: where should audit segments go (s3://bucket/prefix)?"
+        )
+    bucket, prefix = parse_s3_url(target, "UNCLIP_AUDIT_URL")
+    path = Path(path)
+    key = _key(prefix, path.name)
+    client = S3Config.from_env().client()
+    with _s3_errors(f"ship {path} to s3://{bucket}/{key}"):
+        client.fput_object(bucket, key, str(path), content_type="application/x-ndjson", part_size=PART_BYTES)
+    return f"s3://{bucket}/{key}"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
@@ -421,9 +441,17 @@ def main(argv: list[str] | None = None) -> int:
     pull = commands.add_parser("pull", help="download into the verified local cache; prints the folder")
     pull.add_argument("url", help="s3://bucket/prefix")
     pull.add_argument("--cache", default=None, help="cache folder [env UNCLIP_MODEL_CACHE]")
+    make_bucket = commands.add_parser("mb", help="create buckets (those that exist are left as they are)")
+    make_bucket.add_argument("buckets", nargs="+")
     args = parser.parse_args(argv)
     try:
-        if args.command == "push":
+        if args.command == "mb":
+            client = S3Config.from_env().client()
+            for bucket in args.buckets:
+                parse_s3_url(f"s3://{bucket}", "bucket")
+                ensure_bucket(client, bucket)
+            print(f"buckets ready: {' '.join(args.buckets)}")
+        elif args.command == "push":
             manifest = push_model(args.dir, args.url)
             print(f"pushed {len(manifest['files'])} files to {args.url}")
         else:

@@ -260,3 +260,41 @@ def test_cli_bad_reference_exits_2_naming_the_field():
     )
     assert proc.returncode == 2
     assert "model must look like s3://bucket/prefix" in proc.stderr
+
+
+def test_audit_segments_ship_to_the_bucket(s3, tmp_path, monkeypatch):
+    """The safety service's real AuditLog shipping each closed segment with storage.ship_audit_segment."""
+    from services.safety.audit import AuditLog
+
+    bucket = _unique_bucket()
+    storage.ensure_bucket(s3.client(), bucket)
+    for name, value in _storage_env(s3.config, tmp_path / "cache").items():
+        if name.startswith(("UNCLIP_", "AWS_")):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("UNCLIP_AUDIT_URL", f"s3://{bucket}/audit/node-a")
+    audit = AuditLog(tmp_path / "audit", max_segment_bytes=200, on_segment_closed=storage.ship_audit_segment)
+    try:
+        for i in range(6):
+            audit.append({"event": "check", "i": i, "decision": "allow"})
+        audit.rotate()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(list((tmp_path / "audit").glob("*.shipped"))) < 2:
+            time.sleep(0.05)
+    finally:
+        audit.close()
+    closed = sorted(p for p in (tmp_path / "audit").iterdir() if p.name.endswith(".shipped"))
+    assert len(closed) >= 2
+    shipped = {o.object_name: o for o in s3.client().list_objects(bucket, prefix="audit/node-a/")}
+    assert len(shipped) >= 2
+    for marker in closed:
+        segment = marker.with_name(marker.name.removesuffix(".shipped"))
+        assert storage.get_bytes(s3.client(), bucket, f"audit/node-a/{segment.name}") == segment.read_bytes()
+
+
+def test_cli_makes_buckets(s3, tmp_path):
+    names = [_unique_bucket(), _unique_bucket()]
+    env = _storage_env(s3.config, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "unclip.storage", "mb", *names], env=env, cwd=ROOT)
+    assert proc.returncode == 0
+    for name in names:
+        assert s3.client().bucket_exists(name)
