@@ -30,11 +30,11 @@ def decode_inpaint(request, n: int):
     from services.decoder.engine import InpaintInput
 
     inpaint = request.inpaint
-    image = from_field(inpaint, "image", dtype=torch.float32, shape=[n, 3, None, None], finite=True)
+    image = from_field(inpaint, "image", prefix="inpaint.", dtype=torch.float32, shape=[n, 3, None, None], finite=True)
     size = image.shape[-1]
     if image.shape[-2] != size or size < 1:
         raise ValueError(f"inpaint.image must be square, got {list(image.shape)}")
-    mask = from_field(inpaint, "mask", dtype=torch.float32, shape=[n, 1, size, size], finite=True)
+    mask = from_field(inpaint, "mask", prefix="inpaint.", dtype=torch.float32, shape=[n, 1, size, size], finite=True)
     if bool(((mask < 0) | (mask > 1)).any()):
         raise ValueError("inpaint.mask must hold values in [0, 1] (1 = keep, 0 = regenerate)")
     return InpaintInput(image=image, mask=mask)

@@ -94,10 +94,13 @@ def from_proto(
     return tensor
 
 
-def from_field(request: object, field: str, **checks: object) -> torch.Tensor:
-    """Decodes `request.<field>` (a Tensor message field) with from_proto's checks; missing -> ValueError."""
+def from_field(request: object, field: str, *, prefix: str = "", **checks: object) -> torch.Tensor:
+    """Decodes `request.<field>` (a Tensor message field) with from_proto's checks; missing -> ValueError.
+
+    `prefix` names the enclosing message in errors (e.g. "inpaint." gives "inpaint.mask is required").
+    """
     message = getattr(request, field) if request.HasField(field) else None  # type: ignore[attr-defined]
-    return from_proto(message, field, **checks)  # type: ignore[arg-type]
+    return from_proto(message, prefix + field, **checks)  # type: ignore[arg-type]
 
 
 def decode_generators(states, n: int, field: str = "generators") -> list[torch.Generator]:
