@@ -25,7 +25,7 @@ def kubectl() -> Path:
 
 @pytest.fixture(scope="session")
 def rendered(kubectl) -> dict[str, list[dict]]:
-    """{overlay: [every rendered object]}: exactly what `kubectl apply -k k8s/overlays/<overlay>` would send."""
+    """{overlay: [rendered objects]}: exactly what `kubectl apply -k k8s/overlays/<overlay>` sends."""
     out = {}
     for overlay in OVERLAYS:
         proc = subprocess.run(

@@ -1,4 +1,4 @@
-"""The rendered overlays: valid against the Kubernetes schemas, and every invariant the issue asks for holds."""
+"""The rendered overlays: valid against the Kubernetes schemas, and the invariants of issue 5 hold."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["dev", "gpu", "gpu-hpa"]
 # Schemas checked: the kubectl we render with (1.35) and an older still-supported minor.
 K8S_VERSIONS = ["1.35.0", "1.33.0"]
-# Deployment name -> (process, the `service` label of its metrics, its default port in settings.DEFAULT_PORTS).
+# Deployment name -> (process, its metrics `service` label = its key in settings.DEFAULT_PORTS).
 STAGES = {
     "unclip-orchestrator": ("orchestrator", "orchestrator"),
     "unclip-encoder": ("encoder", "encoder"),
@@ -346,8 +346,14 @@ def test_network_policies_let_only_the_orchestrator_reach_the_stages(rendered, o
     docs = rendered[overlay]
     policies = kinds(docs, "NetworkPolicy")
     deployments = by_name(docs, "Deployment")
-    deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]
-            and "egress" not in p["spec"] and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}]  # fmt: skip
+    deny = [
+        p
+        for p in policies
+        if p["spec"]["podSelector"] == {}
+        and "ingress" not in p["spec"]
+        and "egress" not in p["spec"]
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    ]
     assert deny, "a default-deny policy for the namespace"
     orchestrator_labels = deployments["unclip-orchestrator"]["spec"]["template"]["metadata"]["labels"]
     for name in STAGES:
