@@ -27,7 +27,7 @@ DEFAULT_POLICY = str(Path(__file__).resolve().parents[2] / "policies" / "default
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m services.safety", description=__doc__.splitlines()[0])
-    add_arguments(parser, SERVER_SETTINGS, port=DEFAULT_PORTS["safety"])
+    add_arguments(parser, [*SERVER_SETTINGS, "torch_threads"], port=DEFAULT_PORTS["safety"])
     parser.add_argument(
         "--policy",
         default=env_default("safety_policy") or DEFAULT_POLICY,
@@ -69,6 +69,8 @@ def _ship_hook(spec: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("safety")
+    if "torch" in sys.modules:  # model-backed filters share the machine: one thread each (UNCLIP_TORCH_THREADS)
+        sys.modules["torch"].set_num_threads(args.torch_threads)
     servicer = SafetyServicer()
     holder: dict[str, SafetyEngine] = {}
 

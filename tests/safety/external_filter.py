@@ -3,7 +3,11 @@
     python tests/safety/external_filter.py --port 0 --word pineapple --category fruit --action block
 
 Prompts containing --word get --action in --category; images whose mean pixel is above --bright get --action in
-category "bright". It shares no code with services.safety: only the proto contract.
+category "bright". A test can also steer it through the request's `user` field, which the orchestrator passes on:
+"withhold:decoder_output=2;final_output=1" withholds those positions of the batch at those stages (category
+"vendor_nsfw"), "block:final_output" blocks the whole batch there. Every image check is printed ("check stage=...
+n=..."), so a test can see which images reached which check. It shares no code with services.safety: only the
+proto contract.
 """
 
 from __future__ import annotations
@@ -37,13 +41,37 @@ class Filter(safety_pb2_grpc.SafetyServicer):
 
     def CheckImages(self, request, context):
         images = np.frombuffer(request.images.data, np.float32).reshape(list(request.images.shape))
+        stage = safety_pb2.CheckStage.Name(request.stage).removeprefix("CHECK_STAGE_").lower()
+        user = request.context.user
+        print(f"check stage={stage} n={len(images)} user={user}", flush=True)
+        steer = _steering(user, stage)
         verdicts = []
         for i, image in enumerate(images):
+            if steer is not None:
+                action = steer(i)
+                categories = ["vendor_nsfw"] if action != safety_pb2.ACTION_ALLOW else []
+                verdicts.append(safety_pb2.Verdict(index=i, action=action, categories=categories))
+                continue
             hit = float(image.mean()) > self.args.bright
             action = ACTIONS[self.args.action] if hit else safety_pb2.ACTION_ALLOW
             verdicts.append(safety_pb2.Verdict(index=i, action=action, categories=["bright"] if hit else []))
         overall = max((v.action for v in verdicts), default=safety_pb2.ACTION_ALLOW)
         return safety_pb2.CheckResponse(action=overall, verdicts=verdicts, policy_version="external-1")
+
+
+def _steering(user: str, stage: str):
+    """The per-position action the `user` field asks for at `stage`, or None."""
+    kind, _, spec = user.partition(":")
+    if kind == "block" and stage in spec.split(";"):
+        return lambda i: safety_pb2.ACTION_BLOCK
+    if kind == "withhold":
+        for part in spec.split(";"):
+            name, _, positions = part.partition("=")
+            if name == stage:
+                chosen = {int(p) for p in positions.split(",") if p}
+                return lambda i: safety_pb2.ACTION_WITHHOLD if i in chosen else safety_pb2.ACTION_ALLOW
+        return lambda i: safety_pb2.ACTION_ALLOW
+    return None
 
 
 def main() -> None:
