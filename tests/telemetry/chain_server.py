@@ -32,17 +32,12 @@ class ChainServicer(prior_pb2_grpc.PriorServicer):
     def Sample(self, request, context):
         if request.num_inference_steps < 2:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_inference_steps must be in 2..1000")
-        with self.metrics.queued("Sample"):
-            self.engine_lock.acquire()
-        try:
-            with self.metrics.compute("Sample", batch_size=max(1, len(request.generators))):
-                time.sleep(self.work_seconds)
-                if self.next_stub is not None:
-                    with self.metrics.stage("next"):
-                        return self.next_stub.Sample(request, timeout=30)
-            return prior_pb2.PriorResponse()
-        finally:
-            self.engine_lock.release()
+        with self.metrics.engine_call("Sample", max(1, len(request.generators)), self.engine_lock):
+            time.sleep(self.work_seconds)
+            if self.next_stub is not None:
+                with self.metrics.stage("next"):
+                    return self.next_stub.Sample(request, timeout=30)
+        return prior_pb2.PriorResponse()
 
 
 def main() -> int:
@@ -54,15 +49,13 @@ def main() -> int:
     parser.add_argument("--work-seconds", type=float, default=0.0)
     args = parser.parse_args()
 
-    telemetry.setup_tracing(args.name)
-    service_metrics = metrics.ServiceMetrics(args.name)
-    metrics.start_metrics_server(args.metrics_port, addr="127.0.0.1")
+    service_metrics, interceptors = telemetry.instrument_process(args.name, args.metrics_port)
     next_stub = None
     if args.next:
         next_stub = prior_pb2_grpc.PriorStub(telemetry.instrument_channel(create_channel(args.next)))
     server, port = create_server(
         "127.0.0.1:" + str(args.port),
-        interceptors=[service_metrics.server_interceptor(), *telemetry.server_interceptors()],
+        interceptors=interceptors,
     )
     prior_pb2_grpc.add_PriorServicer_to_server(
         ChainServicer(service_metrics, next_stub, args.work_seconds), server

@@ -18,6 +18,7 @@ histograms tell the same story. The orchestrator times each stage call with `met
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -179,6 +180,25 @@ class ServiceMetrics:
         finally:
             gauge.dec()
             COMPUTE_SECONDS.labels(self.service, method).observe(time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def engine_call(
+        self, method: str, batch_size: int, lock: threading.Lock | None = None
+    ) -> Iterator[trace.Span]:
+        """`queued` while taking `lock` (one request on the engine at a time), then `compute` holding it.
+
+        with self.metrics.engine_call("Sample", n, self.engine_lock):
+            output = self.engine.sample(...)
+        """
+        with self.queued(method):
+            if lock is not None:
+                lock.acquire()
+        try:
+            with self.compute(method, batch_size) as span:
+                yield span
+        finally:
+            if lock is not None:
+                lock.release()
 
     @contextlib.contextmanager
     def model_load(self) -> Iterator[None]:

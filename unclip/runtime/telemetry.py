@@ -26,6 +26,7 @@ import atexit
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
 from opentelemetry import trace
@@ -33,6 +34,9 @@ from opentelemetry.instrumentation.grpc import client_interceptor, filters, grpc
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+if TYPE_CHECKING:
+    from unclip.runtime.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,24 @@ def instrument_channel(channel: grpc.Channel) -> grpc.Channel:
     """
     interceptor = client_interceptor(tracer_provider=trace.get_tracer_provider(), filter_=_NOT_HEALTH)
     return grpcext.intercept_channel(channel, interceptor)
+
+
+def instrument_process(
+    service: str, metrics_port: int
+) -> tuple[ServiceMetrics, list[grpc.ServerInterceptor]]:
+    """Tracing, the metrics endpoint and both server interceptors for one service process, in one call:
+
+        service_metrics, interceptors = instrument_process("prior", args.metrics_port)
+        serve(..., interceptors=interceptors)
+
+    The metrics interceptor comes first, so it sees the final status of every call.
+    """
+    from unclip.runtime.metrics import ServiceMetrics, start_metrics_server
+
+    setup_tracing(service)
+    service_metrics = ServiceMetrics(service)
+    start_metrics_server(metrics_port)
+    return service_metrics, [service_metrics.server_interceptor(), *server_interceptors()]
 
 
 def tracer() -> trace.Tracer:
