@@ -191,3 +191,40 @@ def test_metrics_port_zero_disables():
 )
 def test_outcome_mapping(code, details, active, outcome):
     assert metrics.outcome_of(code, details, active) == outcome
+
+
+def test_stage_latency_from_the_client_interceptor():
+    """The orchestrator's view: every call to a stage, blocking or `.future()`, observed with its outcome."""
+    from unclip.runtime.telemetry import instrument_channel
+
+    service_metrics = metrics.ServiceMetrics(SERVICE + "-orch")
+    server_metrics = metrics.ServiceMetrics(SERVICE + "-stage")
+    servicer = Behaviours(server_metrics)
+    server, port = create_server("127.0.0.1:0", interceptors=[server_metrics.server_interceptor()])
+    prior_pb2_grpc.add_PriorServicer_to_server(servicer, server)
+    server.start()
+    try:
+        channel = instrument_channel(
+            create_channel(f"127.0.0.1:{port}"), service_metrics.client_interceptor("prior")
+        )
+        stub = prior_pb2_grpc.PriorStub(channel)
+        stub.Sample(prior_pb2.PriorRequest(num_inference_steps=2), timeout=10)
+        stub.Sample.future(prior_pb2.PriorRequest(num_inference_steps=2), timeout=10).result()
+        with pytest.raises(grpc.RpcError):
+            stub.Sample(prior_pb2.PriorRequest(num_inference_steps=1), timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub.Sample.future(prior_pb2.PriorRequest(num_inference_steps=5), timeout=0.2).result()
+        channel.close()
+    finally:
+        server.stop(1).wait()
+
+    def count(outcome: str) -> float:
+        return sum(
+            s.value
+            for s in metrics.STAGE_LATENCY.collect()[0].samples
+            if s.name.endswith("_count")
+            and s.labels == {"service": SERVICE + "-orch", "stage": "prior", "outcome": outcome}
+        )
+
+    wait_for(lambda: count("cancelled") == 1)
+    assert (count("ok"), count("invalid"), count("cancelled")) == (2, 1, 1)

@@ -137,6 +137,31 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         )
 
 
+class _StageLatencyInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Client side (orchestrator -> one stage): observes STAGE_LATENCY when each call completes."""
+
+    def __init__(self, service: str, stage: str):
+        self.service, self.stage = service, stage
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        if client_call_details.method.startswith("/grpc.health."):
+            return continuation(client_call_details, request)
+        started = time.perf_counter()
+        call = continuation(client_call_details, request)
+
+        def done(finished: grpc.Future) -> None:
+            try:
+                code, details = finished.code(), finished.details()
+            except Exception:  # a cancelled future may not carry a status
+                code, details = grpc.StatusCode.CANCELLED, None
+            outcome = outcome_of(code, details)
+            STAGE_LATENCY.labels(self.service, self.stage, outcome).observe(time.perf_counter() - started)
+
+        # Works for blocking calls and for `.future()` ones: both return a call that is also a future.
+        call.add_done_callback(done)
+        return call
+
+
 class ServiceMetrics:
     """The metrics of one process, bound to its `service` label."""
 
@@ -151,6 +176,11 @@ class ServiceMetrics:
     def server_interceptor(self) -> grpc.ServerInterceptor:
         """Put it first in `interceptors=` so it sees the final status of every call."""
         return _MetricsInterceptor(self.service)
+
+    def client_interceptor(self, stage: str) -> grpc.UnaryUnaryClientInterceptor:
+        """Orchestrator: put on the channel to `stage` to time every call to it (STAGE_LATENCY):
+        `telemetry.instrument_channel(channel, metrics.client_interceptor("prior"))`."""
+        return _StageLatencyInterceptor(self.service, stage)
 
     @contextlib.contextmanager
     def queued(self, method: str) -> Iterator[None]:

@@ -100,14 +100,18 @@ def server_interceptors() -> list[grpc.ServerInterceptor]:
     return [server_interceptor(tracer_provider=trace.get_tracer_provider(), filter_=_NOT_HEALTH)]
 
 
-def instrument_channel(channel: grpc.Channel) -> grpc.Channel:
+def instrument_channel(
+    channel: grpc.Channel, *interceptors: grpc.UnaryUnaryClientInterceptor
+) -> grpc.Channel:
     """`channel` with a client span per call whose context is sent as `traceparent` metadata.
 
-    Stubs made on the returned channel propagate the current trace. (OpenTelemetry's client interceptor is of
-    its own grpcext kind, not a grpc.*ClientInterceptor, so it is applied here rather than handed out.)
+    Stubs made on the returned channel propagate the current trace. `interceptors` (e.g. the orchestrator's
+    `ServiceMetrics.client_interceptor(stage)`) wrap outside the tracing one. OpenTelemetry's client
+    interceptor is of its own grpcext kind, not a grpc.*ClientInterceptor, so it is applied here.
     """
     interceptor = client_interceptor(tracer_provider=trace.get_tracer_provider(), filter_=_NOT_HEALTH)
-    return grpcext.intercept_channel(channel, interceptor)
+    traced = grpcext.intercept_channel(channel, interceptor)
+    return grpc.intercept_channel(traced, *interceptors) if interceptors else traced
 
 
 def instrument_process(
