@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,13 +16,17 @@ MIN_STEPS, MAX_STEPS = 2, 1000  # UnCLIPScheduler divides by (steps - 1): one st
 
 
 def check_steps(value: int, field: str = "num_inference_steps") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_STEPS <= value <= MAX_STEPS:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not MIN_STEPS <= value <= MAX_STEPS
+    ):
         raise ValueError(f"{field} must be in {MIN_STEPS}..{MAX_STEPS}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_guidance(value: float, field: str = "guidance_scale") -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{field} must be a number, got {type(value).__name__}")
     value = float(value)
     if math.isnan(value) or math.isinf(value) or value < 0:

@@ -26,12 +26,16 @@ from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, U
 
 # UnCLIPTextProjModel only exists in diffusers' deprecated unclip package; diffusers is pinned exactly for it.
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+from diffusers.utils import is_accelerate_available
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionModelWithProjection,
 )
+
+# diffusers loads weights lazily only with accelerate installed (and warns on every load without it).
+_DIFFUSERS_KWARGS = {"low_cpu_mem_usage": is_accelerate_available()}
 
 # Upsampler stages in cascade order; each stage's folders are <stage>_first, <stage>_last, <stage>_scheduler.
 UPSAMPLER_STAGES = ("super_res", "super_res_2")
@@ -92,11 +96,13 @@ def has_image_encoder(model_dir: Path) -> bool:
 
 def load_image_encoder(
     model_dir: Path, device: torch.device | str = "cpu"
-) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
+) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessorPil]:
     encoder_path = _component_dir(model_dir, "image_encoder", "CLIPVisionModelWithProjection")
     processor_path = _component_dir(model_dir, "feature_extractor", "CLIPImageProcessor")
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_path, local_files_only=True)
-    return _move(image_encoder, device), CLIPImageProcessor.from_pretrained(processor_path)
+    # The PIL backend always: CLIPImageProcessor would switch to torchvision where it is installed, and the
+    # preprocessing (hence variations) would differ between deployments.
+    return _move(image_encoder, device), CLIPImageProcessorPil.from_pretrained(processor_path)
 
 
 def load_scheduler(model_dir: Path, folder: str) -> UnCLIPScheduler:
@@ -115,7 +121,9 @@ def tokenizer_max_length(model_dir: Path) -> int:
 
 def load_prior(model_dir: Path, device: torch.device | str = "cpu") -> PriorTransformer:
     """The prior, checked against the tokenizer: its text positions must equal the tokenizer's length."""
-    prior = PriorTransformer.from_pretrained(_component_dir(model_dir, "prior", "PriorTransformer"))
+    prior = PriorTransformer.from_pretrained(
+        _component_dir(model_dir, "prior", "PriorTransformer"), **_DIFFUSERS_KWARGS
+    )
     max_length = tokenizer_max_length(model_dir)
     if prior.config.num_embeddings != max_length:
         raise ModelLoadError(
@@ -127,12 +135,12 @@ def load_prior(model_dir: Path, device: torch.device | str = "cpu") -> PriorTran
 
 def load_text_proj(model_dir: Path, device: torch.device | str = "cpu") -> UnCLIPTextProjModel:
     path = _component_dir(model_dir, "text_proj", "UnCLIPTextProjModel")
-    return _move(UnCLIPTextProjModel.from_pretrained(path), device)
+    return _move(UnCLIPTextProjModel.from_pretrained(path, **_DIFFUSERS_KWARGS), device)
 
 
 def load_decoder(model_dir: Path, device: torch.device | str = "cpu") -> UNet2DConditionModel:
     path = _component_dir(model_dir, "decoder", "UNet2DConditionModel")
-    return _move(UNet2DConditionModel.from_pretrained(path), device)
+    return _move(UNet2DConditionModel.from_pretrained(path, **_DIFFUSERS_KWARGS), device)
 
 
 def upsampler_stages(model_dir: Path) -> list[str]:
@@ -156,8 +164,12 @@ def load_super_res(
     """One upsampler stage: (first UNet for all but the last step, last UNet for the last step, scheduler)."""
     if stage not in UPSAMPLER_STAGES:
         raise ModelLoadError(f"stage must be one of {', '.join(UPSAMPLER_STAGES)}, got {stage!r}")
-    first = UNet2DModel.from_pretrained(_component_dir(model_dir, f"{stage}_first", "UNet2DModel"))
-    last = UNet2DModel.from_pretrained(_component_dir(model_dir, f"{stage}_last", "UNet2DModel"))
+    first = UNet2DModel.from_pretrained(
+        _component_dir(model_dir, f"{stage}_first", "UNet2DModel"), **_DIFFUSERS_KWARGS
+    )
+    last = UNet2DModel.from_pretrained(
+        _component_dir(model_dir, f"{stage}_last", "UNet2DModel"), **_DIFFUSERS_KWARGS
+    )
     scheduler = load_scheduler(model_dir, f"{stage}_scheduler")
     if first.config.sample_size != last.config.sample_size:
         raise ModelLoadError(f"{stage}_first and {stage}_last must have the same sample_size")

@@ -20,7 +20,7 @@ import torch
 from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPVisionConfig,
@@ -218,5 +218,5 @@ def make_tiny_model(
                 patch_size=1,
             )
             CLIPVisionModelWithProjection(vision_config).save_pretrained(root / "image_encoder")
-            CLIPImageProcessor(crop_size=32, size=32).save_pretrained(root / "feature_extractor")
+            CLIPImageProcessorPil(crop_size=32, size=32).save_pretrained(root / "feature_extractor")
     return root
