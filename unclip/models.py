@@ -20,22 +20,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+if TYPE_CHECKING:
+    import torch
+    from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
 
-# UnCLIPTextProjModel only exists in diffusers' deprecated unclip package; diffusers is pinned exactly for it.
-from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-from diffusers.utils import is_accelerate_available
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-)
+# torch, diffusers and transformers are imported inside the loaders: they take seconds to import, and
+# processes that only inspect a model folder (the stack launcher, the CLI) need only resolve_model_dir and
+# upsampler_stages.
 
-# diffusers loads weights lazily only with accelerate installed (and warns on every load without it).
-_DIFFUSERS_KWARGS = {"low_cpu_mem_usage": is_accelerate_available()}
+
+def _diffusers_kwargs() -> dict:
+    from diffusers.utils import is_accelerate_available
+
+    # diffusers loads weights lazily only with accelerate installed (and warns on every load without it).
+    return {"low_cpu_mem_usage": is_accelerate_available()}
+
 
 # Upsampler stages in cascade order; each stage's folders are <stage>_first, <stage>_last, <stage>_scheduler.
 UPSAMPLER_STAGES = ("super_res", "super_res_2")
@@ -81,10 +89,14 @@ def _move(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Modul
 
 
 def load_tokenizer(model_dir: Path) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     return CLIPTokenizer.from_pretrained(_component_dir(model_dir, "tokenizer", "CLIPTokenizer"))
 
 
 def load_text_encoder(model_dir: Path, device: torch.device | str = "cpu") -> CLIPTextModelWithProjection:
+    from transformers import CLIPTextModelWithProjection
+
     path = _component_dir(model_dir, "text_encoder", "CLIPTextModelWithProjection")
     return _move(CLIPTextModelWithProjection.from_pretrained(path, local_files_only=True), device)
 
@@ -97,6 +109,8 @@ def has_image_encoder(model_dir: Path) -> bool:
 def load_image_encoder(
     model_dir: Path, device: torch.device | str = "cpu"
 ) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessorPil]:
+    from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
+
     encoder_path = _component_dir(model_dir, "image_encoder", "CLIPVisionModelWithProjection")
     processor_path = _component_dir(model_dir, "feature_extractor", "CLIPImageProcessor")
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_path, local_files_only=True)
@@ -106,6 +120,8 @@ def load_image_encoder(
 
 
 def load_scheduler(model_dir: Path, folder: str) -> UnCLIPScheduler:
+    from diffusers import UnCLIPScheduler
+
     return UnCLIPScheduler.from_pretrained(_component_dir(model_dir, folder, "UnCLIPScheduler"))
 
 
@@ -121,8 +137,10 @@ def tokenizer_max_length(model_dir: Path) -> int:
 
 def load_prior(model_dir: Path, device: torch.device | str = "cpu") -> PriorTransformer:
     """The prior, checked against the tokenizer: its text positions must equal the tokenizer's length."""
+    from diffusers import PriorTransformer
+
     prior = PriorTransformer.from_pretrained(
-        _component_dir(model_dir, "prior", "PriorTransformer"), **_DIFFUSERS_KWARGS
+        _component_dir(model_dir, "prior", "PriorTransformer"), **_diffusers_kwargs()
     )
     max_length = tokenizer_max_length(model_dir)
     if prior.config.num_embeddings != max_length:
@@ -134,13 +152,18 @@ def load_prior(model_dir: Path, device: torch.device | str = "cpu") -> PriorTran
 
 
 def load_text_proj(model_dir: Path, device: torch.device | str = "cpu") -> UnCLIPTextProjModel:
+    # UnCLIPTextProjModel only exists in diffusers' deprecated unclip package; diffusers is pinned exactly.
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
     path = _component_dir(model_dir, "text_proj", "UnCLIPTextProjModel")
-    return _move(UnCLIPTextProjModel.from_pretrained(path, **_DIFFUSERS_KWARGS), device)
+    return _move(UnCLIPTextProjModel.from_pretrained(path, **_diffusers_kwargs()), device)
 
 
 def load_decoder(model_dir: Path, device: torch.device | str = "cpu") -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
     path = _component_dir(model_dir, "decoder", "UNet2DConditionModel")
-    return _move(UNet2DConditionModel.from_pretrained(path, **_DIFFUSERS_KWARGS), device)
+    return _move(UNet2DConditionModel.from_pretrained(path, **_diffusers_kwargs()), device)
 
 
 def upsampler_stages(model_dir: Path) -> list[str]:
@@ -162,13 +185,15 @@ def load_super_res(
     model_dir: Path, stage: str = "super_res", device: torch.device | str = "cpu"
 ) -> tuple[UNet2DModel, UNet2DModel, UnCLIPScheduler]:
     """One upsampler stage: (first UNet for all but the last step, last UNet for the last step, scheduler)."""
+    from diffusers import UNet2DModel
+
     if stage not in UPSAMPLER_STAGES:
         raise ModelLoadError(f"stage must be one of {', '.join(UPSAMPLER_STAGES)}, got {stage!r}")
     first = UNet2DModel.from_pretrained(
-        _component_dir(model_dir, f"{stage}_first", "UNet2DModel"), **_DIFFUSERS_KWARGS
+        _component_dir(model_dir, f"{stage}_first", "UNet2DModel"), **_diffusers_kwargs()
     )
     last = UNet2DModel.from_pretrained(
-        _component_dir(model_dir, f"{stage}_last", "UNet2DModel"), **_DIFFUSERS_KWARGS
+        _component_dir(model_dir, f"{stage}_last", "UNet2DModel"), **_diffusers_kwargs()
     )
     scheduler = load_scheduler(model_dir, f"{stage}_scheduler")
     if first.config.sample_size != last.config.sample_size:
