@@ -24,11 +24,16 @@ from unclip.runtime.server import create_channel, wait_for_serving
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wired(main: Path) -> bool:
+    text = main.read_text()
+    return "instrument_process" in text or ("setup_tracing" in text and "ServiceMetrics" in text)
+
+
 WIRED = all(
-    "setup_tracing" in (ROOT / "services" / s / "__main__.py").read_text()
-    and "ServiceMetrics" in (ROOT / "services" / s / "__main__.py").read_text()
+    _wired(ROOT / "services" / s / "__main__.py")
     for s in ("orchestrator", "encoder", "prior", "decoder", "safety")
-    if (ROOT / "services" / s / "__main__.py").exists()
 )
 pytestmark = pytest.mark.skipif(
     not WIRED, reason="services not yet wired to unclip.runtime.telemetry/metrics"
