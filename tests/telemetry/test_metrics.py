@@ -228,3 +228,35 @@ def test_stage_latency_from_the_client_interceptor():
 
     wait_for(lambda: count("cancelled") == 1)
     assert (count("ok"), count("invalid"), count("cancelled")) == (2, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("env", "exporter"),
+    [
+        ({}, None),  # nothing configured (a laptop): no exporter retrying localhost
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, "OTLPSpanExporter"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, "OTLPSpanExporter"),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, "OTLPSpanExporter"),
+        ({"OTEL_TRACES_EXPORTER": "console"}, "ConsoleSpanExporter"),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, None),
+    ],
+)
+def test_exporter_follows_the_standard_environment(monkeypatch, env, exporter):
+    from unclip.runtime import telemetry
+
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    made = telemetry._exporter_from_env()
+    assert (type(made).__name__ if made is not None else None) == exporter
+    if made is not None:
+        made.shutdown()
+
+
+def test_unknown_exporter_is_refused(monkeypatch):
+    from unclip.runtime import telemetry
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER must be otlp, console or none"):
+        telemetry._exporter_from_env()

@@ -7,8 +7,8 @@ server span continues it, and the stage's `<service>.queue` / `<service>.compute
 read by the SDK itself:
 
     OTEL_SERVICE_NAME                 overrides the service name a process passes to setup_tracing
-    OTEL_TRACES_EXPORTER              otlp (default) | console | none
-    OTEL_EXPORTER_OTLP_ENDPOINT       collector address (default http://localhost:4317), OTLP over gRPC
+    OTEL_TRACES_EXPORTER              otlp | console | none (unset: otlp when an endpoint is set, else none)
+    OTEL_EXPORTER_OTLP_ENDPOINT       collector address, e.g. http://otel-collector:4317 (OTLP over gRPC)
     OTEL_EXPORTER_OTLP_*              headers, timeout, certificate, compression ...
     OTEL_TRACES_SAMPLER(_ARG)         parentbased_always_on (default): stages follow the orchestrator
     OTEL_RESOURCE_ATTRIBUTES          e.g. k8s.pod.name=...,k8s.namespace.name=...
@@ -50,8 +50,16 @@ _NOT_HEALTH = filters.negate(
 
 
 def _exporter_from_env() -> SpanExporter | None:
-    """The exporter OTEL_TRACES_EXPORTER names (otlp by default); None for `none`."""
-    name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    """The exporter OTEL_TRACES_EXPORTER names; None for `none`.
+
+    Unset, it is `otlp` as soon as an OTLP endpoint is configured (as every manifest in k8s/ does), and no
+    exporter otherwise: a laptop running `unclip up` has no collector, and an exporter retrying
+    localhost:4317 would fill every log with warnings. Contexts still propagate, so traces stay whole.
+    """
+    name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not name:
+        endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        name = "otlp" if any(os.environ.get(e) for e in endpoints) else "none"
     if name == "none":
         return None
     if name == "console":
