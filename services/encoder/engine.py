@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,9 @@ class EncoderEngine:
         # The longest token sequence (prompt tokens + BOS/EOS) the text encoder sees; longer prompts are
         # truncated.
         self.max_tokens: int = int(tokenizer.model_max_length)
+        # transformers sets truncation/padding on the shared Rust tokenizer before each call, so two threads
+        # can interleave those settings (tokenizers' "Already borrowed"); tokenizing takes microseconds.
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> EncoderEngine:
@@ -91,9 +95,14 @@ class EncoderEngine:
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # One batch through the text encoder, padded to max_tokens, as the reference tokenizes it.
-        text_inputs = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
-        )
+        with self._tokenizer_lock:
+            text_inputs = self.tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=self.max_tokens,
+                truncation=True,
+                return_tensors="pt",
+            )
         text_mask = text_inputs.attention_mask.bool().to(self.device)
         output = self.text_encoder(text_inputs.input_ids.to(self.device))
         return output.text_embeds, output.last_hidden_state, text_mask
@@ -105,7 +114,8 @@ class EncoderEngine:
         prompts = list(prompts)
 
         # 1. Which prompts the tokenizer cuts (tokens beyond max_tokens, counting BOS and EOS).
-        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False).input_ids]
+        with self._tokenizer_lock:
+            lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False).input_ids]
         truncated = [length > self.max_tokens for length in lengths]
         if any(truncated):
             logger.info(
