@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", type=_time, help="from this time (ISO 8601, UTC)")
     parser.add_argument("--until", type=_time, help="before this time (ISO 8601, UTC)")
     parser.add_argument(
-        "--events", action="store_true", help="also policy events (policy_loaded, policy_rejected), not only decisions"
+        "--events",
+        action="store_true",
+        help="also policy events (policy_loaded, policy_rejected), not only decisions",
     )
     parser.add_argument("--json", action="store_true", help="print the matching records as JSON lines")
 
@@ -77,9 +79,13 @@ def matches(record: dict[str, Any], args: argparse.Namespace) -> bool:
     ]
     if any(wanted is not None and wanted != value for wanted, value in checks):
         return False
-    if args.category is not None and not any(args.category in v["categories"] for v in record.get("verdicts", [])):
+    if args.category is not None and not any(
+        args.category in v["categories"] for v in record.get("verdicts", [])
+    ):
         return False
-    if args.filter_name is not None and not any(f["filter"] == args.filter_name for f in record.get("filters", [])):
+    if args.filter_name is not None and not any(
+        f["filter"] == args.filter_name for f in record.get("filters", [])
+    ):
         return False
     return _in_time(record, args)
 
@@ -92,7 +98,8 @@ def _in_time(record: dict[str, Any], args: argparse.Namespace) -> bool:
 def format_record(record: dict[str, Any]) -> str:
     if record.get("event") != "decision":
         details = {k: v for k, v in record.items() if k not in ("event", "time")}
-        return f"{record.get('time', '')}  {record.get('event', '?'):<15} {json.dumps(details, ensure_ascii=False)}"
+        details_json = json.dumps(details, ensure_ascii=False)
+        return f"{record.get('time', '')}  {record.get('event', '?'):<15} {details_json}"
     categories = sorted({c for v in record.get("verdicts", []) for c in v["categories"]})
     failed = [f["filter"] for f in record.get("filters", []) if "error" in f]
     parts = [

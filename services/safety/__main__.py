@@ -1,6 +1,7 @@
 """python -m services.safety --port 50057 [--policy FILE] [--audit-dir DIR]: the moderation stage.
 
-Wiring only: the policy (reloaded when the file changes or on SIGHUP), the audit log, the servicer, the shared server.
+Wiring only: the policy (reloaded when the file changes or on SIGHUP), the audit log, the servicer, the shared
+server.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import signal
 import sys
 import threading
 from pathlib import Path
+
+import torch
 
 from services.safety.audit import AuditLog
 from services.safety.engine import SafetyEngine
@@ -54,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--policy-poll-seconds",
         type=float,
         default=float(os.environ.get("UNCLIP_POLICY_POLL_SECONDS") or 1.0),
-        help="how often the policy file is checked for changes (0: only on SIGHUP) [env UNCLIP_POLICY_POLL_SECONDS]",
+        help="how often the policy file is checked for changes (0: only on SIGHUP) "
+        "[env UNCLIP_POLICY_POLL_SECONDS]",
     )
     return parser.parse_args(argv)
 
@@ -69,8 +73,7 @@ def _ship_hook(spec: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("safety")
-    if "torch" in sys.modules:  # model-backed filters share the machine: one thread each (UNCLIP_TORCH_THREADS)
-        sys.modules["torch"].set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads)  # model-backed filters share the machine (UNCLIP_TORCH_THREADS)
     servicer = SafetyServicer()
     holder: dict[str, SafetyEngine] = {}
 
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def load() -> None:
         audit = AuditLog(
-            args.audit_dir, max_segment_bytes=args.audit_segment_bytes, on_segment_closed=_ship_hook(args.audit_ship)
+            args.audit_dir,
+            max_segment_bytes=args.audit_segment_bytes,
+            on_segment_closed=_ship_hook(args.audit_ship),
         )
         engine = SafetyEngine(args.policy, audit)
         engine.load()

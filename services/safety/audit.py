@@ -1,19 +1,20 @@
 """The audit trail: one JSON line per decision, durable (fsync) before the decision is answered.
 
-Layout: a directory of segments `audit-<UTC start>-<pid>-<n>.jsonl`. One segment is open per process; it is closed
-(fsync'd) and a new one started when it exceeds `max_segment_bytes` or `max_segment_seconds`, and at exit. Segments
-left by an earlier process (also one killed mid-write) count as closed: a process never appends to another's file.
+Layout: a directory of segments `audit-<UTC start>-<pid>-<n>.jsonl`. One segment is open per process; it is
+closed (fsync'd) and a new one started when it exceeds `max_segment_bytes` or `max_segment_seconds`, and at
+exit. Segments left by an earlier process (also one killed mid-write) count as closed: a process never appends
+to another's file.
 
-Durability: `append()` returns only after the line is on disk (os.write of the whole line, then fsync), so a decision
-that was answered is in the log whatever happens to the process afterwards. Concurrent appends share fsyncs (group
-commit): a thread whose line was covered by another thread's fsync does not sync again.
+Durability: `append()` returns only after the line is on disk (os.write of the whole line, then fsync), so a
+decision that was answered is in the log whatever happens to the process afterwards. Concurrent appends share
+fsyncs (group commit): a thread whose line was covered by another thread's fsync does not sync again.
 
 A crash can leave a torn last line in a segment (written, not synced, never answered); readers skip it.
 
-Shipping: `on_segment_closed(path)` runs off the request path, in a background thread, for every closed segment
-without a `<segment>.shipped` marker (at start-up, too, for segments an earlier process left); when it returns, the
-marker is written. The storage side (S3/MinIO upload) plugs in there; a failure is logged and retried at the next
-rotation or start.
+Shipping: `on_segment_closed(path)` runs off the request path, in a background thread, for every closed
+segment without a `<segment>.shipped` marker (at start-up, too, for segments an earlier process left); when it
+returns, the marker is written. The storage side (S3/MinIO upload) plugs in there; a failure is logged and
+retried at the next rotation or start.
 """
 
 from __future__ import annotations
@@ -67,10 +68,12 @@ class AuditLog:
         self._open_segment()
         self._ship_pending()
 
-    # --- writing --------------------------------------------------------------------------------------------------
+    # --- writing --------------------------------------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:
         """Writes `record` as one line and returns when it is durable. Raises AuditError if it cannot."""
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode(
+            "utf-8"
+        )
         try:
             with self._write_lock:
                 if self._closed:
@@ -113,7 +116,7 @@ class AuditLog:
             self._path = None  # the last segment is closed too: ship it
         self._ship_pending()
 
-    # --- segments -------------------------------------------------------------------------------------------------
+    # --- segments -------------------------------------------------------------------------------------------
     def _open_segment(self) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         self._segment_index += 1
@@ -180,7 +183,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-# --- reading ----------------------------------------------------------------------------------------------------
+# --- reading ------------------------------------------------------------------------------------------------
 def read_records(directory: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """Every record of every segment, oldest segment first; a torn (unsynced, unanswered) line is skipped."""
     for segment in sorted(Path(directory).glob(SEGMENT_GLOB)):

@@ -1,10 +1,13 @@
-"""The safety engine: runs the policy's filters for a stage, decides, and records the decision. Never imports grpc.
+"""The safety engine: runs the policy's filters for a stage, decides, and records the decision. Never imports
+grpc.
 
 One check, top to bottom:
 1. take the current policy (a reload swaps it atomically; a check in flight keeps the one it started with);
-2. run each filter the policy lists for the stage; a filter that fails is skipped if the policy says `fail_open`,
+2. run each filter the policy lists for the stage; a filter that fails is skipped if the policy says
+`fail_open`,
    else it blocks in the category `filter_unavailable` (fail closed);
-3. per item (the prompt, or each image): a category triggers when a score reaches its threshold; the item's action
+3. per item (the prompt, or each image): a category triggers when a score reaches its threshold; the item's
+action
    is the strongest action of its triggered categories; the check's action the strongest over items;
 4. append the decision to the audit log (durable) — only then is it returned.
 """
@@ -60,7 +63,7 @@ class SafetyEngine:
             raise RuntimeError("the policy is not loaded yet")
         return self._policy
 
-    # --- policy ---------------------------------------------------------------------------------------------------
+    # --- policy ---------------------------------------------------------------------------------------------
     def load(self) -> None:
         """First load; raises PolicyError. Then warms every filter up."""
         stamp = _stamp(self.policy_path)
@@ -112,7 +115,7 @@ class SafetyEngine:
         thread.start()
         return thread
 
-    # --- checks ---------------------------------------------------------------------------------------------------
+    # --- checks ---------------------------------------------------------------------------------------------
     def check(self, item: CheckInput) -> Decision:
         started = time.monotonic()
         policy = self.policy
@@ -130,7 +133,9 @@ class SafetyEngine:
             except Exception as error:  # unreachable, timed out, a model failed: the policy's failure mode
                 entry["error"] = f"{type(error).__name__}: {error}"
                 entry["fail_open"] = policy.fail_open[name]
-                log.warning("filter %s failed (%s): %s", name, "open" if entry["fail_open"] else "closed", error)
+                log.warning(
+                    "filter %s failed (%s): %s", name, "open" if entry["fail_open"] else "closed", error
+                )
                 if not policy.fail_open[name]:
                     for cats in triggered:
                         cats[FAILURE_CATEGORY] = "block"
@@ -168,7 +173,9 @@ class SafetyEngine:
             "action": overall,
             "policy_version": policy.version,
             "items": n,
-            "verdicts": [{"index": v.index, "action": v.action, "categories": v.categories} for v in verdicts],
+            "verdicts": [
+                {"index": v.index, "action": v.action, "categories": v.categories} for v in verdicts
+            ],
             "filters": filter_records,
             "latency_ms": round((time.monotonic() - started) * 1000, 2),
         }
@@ -189,7 +196,12 @@ class SafetyEngine:
 
 
 def _score_record(index: int, s: Score, threshold: float, hit: bool) -> dict[str, Any]:
-    record = {"index": index, "category": s.category, "score": round(float(s.score), 6), "threshold": threshold}
+    record = {
+        "index": index,
+        "category": s.category,
+        "score": round(float(s.score), 6),
+        "threshold": threshold,
+    }
     record["hit"] = hit
     if s.detail:
         record["detail"] = s.detail

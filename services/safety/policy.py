@@ -5,15 +5,15 @@
     categories:                    # per category a threshold and an action
       violence: {threshold: 0.5, action: block}
       nudity: {threshold: 0.5, action: {default: withhold, prompt: block}}   # action per stage
-    filters:                       # name -> filter; `type:` picks the implementation (services/safety/filters)
+    filters:                       # name -> filter; `type:` picks the implementation (filters/)
       words: {type: blocklist, terms: {violence: [kill yourself]}}
       vendor: {type: external, address: 10.0.0.7:7000, fail_open: true}     # fail closed unless it says so
     stages:                        # which filters run where (a stage left out runs none)
       prompt: [words, vendor]
       final_output: [vendor]
 
-Actions: `block` refuses the whole request, `withhold` drops that image (on the prompt stage it blocks: there is
-only one prompt), `flag` allows and records. A filter that fails counts as a `block` in the category
+Actions: `block` refuses the whole request, `withhold` drops that image (on the prompt stage it blocks: there
+is only one prompt), `flag` allows and records. A filter that fails counts as a `block` in the category
 `filter_unavailable`, unless its entry says `fail_open: true` (then it is skipped, and the audit log says so).
 """
 
@@ -40,7 +40,7 @@ class PolicyError(ValueError):
     """The policy file is invalid; the message starts with `file:line:`."""
 
 
-# --- YAML with line numbers -------------------------------------------------------------------------------------
+# --- YAML with line numbers ---------------------------------------------------------------------------------
 class _Map(dict):
     """A mapping that remembers the line of each key (1-based) and its own."""
 
@@ -60,7 +60,8 @@ class _LineLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.MarkedYAMLError(
-                    problem=f"duplicate key {key!r} (first on line {seen[key]})", problem_mark=key_node.start_mark
+                    problem=f"duplicate key {key!r} (first on line {seen[key]})",
+                    problem_mark=key_node.start_mark,
                 )
             seen[key] = key_node.start_mark.line + 1
         mapping = _Map(super().construct_mapping(node, deep=True))
@@ -100,7 +101,7 @@ def _line_of_path(node: Any, path: str) -> int:
     return line
 
 
-# --- The validated policy ---------------------------------------------------------------------------------------
+# --- The validated policy -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Category:
     name: str
@@ -118,7 +119,8 @@ class Policy:
     fail_open: dict[str, bool]  # filter name -> skip it when it fails (else fail closed)
     thresholds: dict[str, dict[str, float]]  # filter name -> category -> threshold overriding the category's
     encoder_addr: str | None = None
-    specs: dict[str, dict[str, Any]] = field(default_factory=dict)  # filter name -> its entry (reuse on reload)
+    # filter name -> its policy entry (a reload reuses the instances of unchanged entries)
+    specs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def action_for(self, category: str, stage: str, fallback: str = "block") -> str:
         """The action of `category` at `stage`; categories the policy does not list (from external filters)
@@ -172,7 +174,9 @@ def _validate(path: str, raw: bytes, doc: Any, previous: Policy | None) -> Polic
         raise fail(doc, None, "the policy must be a mapping with `categories`, `filters` and `stages`")
     unknown = set(doc) - {"version", "encoder_addr", "categories", "filters", "stages"}
     for key in sorted(unknown, key=str):
-        raise fail(doc, key, f"unknown key {key!r} (expected version, encoder_addr, categories, filters, stages)")
+        raise fail(
+            doc, key, f"unknown key {key!r} (expected version, encoder_addr, categories, filters, stages)"
+        )
 
     version = doc.get("version")
     if version is not None and not isinstance(version, (str, int, float)):
@@ -216,13 +220,16 @@ def _validate(path: str, raw: bytes, doc: Any, previous: Policy | None) -> Polic
             raise fail(
                 entry if "type" in entry else filters_node,
                 "type" if "type" in entry else name,
-                f"filters.{name}.type: unknown filter type {kind!r} (expected one of {', '.join(FILTER_TYPES)})",
+                f"filters.{name}.type: unknown filter type {kind!r} "
+                f"(expected one of {', '.join(FILTER_TYPES)})",
             )
         cls = FILTER_TYPES[kind]
         for key in entry:
             if key not in COMMON_FILTER_KEYS | cls.spec_keys:
                 allowed = ", ".join(sorted(COMMON_FILTER_KEYS | cls.spec_keys))
-                raise fail(entry, key, f"filters.{name}: unknown key {key!r} for type {kind} (expected {allowed})")
+                raise fail(
+                    entry, key, f"filters.{name}: unknown key {key!r} for type {kind} (expected {allowed})"
+                )
         flag = entry.get("fail_open", False)
         if not isinstance(flag, bool):
             raise fail(entry, "fail_open", f"filters.{name}.fail_open must be true or false")
@@ -242,7 +249,9 @@ def _validate(path: str, raw: bytes, doc: Any, previous: Policy | None) -> Polic
         raise fail(doc, "stages", f"stages must be a mapping of stage ({', '.join(STAGES)}) -> filter names")
     for stage, names in stages_node.items():
         if stage not in STAGES:
-            raise fail(stages_node, stage, f"stages: unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
+            raise fail(
+                stages_node, stage, f"stages: unknown stage {stage!r} (expected one of {', '.join(STAGES)})"
+            )
         if names is None:
             continue
         if not isinstance(names, list):
@@ -288,10 +297,14 @@ def _actions(entry: dict, name: str, fail: Any) -> dict[str, str]:
     action = entry["action"]
     if isinstance(action, str):
         if action not in ACTIONS:
-            raise fail(entry, "action", f"categories.{name}.action: {action!r} is not one of {', '.join(ACTIONS)}")
+            raise fail(
+                entry, "action", f"categories.{name}.action: {action!r} is not one of {', '.join(ACTIONS)}"
+            )
         return {stage: action for stage in STAGES}
     if not isinstance(action, dict):
-        raise fail(entry, "action", f"categories.{name}.action must be an action or a mapping stage -> action")
+        raise fail(
+            entry, "action", f"categories.{name}.action must be an action or a mapping stage -> action"
+        )
     actions = {}
     default = action.get("default")
     for key, value in action.items():
@@ -299,17 +312,23 @@ def _actions(entry: dict, name: str, fail: Any) -> dict[str, str]:
             raise fail(action, key, f"categories.{name}.action: unknown stage {key!r} (expected default, "
                        f"{', '.join(STAGES)})")  # fmt: skip
         if value not in ACTIONS:
-            raise fail(action, key, f"categories.{name}.action.{key}: {value!r} is not one of {', '.join(ACTIONS)}")
+            raise fail(
+                action, key, f"categories.{name}.action.{key}: {value!r} is not one of {', '.join(ACTIONS)}"
+            )
     for stage in STAGES:
         value = action.get(stage, default)
         if value is None:
-            raise fail(action, None, f"categories.{name}.action: no action for stage {stage} (add `default:`)")
+            raise fail(
+                action, None, f"categories.{name}.action: no action for stage {stage} (add `default:`)"
+            )
         actions[stage] = value
     return actions
 
 
 def _same_spec(a: Any, b: Any) -> bool:
-    return a is not None and yaml.safe_dump(_plain(a), sort_keys=True) == yaml.safe_dump(_plain(b), sort_keys=True)
+    return a is not None and yaml.safe_dump(_plain(a), sort_keys=True) == yaml.safe_dump(
+        _plain(b), sort_keys=True
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -1,9 +1,10 @@
 """The refusal a client can act on: INVALID_ARGUMENT carrying a google.rpc.ErrorInfo with reason
 CONTENT_POLICY_VIOLATION (as the OpenAI API answers HTTP 400 `content_policy_violation`).
 
-The orchestrator builds it from a CheckResponse with `refusal_status(...)` and aborts with it; the CLI reads it back
-with `parse_refusal(rpc_error)` (exit code 3). It carries the stage that refused and the categories, never scores
-and never the blocklist's text. Only grpc and googleapis protos are imported here, so any process can use it.
+The orchestrator builds it from a CheckResponse with `refusal_status(...)` and aborts with it; the CLI reads
+it back with `parse_refusal(rpc_error)` (exit code 3). It carries the stage that refused and the categories,
+never scores and never the blocklist's text. Only grpc and googleapis protos are imported here, so any process
+can use it.
 """
 
 from __future__ import annotations

@@ -43,8 +43,12 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
         if not request.prompt:
             raise ValueError("prompt is required")
         if len(request.prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(request.prompt)}")
-        item = CheckInput("prompt", prompt=request.prompt, context=_context(request), deadline=_deadline(context))
+            raise ValueError(
+                f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(request.prompt)}"
+            )
+        item = CheckInput(
+            "prompt", prompt=request.prompt, context=_context(request), deadline=_deadline(context)
+        )
         return _response(_decide(engine, item))
 
     @grpc_errors
@@ -52,7 +56,8 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
         engine = self._engine()
         if request.stage not in _STAGES:
             raise ValueError(
-                "stage must be CHECK_STAGE_INPUT_IMAGE, CHECK_STAGE_DECODER_OUTPUT or CHECK_STAGE_FINAL_OUTPUT, "
+                "stage must be CHECK_STAGE_INPUT_IMAGE, CHECK_STAGE_DECODER_OUTPUT or "
+                "CHECK_STAGE_FINAL_OUTPUT, "
                 f"got {safety_pb2.CheckStage.Name(request.stage) if request.stage in safety_pb2.CheckStage.values() else request.stage}"  # noqa: E501
             )
         images = from_field(request, "images", dtype=torch.float32, shape=[None, 3, None, None], finite=True)
@@ -63,7 +68,9 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
             raise ValueError(f"images must be square, got {height}x{width}")
         embeds = None
         if request.HasField("image_embeds"):
-            embeds = from_field(request, "image_embeds", dtype=torch.float32, shape=[n, None], finite=True).numpy()
+            embeds = from_field(
+                request, "image_embeds", dtype=torch.float32, shape=[n, None], finite=True
+            ).numpy()
         item = CheckInput(
             _STAGES[request.stage],
             images=images.numpy(),

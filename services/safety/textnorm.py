@@ -1,4 +1,5 @@
-"""Text normalisation for the blocklist: undo the common ways of hiding a listed word, without the Scunthorpe problem.
+"""Text normalisation for the blocklist: undo the common ways of hiding a listed word, without the Scunthorpe
+problem.
 
 Evasions undone (each has a test in tests/safety/test_blocklist.py):
 - case and Unicode compatibility forms (NFKC: fullwidth, mathematical bold, circled letters, ligatures);
@@ -8,9 +9,9 @@ Evasions undone (each has a test in tests/safety/test_blocklist.py):
 - separators inside a word ("b.a.d", "b-a-d") and single letters spaced out ("b a d");
 - repeated letters ("baaad") and simple plurals ("bads", "badz", "baddes").
 
-Scunthorpe safety: a term only ever matches a *whole* token — a word, a word with its inner separators removed, or
-a run of single letters — never a substring of a longer word, and two ordinary words are never glued together, so
-"Scunthorpe", "classic" or "grass hopper" do not match "cunt", "ass" or "asshop".
+Scunthorpe safety: a term only ever matches a *whole* token — a word, a word with its inner separators
+removed, or a run of single letters — never a substring of a longer word, and two ordinary words are never
+glued together, so "Scunthorpe", "classic" or "grass hopper" do not match "cunt", "ass" or "asshop".
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ _CONFUSABLES = {
     "А": "A", "а": "a", "В": "B", "в": "b", "Е": "E", "е": "e", "Ё": "E", "ё": "e", "К": "K", "к": "k",
     "М": "M", "м": "m", "Н": "H", "н": "h", "О": "O", "о": "o", "Р": "P", "р": "p", "С": "C", "с": "c",
     "Т": "T", "т": "t", "У": "Y", "у": "y", "Х": "X", "х": "x", "Ѕ": "S", "ѕ": "s", "І": "I", "і": "i",
-    "Ї": "I", "ї": "i", "Ј": "J", "ј": "j", "Ԛ": "Q", "ԛ": "q", "Ԝ": "W", "ԝ": "w", "ԁ": "d", "Ԁ": "d", "һ": "h",
+    "Ї": "I", "ї": "i", "Ј": "J", "ј": "j", "Ԛ": "Q", "ԛ": "q", "Ԝ": "W", "ԝ": "w", "ԁ": "d", "Ԁ": "d",
+    "һ": "h",
     "Ь": "b", "ь": "b", "Ъ": "b", "ъ": "b", "Ү": "Y", "ү": "y", "Һ": "H", "Ӏ": "l", "ӏ": "l", "п": "n",
     "г": "r", "Г": "r", "З": "3", "з": "3", "Ч": "4", "ч": "4", "Д": "A", "Л": "N", "И": "N", "и": "u",
     "Я": "R", "я": "r", "ш": "w", "Ш": "W", "щ": "w", "Щ": "W", "Ц": "U", "ц": "u", "Ж": "X", "ж": "x",
     # Greek
     "Α": "A", "α": "a", "Β": "B", "β": "b", "Ε": "E", "ε": "e", "Ζ": "Z", "Η": "H", "η": "n", "Ι": "I",
-    "ι": "i", "Κ": "K", "κ": "k", "Μ": "M", "μ": "u", "ϰ": "k", "Ν": "N", "ν": "v", "Ο": "O", "ο": "o", "Ρ": "P",
+    "ι": "i", "Κ": "K", "κ": "k", "Μ": "M", "μ": "u", "ϰ": "k",
+    "Ν": "N", "ν": "v", "Ο": "O", "ο": "o", "Ρ": "P",
     "ρ": "p", "Τ": "T", "τ": "t", "Υ": "Y", "υ": "u", "Χ": "X", "χ": "x", "ϲ": "c", "Ϲ": "C", "ς": "s",
     "σ": "o", "Σ": "E", "ω": "w", "γ": "y", "δ": "d", "θ": "o", "Θ": "O", "λ": "A", "π": "n", "ψ": "w",
     "Π": "N", "Ω": "O", "Δ": "A", "Λ": "A", "ϳ": "j",
@@ -46,8 +49,8 @@ _CONFUSABLES = {
     "Ꮶ": "K", "Ꮮ": "L", "Ꮇ": "M", "Ꮲ": "P", "Ꭲ": "T", "Ꮃ": "W", "Ꮪ": "S",
 }  # fmt: skip
 
-# Characters that stand for a letter in leetspeak. Each letter of a listed term becomes a character class of itself
-# and these stand-ins; a stand-in may serve several letters ("1" is "i" or "l").
+# Characters that stand for a letter in leetspeak. Each letter of a listed term becomes a character class of
+# itself and these stand-ins; a stand-in may serve several letters ("1" is "i" or "l").
 LEET = {
     "a": "4@^", "b": "8", "c": "(<¢", "e": "3€£", "g": "96", "h": "#", "i": "1!|", "l": "1|", "o": "0",
     "s": "5$§", "t": "7+", "z": "2", "x": "%", "k": "", "u": "", "q": "9",
@@ -69,7 +72,8 @@ def fold(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
     text = "".join(_CONFUSABLES.get(ch, ch) for ch in text)
     text = text.casefold()
-    # NFD splits accents off their letters (and NFKC may have built new ones); marks and invisibles are dropped.
+    # NFD splits accents off their letters (and NFKC may have built new ones); marks and invisibles are
+    # dropped.
     kept = []
     for ch in unicodedata.normalize("NFD", text):
         category = unicodedata.category(ch)
@@ -97,10 +101,10 @@ class Token:
 def tokenize(text: str) -> tuple[list[str], list[Token]]:
     """Folds `text` and returns (its pieces, in order; candidate tokens).
 
-    Pieces are the maximal runs of letters, digits and leet symbols; separators (".", "-", "_", "*", ...) split a
-    chunk into pieces. Candidates are: every piece (also with leet symbols stripped from its ends, which are more
-    often punctuation: "bad!"), every chunk with its separators removed ("b.a.d" -> "bad"), and every run of
-    consecutive single-character pieces, over whitespace too ("b a d" -> "bad").
+    Pieces are the maximal runs of letters, digits and leet symbols; separators (".", "-", "_", "*", ...)
+    split a chunk into pieces. Candidates are: every piece (also with leet symbols stripped from its ends,
+    which are more often punctuation: "bad!"), every chunk with its separators removed ("b.a.d" -> "bad"), and
+    every run of consecutive single-character pieces, over whitespace too ("b a d" -> "bad").
     """
     folded = fold(text)
     chunks: list[list[str]] = []
@@ -118,8 +122,8 @@ def tokenize(text: str) -> tuple[list[str], list[Token]]:
             chunks.append(pieces)
 
     flat: list[str] = [p for pieces in chunks for p in pieces]
-    # A piece counts as a single letter of a spaced-out word when it is one character, or one with punctuation-like
-    # leet symbols around it ("(s", "e!").
+    # A piece counts as a single letter of a spaced-out word when it is one character, or one with
+    # punctuation-like leet symbols around it ("(s", "e!").
     singles = [next((v for v in piece_variants(p) if len(v) == 1), "") for p in flat]
     candidates: list[Token] = []
     seen: set[tuple[str, int, int]] = set()
@@ -172,8 +176,9 @@ def piece_variants(piece: str) -> list[str]:
 def term_pattern(term: str) -> str:
     """A regular expression (no anchors) matching a folded, leet-written, letter-repeated, pluralised `term`.
 
-    Each run of one letter in the term (the "ll" of "kill") becomes a character class of the letter and its leet
-    stand-ins, repeated at least as often as in the term: "kiiilll" matches "kill", but "as" does not match "ass".
+    Each run of one letter in the term (the "ll" of "kill") becomes a character class of the letter and its
+    leet stand-ins, repeated at least as often as in the term: "kiiilll" matches "kill", but "as" does not
+    match "ass".
     """
     letters = [c for c in fold(term) if _is_word_char(c)]
     if not letters:
@@ -184,7 +189,7 @@ def term_pattern(term: str) -> str:
         j = i
         while j < len(letters) and letters[j] == letters[i]:
             j += 1
-        parts.append(_char_class(letters[i]) + ("+" if j - i == 1 else "{%d,}" % (j - i)))
+        parts.append(_char_class(letters[i]) + ("+" if j - i == 1 else f"{{{j - i},}}"))
         i = j
     s, e = _char_class("s"), _char_class("e")
     # Simple plurals and their spellings in evasion: -s, -es, -z.

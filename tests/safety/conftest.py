@@ -1,4 +1,5 @@
-"""Fixtures for the safety tests: the real safety service as its own process, started with a policy the test writes.
+"""Fixtures for the safety tests: the real safety service as its own process, started with a policy the test
+writes.
 
 `start_safety(policy_text)` returns a running service (`.addr`, `.stub`, `.proc`, `.policy`, `.audit_dir`,
 `.write_policy(text)`, `.records()`); every process a test starts is stopped at the end of the test.
@@ -21,12 +22,22 @@ from unclip.v1 import safety_pb2_grpc
 def start_safety(tmp_path) -> Callable[..., Safety]:
     started: list[Safety] = []
 
-    def start(policy: str, *, audit_dir: Path | None = None, extra: list[str] = (), poll: float = 0.2) -> Safety:
+    def start(
+        policy: str, *, audit_dir: Path | None = None, extra: list[str] = (), poll: float = 0.2
+    ) -> Safety:
         policy_path = tmp_path / f"policy-{len(started)}.yaml"
         policy_path.write_text(textwrap.dedent(policy))
         audit = audit_dir or tmp_path / f"audit-{len(started)}"
         args = ["-m", "services.safety", "--host", "127.0.0.1", "--port", "0", "--policy", str(policy_path)]
-        args += ["--audit-dir", str(audit), "--policy-poll-seconds", str(poll), "--grace-seconds", "5", *extra]
+        args += [
+            "--audit-dir",
+            str(audit),
+            "--policy-poll-seconds",
+            str(poll),
+            "--grace-seconds",
+            "5",
+            *extra,
+        ]
         process = spawn(args)
         wait_serving(process)
         channel = grpc.insecure_channel(process.addr)
@@ -53,5 +64,3 @@ def spawn_process():
     yield start
     for process in started:
         stop(process.proc)
-
-

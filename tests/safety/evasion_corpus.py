@@ -1,5 +1,5 @@
-"""The evasion suite's corpus: obfuscated variants of listed terms, and benign prompts that contain listed strings
-inside innocent words or across word boundaries (the Scunthorpe problem). Deterministic (seeded)."""
+"""The evasion suite's corpus: obfuscated variants of listed terms, and benign prompts that contain listed
+strings inside innocent words or across word boundaries (the Scunthorpe problem). Deterministic (seeded)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ def evasive_variants(count: int = 240, seed: int = 0) -> list[tuple[str, str]]:
     while len(out) < count:
         term = terms[len(out) % len(terms)]
         word = term
-        # Applied in _LETTER's order: case before look-alikes (an upper-cased Cyrillic letter looks like no Latin one).
+        # Applied in _LETTER's order: case before look-alikes (an upper-cased Cyrillic letter looks like no
+        # Latin one).
         letter = sorted(rng.sample(_LETTER, rng.randint(0, 2)), key=_LETTER.index)
         layout = rng.sample(_LAYOUT, rng.randint(0 if letter else 1, 1))
         if _compat in letter and _confusable in letter:
@@ -123,7 +124,8 @@ INNOCENT_WORDS = [
     "appetite", "competition", "titanium", "attitude", "entitled", "partition", "repetition", "stitch",
     "altitude", "latitude", "gratitude", "cucumber", "document", "circumstance", "accumulate", "cumulus",
     "cumin", "succumb", "incumbent", "analysis", "analog", "canal", "banal", "analyst", "canals", "analytics",
-    "Sussex", "Essex", "sextant", "sextet", "Middlesex", "sexton", "class", "classic", "grass", "glass", "bass",
+    "Sussex", "Essex", "sextant", "sextet", "Middlesex", "sexton", "class", "classic", "grass",
+    "glass", "bass",
     "pass", "passage", "assassin", "assess", "assemble", "assignment", "embassy", "mass", "brass", "compass",
     "assistant", "massive", "cassette", "tassel", "lasso", "sassafras", "assume", "Picasso", "Massachusetts",
     "bassoon", "Scunthorpe", "Cockburn", "Dickens", "Titicaca", "Kilimanjaro", "Rapunzel", "cumbersome",

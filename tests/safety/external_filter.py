@@ -2,12 +2,12 @@
 
     python tests/safety/external_filter.py --port 0 --word pineapple --category fruit --action block
 
-Prompts containing --word get --action in --category; images whose mean pixel is above --bright get --action in
-category "bright". A test can also steer it through the request's `user` field, which the orchestrator passes on:
-"withhold:decoder_output=2;final_output=1" withholds those positions of the batch at those stages (category
-"vendor_nsfw"), "block:final_output" blocks the whole batch there. Every image check is printed ("check stage=...
-n=..."), so a test can see which images reached which check. It shares no code with services.safety: only the
-proto contract.
+Prompts containing --word get --action in --category; images whose mean pixel is above --bright get --action
+in category "bright". A test can also steer it through the request's `user` field, which the orchestrator
+passes on: "withhold:decoder_output=2;final_output=1" withholds those positions of the batch at those stages
+(category "vendor_nsfw"), "block:final_output" blocks the whole batch there. Every image check is printed
+("check stage=... n=..."), so a test can see which images reached which check. It shares no code with
+services.safety: only the proto contract.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ import numpy as np  # noqa: E402
 
 from unclip.v1 import safety_pb2, safety_pb2_grpc  # noqa: E402
 
-ACTIONS = {"flag": safety_pb2.ACTION_FLAG, "withhold": safety_pb2.ACTION_WITHHOLD, "block": safety_pb2.ACTION_BLOCK}
+ACTIONS = {
+    "flag": safety_pb2.ACTION_FLAG,
+    "withhold": safety_pb2.ACTION_WITHHOLD,
+    "block": safety_pb2.ACTION_BLOCK,
+}
 
 
 class Filter(safety_pb2_grpc.SafetyServicer):

@@ -130,6 +130,15 @@ class Safety:
             time.sleep(0.1)
         raise AssertionError(f"policy {version} did not take effect:\n{self.process.text()}")
 
+    def wait_rejected(self, count: int, timeout: float = 20.0) -> None:
+        """Waits until `count` policy reloads have been rejected (as the audit trail records them)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.records("policy_rejected")) >= count:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"no policy rejection recorded:\n{self.process.text()}")
+
 
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
@@ -143,22 +152,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 def images_tensor(images: np.ndarray) -> tensor_pb2.Tensor:
     images = np.ascontiguousarray(images, dtype=np.float32)
-    return tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=list(images.shape), data=images.tobytes())
+    return tensor_pb2.Tensor(
+        dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=list(images.shape), data=images.tobytes()
+    )
 
 
 def prompt_request(prompt: str, request_id: str = "", user: str = "") -> safety_pb2.CheckPromptRequest:
     return safety_pb2.CheckPromptRequest(
         prompt=prompt, context=safety_pb2.RequestContext(request_id=request_id, user=user)
     )
-
-
-def _wait_rejected(self: Safety, count: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(self.records("policy_rejected")) >= count:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no policy rejection recorded:\n{self.process.text()}")
-
-
-Safety.wait_rejected = _wait_rejected  # type: ignore[attr-defined]

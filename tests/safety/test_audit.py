@@ -1,5 +1,5 @@
-"""The audit trail: durable before the answer (SIGKILL during a burst loses no answered decision), rotation and the
-shipping hook, torn tails, and the command that prints and filters it."""
+"""The audit trail: durable before the answer (SIGKILL during a burst loses no answered decision), rotation
+and the shipping hook, torn tails, and the command that prints and filters it."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def test_sigkill_during_a_burst_loses_no_answered_decision(start_safety, tmp_pat
             request_id = f"w{k}-{i}"
             prompt = "behead" if i % 3 == 0 else "a calm sea"
             try:
-                reply = safety.stub.CheckPrompt(prompt_request(prompt, request_id, user=f"user{k}"), timeout=10)
+                reply = safety.stub.CheckPrompt(
+                    prompt_request(prompt, request_id, user=f"user{k}"), timeout=10
+                )
             except grpc.RpcError:
                 return  # the service is gone: this request was not answered
             with lock:
@@ -75,12 +77,15 @@ def test_sigkill_during_a_burst_loses_no_answered_decision(start_safety, tmp_pat
 def test_records_carry_what_the_issue_lists(start_safety):
     safety = start_safety(POLICY)
     request = safety_pb2.CheckPromptRequest(
-        prompt="b3h3ad", context=safety_pb2.RequestContext(request_id="r-7", user="bob", identity="svc:frontend")
+        prompt="b3h3ad",
+        context=safety_pb2.RequestContext(request_id="r-7", user="bob", identity="svc:frontend"),
     )
     safety.stub.CheckPrompt(request, timeout=10)
     [record] = [r for r in safety.records() if r["request_id"] == "r-7"]
     assert record["user"] == "bob" and record["identity"] == "svc:frontend"
-    assert record["stage"] == "prompt" and record["action"] == "block" and record["policy_version"] == "audit-1"
+    assert (
+        record["stage"] == "prompt" and record["action"] == "block" and record["policy_version"] == "audit-1"
+    )
     assert record["verdicts"] == [{"index": 0, "action": "block", "categories": ["violence"]}]
     [scored] = record["filters"]
     assert scored["filter"] == "words" and scored["scores"][0]["score"] == 1.0
@@ -100,7 +105,9 @@ def test_rotation_ships_closed_segments_once(tmp_path):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(list(tmp_path.glob("*.shipped"))) < len(segments):
         time.sleep(0.05)
-    assert sorted(p.name.removesuffix(".shipped") for p in tmp_path.glob("*.shipped")) == [s.name for s in segments]
+    assert sorted(p.name.removesuffix(".shipped") for p in tmp_path.glob("*.shipped")) == [
+        s.name for s in segments
+    ]
     assert len(shipped) == len(set(shipped)) == len(segments)
 
     # A new process ships nothing twice; a failing shipper leaves the marker off, so the next start retries.
@@ -145,7 +152,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_audit_command_prints_and_filters(start_safety):
     safety = start_safety(POLICY)
-    for i, (prompt, user) in enumerate([("behead", "alice"), ("a calm sea", "alice"), ("b.e.h.e.a.d", "bob")]):
+    for i, (prompt, user) in enumerate(
+        [("behead", "alice"), ("a calm sea", "alice"), ("b.e.h.e.a.d", "bob")]
+    ):
         safety.stub.CheckPrompt(prompt_request(prompt, f"q{i}", user=user), timeout=10)
     directory = str(safety.audit_dir)
 

@@ -95,7 +95,9 @@ def test_terms_from_a_file_relative_to_the_policy(tmp_path):
 
 def test_a_term_without_letters_is_a_policy_error(tmp_path):
     policy = tmp_path / "p.yaml"
-    policy.write_text("categories:\n  x: {action: block}\nfilters:\n  w:\n    type: blocklist\n    terms:\n      x: ['!']\n")
+    policy.write_text(
+        "categories:\n  x: {action: block}\nfilters:\n  w:\n    type: blocklist\n    terms:\n      x: ['!']\n"
+    )
     from services.safety.policy import load_policy
 
     with pytest.raises(PolicyError, match=r"p.yaml:7: filters.w.terms.x: .* needs at least two letters"):

@@ -1,5 +1,6 @@
-"""CLIP concepts through the real service: with the image embeddings the caller sends, and with the real encoder
-service (tiny random CLIP) embedding prompts, concept texts and images. Withheld images: the others pass."""
+"""CLIP concepts through the real service: with the image embeddings the caller sends, and with the real
+encoder service (tiny random CLIP) embedding prompts, concept texts and images. Withheld images: the others
+pass."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_withhold_some_of_four_images_by_their_embeddings(start_safety):
           concepts:
             type: clip_concepts
             concepts:
-              - {{name: blood, category: gore, embedding: {concept}}}                     # category threshold 0.9
+              - {{name: blood, category: gore, embedding: {concept}}}   # the category's threshold, 0.9
               - {{name: knife, category: weapons, embedding: [0, 1, 0, 0, 0, 0, 0, 0], threshold: 0.5}}
         stages:
           decoder_output: [concepts]
@@ -70,7 +71,9 @@ def png(image: np.ndarray) -> bytes:
 
 
 def test_prompts_concept_texts_and_images_embedded_by_the_encoder(tiny_model, start_safety, spawn_process):
-    encoder = spawn_process(["-m", "services.encoder", "--model", str(tiny_model), "--host", "127.0.0.1", "--port", "0"])
+    encoder = spawn_process(
+        ["-m", "services.encoder", "--model", str(tiny_model), "--host", "127.0.0.1", "--port", "0"]
+    )
     wait_serving(encoder)
     images = np.random.default_rng(1).uniform(-1, 1, size=(3, 3, 32, 32)).astype(np.float32)
     with grpc.insecure_channel(encoder.addr) as channel:
@@ -97,11 +100,14 @@ def test_prompts_concept_texts_and_images_embedded_by_the_encoder(tiny_model, st
           final_output: [concepts]
         """
     )
-    # A prompt equal to the concept's text has cosine 1 with it; another prompt (random CLIP) does not reach 0.9999.
+    # A prompt equal to the concept's text has cosine 1 with it; another prompt (random CLIP) does not reach
+    # 0.9999.
     assert safety.stub.CheckPrompt(prompt_request("a red circle"), timeout=60).action == BLOCK
     assert safety.stub.CheckPrompt(prompt_request("a blue square"), timeout=60).action == ALLOW
     # Without image_embeds the filter has the encoder embed the images: image 0 matches its pinned concept.
-    request = safety_pb2.CheckImagesRequest(images=images_tensor(images), stage=safety_pb2.CHECK_STAGE_FINAL_OUTPUT)
+    request = safety_pb2.CheckImagesRequest(
+        images=images_tensor(images), stage=safety_pb2.CHECK_STAGE_FINAL_OUTPUT
+    )
     reply = safety.stub.CheckImages(request, timeout=60)
     assert [v.action for v in reply.verdicts] == [WITHHOLD, ALLOW, ALLOW]
 

@@ -1,5 +1,7 @@
-"""Evasion suite through the real safety service: obfuscated variants of listed terms must be refused (>= 99 %),
-benign prompts that contain listed strings inside innocent words or across word boundaries must pass (<= 1 %)."""
+"""Evasion suite through the real safety service.
+
+Obfuscated variants of listed terms must be refused (>= 99 %); benign prompts that contain listed strings
+inside innocent words or across word boundaries must pass (<= 1 % refused)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def test_evasion_suite_through_the_service(start_safety, capsys):
         )
     assert caught_rate >= 0.99, f"missed: {missed}"
     assert refused_rate <= 0.01, f"benign refused: {refused}"
-    # Every decision was audited, each with the term that matched (the audit log's own business, not the caller's).
+    # Every decision was audited, each with the term that matched (the audit log's own business, not the
+    # caller's).
     records = safety.records()
     assert len(records) == len(evasive) + len(benign)
     assert sum(1 for r in records if r["action"] == "block") == len(evasive) - len(missed) + len(refused)

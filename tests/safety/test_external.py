@@ -1,5 +1,6 @@
-"""External filters: a separate gRPC server implementing the Safety contract, plugged in by editing the policy while
-the safety service runs; fail-closed and fail-open when it is killed (SIGKILL) during a burst of requests."""
+"""External filters: a separate gRPC server implementing the Safety contract, plugged in by editing the policy
+while the safety service runs; fail-closed and fail-open when it is killed (SIGKILL) during a burst of
+requests."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ stages:
 def policy(version: str, external: str | None = None, fail_open: bool = False) -> str:
     extra = ""
     if external:
-        extra = f"  vendor: {{type: external, address: '{external}', timeout_seconds: 2, fail_open: {str(fail_open).lower()}}}"
+        flag = str(fail_open).lower()
+        extra = f"  vendor: {{type: external, address: '{external}', timeout_seconds: 2, fail_open: {flag}}}"
     return BASE.format(
         version=version,
         extra_filters=extra,
@@ -54,14 +56,17 @@ def test_external_filter_plugged_in_by_editing_the_policy(start_safety, spawn_pr
 
     reply = safety.stub.CheckPrompt(request, timeout=10)
     assert reply.action == safety_pb2.ACTION_BLOCK
-    assert list(reply.verdicts[0].categories) == ["fruit"]  # a category the policy does not list: vendor's action
+    # A category the policy does not list takes the vendor's own action.
+    assert list(reply.verdicts[0].categories) == ["fruit"]
     assert safety.stub.CheckPrompt(prompt_request("a banana"), timeout=10).action == safety_pb2.ACTION_ALLOW
 
     # Images: the vendor withholds bright ones, the others pass (withhold: per image, not the whole request).
     images = np.full((4, 3, 8, 8), -0.5, np.float32)
     images[[1, 3]] = 0.9
     reply = safety.stub.CheckImages(
-        safety_pb2.CheckImagesRequest(images=images_tensor(images), stage=safety_pb2.CHECK_STAGE_FINAL_OUTPUT),
+        safety_pb2.CheckImagesRequest(
+            images=images_tensor(images), stage=safety_pb2.CHECK_STAGE_FINAL_OUTPUT
+        ),
         timeout=10,
     )
     assert [v.action for v in reply.verdicts] == [
@@ -74,7 +79,9 @@ def test_external_filter_plugged_in_by_editing_the_policy(start_safety, spawn_pr
 
 
 def burst_while_killing(safety, vendor) -> list[tuple[float, int, list[str]]]:
-    """Sends prompts from 4 threads for ~3 s, SIGKILLs the vendor after ~1 s; returns (time, action, categories)."""
+    """Sends prompts from 4 threads for ~3 s, SIGKILLs the vendor after ~1 s.
+
+    Returns (seconds after the kill, action, categories) per answer."""
     results: list[tuple[float, int, list[str]]] = []
     lock = threading.Lock()
     stop = time.monotonic() + 3.0
@@ -83,7 +90,9 @@ def burst_while_killing(safety, vendor) -> list[tuple[float, int, list[str]]]:
         i = 0
         while time.monotonic() < stop:
             i += 1
-            reply = safety.stub.CheckPrompt(prompt_request(f"a quiet lake {k}-{i}", request_id=f"b{k}-{i}"), timeout=10)
+            reply = safety.stub.CheckPrompt(
+                prompt_request(f"a quiet lake {k}-{i}", request_id=f"b{k}-{i}"), timeout=10
+            )
             with lock:
                 results.append((time.monotonic(), reply.action, list(reply.verdicts[0].categories)))
 

@@ -1,6 +1,7 @@
 """Model-backed filters through the real service: a transformers text classifier and diffusers'
-StableDiffusionSafetyChecker, both tiny random models built here, loaded from paths in the policy. The expected
-decisions come from running the same models in this process (the safety checker: diffusers' own forward)."""
+StableDiffusionSafetyChecker, both tiny random models built here, loaded from paths in the policy. The
+expected decisions come from running the same models in this process (the safety checker: diffusers' own
+forward)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,21 @@ from safety_helpers import health, images_tensor, prompt_request, wait_serving
 
 from unclip.v1 import safety_pb2
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "quiet", "lake", "angry", "mob", "calm", "sea", "storm"]
+WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "a",
+    "quiet",
+    "lake",
+    "angry",
+    "mob",
+    "calm",
+    "sea",
+    "storm",
+]
 PROMPTS = ["a quiet lake", "angry mob", "calm sea", "a storm"]
 
 
@@ -23,7 +38,8 @@ def make_text_classifier(folder) -> None:
     tokenizer = BertTokenizer(str(folder / "vocab.txt"))
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32,
         max_position_embeddings=64, id2label={0: "ok", 1: "toxic"}, label2id={"ok": 0, "toxic": 1},
     )  # fmt: skip
     BertForSequenceClassification(config).eval().save_pretrained(folder)
@@ -36,12 +52,14 @@ def toxic_probabilities(folder) -> list[float]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     with torch.inference_mode():
-        return [float(torch.softmax(model(**tokenizer(p, return_tensors="pt")).logits, -1)[0, 1]) for p in PROMPTS]
+        return [
+            float(torch.softmax(model(**tokenizer(p, return_tensors="pt")).logits, -1)[0, 1]) for p in PROMPTS
+        ]
 
 
 def make_safety_checker(folder, images: np.ndarray) -> list[bool]:
-    """A tiny checker whose first concept's threshold sits between the images' similarities, so that some images
-    are flagged and some not; returns diffusers' own verdict per image (has_nsfw_concepts)."""
+    """A tiny checker whose first concept's threshold sits between the images' similarities, so that some
+    images are flagged and some not; returns diffusers' own verdict per image (has_nsfw_concepts)."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
@@ -63,9 +81,10 @@ def make_safety_checker(folder, images: np.ndarray) -> list[bool]:
     clip_input = processor(images=list(pixels), return_tensors="pt").pixel_values
     with torch.no_grad():
         embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
-        cos = torch.nn.functional.normalize(embeds, dim=-1) @ torch.nn.functional.normalize(
-            checker.concept_embeds[:1], dim=-1
-        ).T
+        cos = (
+            torch.nn.functional.normalize(embeds, dim=-1)
+            @ torch.nn.functional.normalize(checker.concept_embeds[:1], dim=-1).T
+        )
         ranked = sorted(cos[:, 0].tolist())
         checker.concept_embeds_weights[0] = (ranked[1] + ranked[2]) / 2  # two images above, two below
         _, has_nsfw = checker(clip_input=clip_input, images=images.copy())
@@ -120,7 +139,9 @@ def test_text_classifier_and_sd_safety_checker_in_the_service(tmp_path, test_ima
     withheld = [v.action == safety_pb2.ACTION_WITHHOLD for v in reply.verdicts]
     assert withheld == expected_nsfw  # the same images diffusers' own checker flags
     assert reply.action == safety_pb2.ACTION_WITHHOLD
-    assert all(list(v.categories) == (["sexual"] if w else []) for v, w in zip(reply.verdicts, withheld, strict=True))
+    assert all(
+        list(v.categories) == (["sexual"] if w else []) for v, w in zip(reply.verdicts, withheld, strict=True)
+    )
 
 
 def test_health_is_not_serving_until_the_models_are_loaded(tmp_path, spawn_process):
@@ -132,9 +153,12 @@ def test_health_is_not_serving_until_the_models_are_loaded(tmp_path, spawn_proce
         "stages:\n  prompt: [toxic]\n"
     )
     process = spawn_process(
-        ["-m", "services.safety", "--host", "127.0.0.1", "--port", "0", "--policy", str(policy), "--audit-dir",
+        ["-m", "services.safety", "--host", "127.0.0.1", "--port", "0", "--policy", str(policy),
+         "--audit-dir",
          str(tmp_path / "audit")]
     )  # fmt: skip
-    assert health(process.addr) == "NOT_SERVING"  # listening, transformers still importing / the model loading
+    assert (
+        health(process.addr) == "NOT_SERVING"
+    )  # listening, transformers still importing / the model loading
     wait_serving(process)
     assert health(process.addr) == "SERVING"

@@ -1,7 +1,7 @@
-"""The policy as the orchestrator enforces it, on a real stack (every stage its own process, tiny random model):
-the prompt is refused before any model work (CLI exit 3), withheld images are dropped and the others returned,
-decoder outputs are checked before upsampler compute is spent, and SIGKILLing the orchestrator during a burst
-loses no audit record of an answered request."""
+"""The policy as the orchestrator enforces it, on a real stack (every stage its own process, tiny random
+model): the prompt is refused before any model work (CLI exit 3), withheld images are dropped and the others
+returned, decoder outputs are checked before upsampler compute is spent, and SIGKILLing the orchestrator
+during a burst loses no audit record of an answered request."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def stack(tmp_path_factory):
         f"  vendor: {{type: external, address: '{vendor.addr}', timeout_seconds: 30}}\n"
         "stages:\n  prompt: [words]\n  decoder_output: [vendor]\n  final_output: [vendor]\n"
     )
-    env = {k: v for k, v in service_env().items() if k.startswith(("UNCLIP_", "OMP_", "HF_", "TRANSFORMERS_"))}
+    env = {
+        k: v for k, v in service_env().items() if k.startswith(("UNCLIP_", "OMP_", "HF_", "TRANSFORMERS_"))
+    }
     running = Stack(model=str(model), port=0, log_dir=root / "logs", safety_policy=str(policy), extra_env=env)
     try:
         address = running.start(timeout=600)
@@ -90,15 +92,24 @@ def test_prompt_refused_before_any_model_work_and_cli_exits_3(stack, tmp_path):
 def test_withheld_images_are_dropped_and_the_others_returned(stack):
     user = "withhold:decoder_output=2;final_output=1"
     response = generate(stack, "a red circle", n=4, user=user)
-    # Decoder output: image 2 withheld before the upsampler; final: position 1 of the 3 left (image 1) withheld.
+    # Decoder output: image 2 withheld before the upsampler; final: position 1 of the 3 left (image 1)
+    # withheld.
     assert [image.index for image in response.images] == [0, 3]
     assert response.withheld == 2 and list(response.withheld_categories) == ["vendor_nsfw"]
     assert [image.seed for image in response.images] == [7, 10]
     checks = [line for line in stack.vendor.text().splitlines() if f"user={user}" in line]
-    assert checks == [f"check stage=decoder_output n=4 user={user}", f"check stage=final_output n=3 user={user}"]
+    assert checks == [
+        f"check stage=decoder_output n=4 user={user}",
+        f"check stage=final_output n=3 user={user}",
+    ]
     by_stage = {r["stage"]: r for r in decisions(stack, response.request_id)}
     assert set(by_stage) == {"prompt", "decoder_output", "final_output"}
-    assert [v["action"] for v in by_stage["decoder_output"]["verdicts"]] == ["allow", "allow", "withhold", "allow"]
+    assert [v["action"] for v in by_stage["decoder_output"]["verdicts"]] == [
+        "allow",
+        "allow",
+        "withhold",
+        "allow",
+    ]
     assert by_stage["final_output"]["action"] == "withhold"
 
 

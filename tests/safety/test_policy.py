@@ -38,25 +38,46 @@ def write(tmp_path, text: str):
         ("categories: [1, 2\n", 2, "invalid YAML"),
         ("categories:\n  a: {action: block}\n  a: {action: flag}\n", 3, "duplicate key 'a'"),
         ("version: v1\ncatgories: {}\n", 2, "unknown key 'catgories'"),
-        ("categories:\n  violence:\n    threshold: high\n    action: block\n", 3, "threshold must be a number"),
+        (
+            "categories:\n  violence:\n    threshold: high\n    action: block\n",
+            3,
+            "threshold must be a number",
+        ),
         ("categories:\n  violence:\n    threshold: 0.5\n    action: burn\n", 4, "'burn' is not one of"),
         ("categories:\n  violence: {threshold: 0.5}\n", 2, "action is required"),
-        ("categories:\n  v:\n    action:\n      default: block\n      promt: flag\n", 5, "unknown stage 'promt'"),
+        (
+            "categories:\n  v:\n    action:\n      default: block\n      promt: flag\n",
+            5,
+            "unknown stage 'promt'",
+        ),
         ("filters:\n  words:\n    type: blocklst\n", 3, "unknown filter type 'blocklst'"),
         ("filters:\n  words:\n    type: blocklist\n    term: {a: [x]}\n", 4, "unknown key 'term'"),
-        ("filters:\n  words:\n    type: blocklist\n    terms:\n      a: nope\n", 5, "must be a list of strings"),
-        ("filters:\n  e:\n    type: external\n    address: 127.0.0.1:1\n    fail_open: maybe\n", 5, "fail_open"),
+        (
+            "filters:\n  words:\n    type: blocklist\n    terms:\n      a: nope\n",
+            5,
+            "must be a list of strings",
+        ),
+        (
+            "filters:\n  e:\n    type: external\n    address: 127.0.0.1:1\n    fail_open: maybe\n",
+            5,
+            "fail_open",
+        ),
         ("filters:\n  e:\n    type: external\n", 3, "address"),
         ("filters:\n  e:\n    type: external\n    address: h:1\n    timeout_seconds: -1\n", 5, "positive"),
         ("stages:\n  prompt: [words]\n", 2, "no filter named 'words'"),
         ("stages:\n  output: []\n", 2, "unknown stage 'output'"),
         (GOOD + "  final_output:\n    - words\n", 14, "cannot check images"),
         (
-            "filters:\n  c:\n    type: clip_concepts\n    concepts:\n      - {category: x, embedding: [0, 0]}\n",
+            "filters:\n  c:\n    type: clip_concepts\n    concepts:\n"
+            "      - {category: x, embedding: [0, 0]}\n",
             5,
             "non-zero",
         ),
-        ("filters:\n  t:\n    type: text_classifier\n    path: /nonexistent\n    labels: {a: b}\n", 4, "not a folder"),
+        (
+            "filters:\n  t:\n    type: text_classifier\n    path: /nonexistent\n    labels: {a: b}\n",
+            4,
+            "not a folder",
+        ),
     ],
 )
 def test_errors_name_the_line(tmp_path, text, line, message):

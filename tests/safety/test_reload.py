@@ -1,4 +1,5 @@
-"""Hot reload: a changed policy file (or SIGHUP) takes effect without a restart; a bad one is rejected, the old kept."""
+"""Hot reload: a changed policy file (or SIGHUP) takes effect without a restart; a bad one is rejected and the
+old one kept."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def test_changed_file_takes_effect_and_a_bad_one_is_rejected(start_safety):
     assert action(safety, "a massacre") == safety_pb2.ACTION_FLAG
     assert action(safety, "behead him") == safety_pb2.ACTION_ALLOW
 
-    # A bad file: rejected, v2 stays in force, and the rejection (naming the line) is in the log and the audit trail.
+    # A bad file: rejected, v2 stays in force, and the rejection (naming the line) is in the log and the audit
+    # trail.
     safety.write_policy(POLICY.format(version="v3", action="burn", term="massacre"))
     safety.wait_rejected(1)
     reply = safety.stub.CheckPrompt(prompt_request("a massacre"), timeout=10)
@@ -52,7 +54,9 @@ def test_changed_file_takes_effect_and_a_bad_one_is_rejected(start_safety):
 
 
 def test_sighup_reloads(start_safety):
-    safety = start_safety(POLICY.format(version="h1", action="block", term="behead"), poll=0)  # no file watching
+    safety = start_safety(
+        POLICY.format(version="h1", action="block", term="behead"), poll=0
+    )  # no file watching
     safety.write_policy(POLICY.format(version="h2", action="block", term="massacre"))
     assert safety.stub.CheckPrompt(prompt_request("x y"), timeout=10).policy_version == "h1"
     safety.proc.send_signal(signal.SIGHUP)

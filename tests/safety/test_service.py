@@ -1,5 +1,6 @@
-"""The safety service as a process: bad input gets INVALID_ARGUMENT naming the field (and it stays SERVING), a bad
-policy at start exits 1 naming the line, SIGTERM drains, and refusals carry ErrorInfo CONTENT_POLICY_VIOLATION."""
+"""The safety service as a process: bad input gets INVALID_ARGUMENT naming the field (and it stays SERVING), a
+bad policy at start exits 1 naming the line, SIGTERM drains, and refusals carry ErrorInfo
+CONTENT_POLICY_VIOLATION."""
 
 from __future__ import annotations
 
@@ -45,7 +46,11 @@ BAD_REQUESTS = [
     ("CheckImages", images_request(np.zeros((1, 3, 8, 4), np.float32)), "images must be square"),
     ("CheckImages", images_request(np.full((1, 3, 4, 4), np.nan, np.float32)), "images contains NaN"),
     ("CheckImages", images_request(np.zeros((11, 3, 4, 4), np.float32)), "images must hold 1..10"),
-    ("CheckImages", images_request(GOOD_IMAGES, embeds=np.zeros((3, 8), np.float32)), "image_embeds must have"),
+    (
+        "CheckImages",
+        images_request(GOOD_IMAGES, embeds=np.zeros((3, 8), np.float32)),
+        "image_embeds must have",
+    ),
     (
         "CheckImages",
         safety_pb2.CheckImagesRequest(

@@ -1,5 +1,5 @@
-"""The built-in filters, by the `type:` a policy names them with. Heavy imports (torch, transformers) happen only
-when a policy uses a filter that needs them."""
+"""The built-in filters, by the `type:` a policy names them with. Heavy imports (torch, transformers) happen
+only when a policy uses a filter that needs them."""
 
 from __future__ import annotations
 
@@ -12,5 +12,11 @@ from services.safety.filters.text_classifier import TextClassifierFilter
 
 FILTER_TYPES: dict[str, type[Filter]] = {
     cls.type: cls
-    for cls in (BlocklistFilter, ClipConceptsFilter, TextClassifierFilter, SdSafetyCheckerFilter, ExternalFilter)
+    for cls in (
+        BlocklistFilter,
+        ClipConceptsFilter,
+        TextClassifierFilter,
+        SdSafetyCheckerFilter,
+        ExternalFilter,
+    )
 }

@@ -1,7 +1,8 @@
 """What every filter is: something that scores a prompt or images against named categories.
 
 A filter never decides an action: it reports scores, the policy (services/safety/policy.py) turns them into
-block / withhold / flag. A filter that cannot answer raises; the engine then fails closed or open as the policy says.
+block / withhold / flag. A filter that cannot answer raises; the engine then fails closed or open as the
+policy says.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class CheckInput:
 
 
 class SpecError(ValueError):
-    """A filter's policy entry is invalid; `key` is the offending key inside the entry (the loader adds the line)."""
+    """A filter's policy entry is invalid; `key` is the offending key in it (the loader adds the line)."""
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
@@ -53,11 +54,12 @@ class FilterError(Exception):
 
 
 class Filter:
-    """Base class. Subclasses set `type`, `accepts` and implement `check` (and `close` if they hold resources)."""
+    """Base class: subclasses set `type` and `accepts`, implement `check` (and `close`, to free resources)."""
 
     type: ClassVar[str]  # the `type:` of the filter in the policy
     accepts: ClassVar[frozenset[str]]  # "text" and/or "images"
-    spec_keys: ClassVar[frozenset[str]] = frozenset()  # the keys its policy entry may have, besides the common
+    # The keys its policy entry may have, besides the common ones (type, fail_open, thresholds).
+    spec_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str, spec: dict[str, Any], policy_dir: str):
         self.name = name  # its key in the policy's `filters:`

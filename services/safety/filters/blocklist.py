@@ -5,8 +5,8 @@ Policy entry:
       type: blocklist
       terms:                      # category -> words and phrases
         violence: [kill yourself, behead]
-      files:                      # category -> a file of terms, one per line (# comments), relative to the policy
-        hate: lists/hate.txt
+      files:                      # category -> a file of terms, one per line (# comments),
+        hate: lists/hate.txt      # relative to the policy file
 A match scores 1.0 in its category. The matched term goes to the audit log only, never to the caller.
 """
 

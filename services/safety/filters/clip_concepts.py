@@ -1,7 +1,8 @@
 """CLIP concepts: cosine similarity between a CLIP embedding and concept embeddings, a threshold per concept.
 
-The mechanism of diffusers' StableDiffusionSafetyChecker (cosine distance to concept embeddings against per-concept
-thresholds), with concepts and thresholds from the policy, so it works with whichever CLIP the deployment loads.
+The mechanism of diffusers' StableDiffusionSafetyChecker (cosine distance to concept embeddings against
+per-concept thresholds), with concepts and thresholds from the policy, so it works with whichever CLIP the
+deployment loads.
 
 Policy entry:
     concepts:
@@ -12,8 +13,9 @@ Policy entry:
         - {name: gore, category: violence, text: "a photo of gore", threshold: 0.28}
         - {name: pinned, category: sexual, embedding: [0.1, -0.3, ...], threshold: 0.3}
 A concept is either `text` (embedded by the encoder service's CLIP text encoder, once, on first use) or an
-`embedding` (a list of floats in the same CLIP space). Prompts are embedded by the encoder service; images use the
-CLIP image embeddings the caller sent (CheckImagesRequest.image_embeds), or are embedded by the encoder service.
+`embedding` (a list of floats in the same CLIP space). Prompts are embedded by the encoder service; images use
+the CLIP image embeddings the caller sent (CheckImagesRequest.image_embeds), or are embedded by the encoder
+service.
 """
 
 from __future__ import annotations
@@ -54,14 +56,18 @@ class ClipConceptsFilter(Filter):
         for i, entry in enumerate(items):
             key = f"concepts.{i}"
             if not isinstance(entry, dict):
-                raise SpecError(key, "a concept is a mapping with name, category, text or embedding, threshold")
+                raise SpecError(
+                    key, "a concept is a mapping with name, category, text or embedding, threshold"
+                )
             unknown = set(entry) - {"name", "category", "text", "embedding", "threshold"}
             if unknown:
                 raise SpecError(key, f"unknown key {sorted(unknown)[0]!r}")
             if not isinstance(entry.get("category"), str):
                 raise SpecError(key, "category is required")
             threshold = entry.get("threshold")
-            if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            if threshold is not None and (
+                isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+            ):
                 raise SpecError(f"{key}.threshold", "must be a number (a cosine similarity)")
             text, embedding = entry.get("text"), entry.get("embedding")
             if (text is None) == (embedding is None):
@@ -87,7 +93,7 @@ class ClipConceptsFilter(Filter):
         """The policy's encoder address, used when the entry names none."""
         self.encoder_addr = self.encoder_addr or encoder_addr
 
-    # --- the encoder service ---------------------------------------------------------------------------------------
+    # --- the encoder service --------------------------------------------------------------------------------
     def _encoder(self) -> encoder_pb2_grpc.EncoderStub:
         if not self.encoder_addr:
             raise FilterError("no encoder_addr in the policy: cannot embed text or images")
@@ -108,7 +114,9 @@ class ClipConceptsFilter(Filter):
                 timeout=self._timeout(item),
             )
         except grpc.RpcError as error:
-            raise FilterError(f"encoder {self.encoder_addr}: {error.code().name}: {error.details()}") from error
+            raise FilterError(
+                f"encoder {self.encoder_addr}: {error.code().name}: {error.details()}"
+            ) from error
         return _array(reply.text_embeds)
 
     def _embed_images(self, images: np.ndarray, item: CheckInput) -> np.ndarray:
@@ -125,7 +133,9 @@ class ClipConceptsFilter(Filter):
                 encoder_pb2.EncodeImageRequest(images=files), timeout=self._timeout(item)
             )
         except grpc.RpcError as error:
-            raise FilterError(f"encoder {self.encoder_addr}: {error.code().name}: {error.details()}") from error
+            raise FilterError(
+                f"encoder {self.encoder_addr}: {error.code().name}: {error.details()}"
+            ) from error
         return _array(reply.image_embeds)
 
     def _concept_matrix(self, item: CheckInput | None) -> np.ndarray:
@@ -136,7 +146,7 @@ class ClipConceptsFilter(Filter):
                 concept.embedding = vector / max(np.linalg.norm(vector), 1e-12)
         return np.stack([c.embedding for c in self.concepts])  # type: ignore[misc]
 
-    # --- scoring ---------------------------------------------------------------------------------------------------
+    # --- scoring --------------------------------------------------------------------------------------------
     def check(self, item: CheckInput) -> list[list[Score]]:
         if item.prompt is not None:
             embeds = self._embed_text([item.prompt], item)
@@ -153,7 +163,10 @@ class ClipConceptsFilter(Filter):
         norms = np.linalg.norm(embeds, axis=-1, keepdims=True)
         similarity = (embeds / np.maximum(norms, 1e-12)) @ concepts.T  # [n, C] cosine similarity
         return [
-            [Score(c.category, float(row[j]), c.threshold, f"concept:{c.name}") for j, c in enumerate(self.concepts)]
+            [
+                Score(c.category, float(row[j]), c.threshold, f"concept:{c.name}")
+                for j, c in enumerate(self.concepts)
+            ]
             for row in similarity
         ]
 

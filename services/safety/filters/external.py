@@ -7,9 +7,9 @@ Policy entry:
       timeout_seconds: 2.0         # per call (also bounded by the caller's deadline)
       fail_open: false             # default: when it is unreachable or times out, the request is refused
 
-The external service gets the same request the safety service got. Each category of a verdict that is not ALLOW
-scores 1.0; the policy's action for that category applies, and a category the policy does not list takes the
-external service's own action. A verdict without categories counts in a category named after the filter.
+The external service gets the same request the safety service got. Each category of a verdict that is not
+ALLOW scores 1.0; the policy's action for that category applies, and a category the policy does not list takes
+the external service's own action. A verdict without categories counts in a category named after the filter.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class ExternalFilter(Filter):
         self.timeout = float(timeout)
         limit = 256 * 1024 * 1024
         self._channel = grpc.insecure_channel(
-            address, options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+            address,
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
         )
         self._stub = safety_pb2_grpc.SafetyStub(self._channel)
 
@@ -93,4 +94,6 @@ class ExternalFilter(Filter):
 
 def _tensor(array: np.ndarray) -> tensor_pb2.Tensor:
     array = np.ascontiguousarray(array, dtype=np.float32)
-    return tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=list(array.shape), data=array.tobytes())
+    return tensor_pb2.Tensor(
+        dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=list(array.shape), data=array.tobytes()
+    )

@@ -1,14 +1,14 @@
-"""Model-backed image filter: diffusers' StableDiffusionSafetyChecker weights, loaded from a path in the policy.
+"""Model-backed image filter: diffusers' StableDiffusionSafetyChecker weights, from a path in the policy.
 
 Policy entry:
     sd_checker:
       type: sd_safety_checker
-      path: /models/safety_checker               # StableDiffusionSafetyChecker.save_pretrained folder
-      feature_extractor: /models/feature_extractor  # CLIPImageProcessor folder (default: <path>/../feature_extractor)
+      path: /models/safety_checker    # StableDiffusionSafetyChecker.save_pretrained folder
+      feature_extractor: /models/fe   # CLIPImageProcessor folder (default: <path>/../feature_extractor)
       category: sexual
-The score is the checker's largest concept score (cosine similarity minus the concept's threshold, with diffusers'
-special-care adjustment, as in its forward_onnx); the checker flags an image when it is above 0, so that is this
-filter's threshold unless the policy's `thresholds:` says otherwise.
+The score is the checker's largest concept score (cosine similarity minus the concept's threshold, with
+diffusers' special-care adjustment, as in its forward_onnx); the checker flags an image when it is above 0, so
+that is this filter's threshold unless the policy's `thresholds:` says otherwise.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ class SdSafetyCheckerFilter(Filter):
         super().__init__(name, spec, policy_dir)
         path = spec.get("path")
         if not isinstance(path, str):
-            raise SpecError("path", "an sd_safety_checker needs `path:` to saved StableDiffusionSafetyChecker weights")
+            raise SpecError(
+                "path", "an sd_safety_checker needs `path:` to saved StableDiffusionSafetyChecker weights"
+            )
         path = os.path.join(policy_dir, path)
-        extractor = os.path.join(policy_dir, spec.get("feature_extractor") or os.path.join(path, "..", "feature_extractor"))
+        extractor = os.path.join(
+            policy_dir, spec.get("feature_extractor") or os.path.join(path, "..", "feature_extractor")
+        )
         for key, folder in (("path", path), ("feature_extractor", extractor)):
             if not os.path.isdir(folder):
                 raise SpecError(key, f"{os.path.normpath(folder)} is not a folder")
@@ -76,7 +80,9 @@ class SdSafetyCheckerFilter(Filter):
         return [[Score(self.category, float(s), threshold, "sd_safety_checker")] for s in scores]
 
     def warmup(self) -> None:
-        size = self.processor.crop_size.get("height", 224) if isinstance(self.processor.crop_size, dict) else 224
+        size = (
+            self.processor.crop_size.get("height", 224) if isinstance(self.processor.crop_size, dict) else 224
+        )
         self.concept_scores(np.zeros((1, 3, size, size), np.float32))
 
 

@@ -3,8 +3,8 @@
 Policy entry:
     toxicity:
       type: text_classifier
-      path: /models/toxic-bert        # a folder save_pretrained wrote (model + tokenizer); relative to the policy
-      labels: {toxic: harassment, threat: violence}   # model label -> policy category; other labels are ignored
+      path: /models/toxic-bert    # a folder save_pretrained wrote (model + tokenizer), relative to the policy
+      labels: {toxic: harassment, threat: violence}   # model label -> policy category; others are ignored
       max_length: 256
 Scores are the label probabilities (softmax; sigmoid when the model's problem_type is multi-label).
 """
@@ -43,12 +43,16 @@ class TextClassifierFilter(Filter):
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         except (OSError, ValueError) as error:
-            raise SpecError("path", f"cannot load a text-classification model from {path}: {error}") from error
+            raise SpecError(
+                "path", f"cannot load a text-classification model from {path}: {error}"
+            ) from error
         id2label = self.model.config.id2label
         known = set(id2label.values())
         for label in labels:
             if str(label) not in known:
-                raise SpecError(f"labels.{label}", f"the model has no label {label!r} (it has {sorted(known)})")
+                raise SpecError(
+                    f"labels.{label}", f"the model has no label {label!r} (it has {sorted(known)})"
+                )
         self.labels = {i: labels[lab] for i, lab in id2label.items() if lab in labels}  # index -> category
         self.label_names = dict(id2label)
         self.multi_label = self.model.config.problem_type == "multi_label_classification"
@@ -67,7 +71,10 @@ class TextClassifierFilter(Filter):
     def check(self, item: CheckInput) -> list[list[Score]]:
         probs = self._probabilities([item.prompt or ""])[0]
         return [
-            [Score(category, float(probs[i]), None, f"label:{self.label_names[i]}") for i, category in self.labels.items()]
+            [
+                Score(category, float(probs[i]), None, f"label:{self.label_names[i]}")
+                for i, category in self.labels.items()
+            ]
         ]
 
     def warmup(self) -> None:
