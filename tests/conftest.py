@@ -1,9 +1,10 @@
 """Session fixtures shared by the service and end-to-end tests.
 
-`stack_model_dir`: a tiny random model with two upsampler stages (32 -> 64 -> 128 px) and the image encoder, so
-one stack covers text-to-image, variations, edits and the two-stage cascade.
-`stack`: ONE multi-process stack on that model (each stage its own process, real gRPC on loopback), started once
-per session. Tests using it must leave it as they found it; tests that kill or reconfigure start their own.
+`stack_model_dir`: a tiny random model with two upsampler stages (32 -> 64 -> 128 px) and the image encoder,
+so one stack covers text-to-image, variations, edits and the two-stage cascade.
+`stack`: ONE multi-process stack on that model (each stage its own process, real gRPC on loopback), started
+once per session. Tests using it must leave it as they found it; tests that kill or reconfigure start their
+own.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def stack_model_dir(tmp_path_factory) -> Path:
     from unclip.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("stack-model") / "model", super_res_stages=2, variation=True)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("stack-model") / "model", super_res_stages=2, variation=True
+    )
 
 
 @dataclass

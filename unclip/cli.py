@@ -1,7 +1,7 @@
 """The `unclip` command: start the stack, generate, vary and edit images, make a tiny model, run the demo.
 
-Exit codes: 0 done; 2 invalid input (the message names the field); 3 refused by the content policy (the message
-says which check); 1 anything else.
+Exit codes: 0 done; 2 invalid input (the message names the field); 3 refused by the content policy (the
+message says which check); 1 anything else.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class UsageError(Exception):
     """Bad input found before any call (exit 2)."""
 
 
-# ---- requests ------------------------------------------------------------------------------------------------
+# ---- requests ----------------------------------------------------------------------------------------------
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -43,7 +43,9 @@ def _sampling_params(args: argparse.Namespace):
         try:
             steps = [int(part) for part in args.super_res_steps.split(",")]
         except ValueError as error:
-            raise UsageError(f"--super-res-steps must be N or N,N,..., got {args.super_res_steps!r}") from error
+            raise UsageError(
+                f"--super-res-steps must be N or N,N,..., got {args.super_res_steps!r}"
+            ) from error
         params.super_res_num_inference_steps.extend(steps)
     return params
 
@@ -117,7 +119,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return _call(args, "Edit", request, "edit")
 
 
-# ---- the stack -----------------------------------------------------------------------------------------------
+# ---- the stack ---------------------------------------------------------------------------------------------
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -173,7 +175,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo: {error}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        print(f"demo: stack up, orchestrator at {address}; generating 4 images of {args.prompt!r}", file=sys.stderr)
+        print(
+            f"demo: stack up, orchestrator at {address}; generating 4 images of {args.prompt!r}",
+            file=sys.stderr,
+        )
         request = orchestrator_pb2.GenerateRequest(prompt=args.prompt, n=4, seed=args.seed)
         with create_channel(address) as channel:
             response = orchestrator_pb2_grpc.ImageServiceStub(channel).Generate(request, timeout=args.timeout)
@@ -199,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---- argument parsing ----------------------------------------------------------------------------------------
+# ---- argument parsing --------------------------------------------------------------------------------------
 
 
 def _add_request_options(parser: argparse.ArgumentParser) -> None:
@@ -215,12 +220,18 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
         help=f"orchestrator address [env UNCLIP_ADDR, default {DEFAULT_ADDR}]",
     )
     parser.add_argument("--prior-steps", type=int, default=None, help="prior denoising steps (default 25)")
-    parser.add_argument("--decoder-steps", type=int, default=None, help="decoder denoising steps (default 25)")
+    parser.add_argument(
+        "--decoder-steps", type=int, default=None, help="decoder denoising steps (default 25)"
+    )
     parser.add_argument(
         "--super-res-steps", default=None, help="steps per upsampler stage: N for all, or N,N (default 7)"
     )
-    parser.add_argument("--prior-guidance", type=float, default=None, help="prior guidance scale (default 4.0)")
-    parser.add_argument("--decoder-guidance", type=float, default=None, help="decoder guidance scale (default 8.0)")
+    parser.add_argument(
+        "--prior-guidance", type=float, default=None, help="prior guidance scale (default 4.0)"
+    )
+    parser.add_argument(
+        "--decoder-guidance", type=float, default=None, help="decoder guidance scale (default 8.0)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     parser.add_argument("--wait", action="store_true", help="wait for the orchestrator to come up")
 
@@ -233,9 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start every stage and the orchestrator on 127.0.0.1")
     up.add_argument("--model", default=settings.env_default("model"), help="model folder [env UNCLIP_MODEL]")
-    up.add_argument("--port", type=int, default=50051, help="orchestrator port (0: a free one; default 50051)")
+    up.add_argument(
+        "--port", type=int, default=50051, help="orchestrator port (0: a free one; default 50051)"
+    )
     up.add_argument("--log-dir", default=None, help="one log per process (default: a temporary folder)")
-    up.add_argument("--safety-policy", default=settings.env_default("safety_policy"), help="moderation policy file")
+    up.add_argument(
+        "--safety-policy", default=settings.env_default("safety_policy"), help="moderation policy file"
+    )
     up.add_argument("--grace-seconds", type=float, default=30.0, help="drain time when stopping")
     up.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every stage")
     up.set_defaults(func=cmd_up)
@@ -263,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     demo = commands.add_parser("demo", help="start the stack on the bundled model and draw 4 pictures")
-    demo.add_argument("--model", default=None, help="model folder (default: models/shapes-toy, else tiny random)")
+    demo.add_argument(
+        "--model", default=None, help="model folder (default: models/shapes-toy, else tiny random)"
+    )
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="demo-out")
@@ -289,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         refusal = parse_refusal(error)
         if refusal is not None:
             categories = ", ".join(refusal.categories) or "unspecified"
-            print(f"unclip {args.command}: refused by the content policy at the {refusal.stage} check "
-                  f"({categories})", file=sys.stderr)
+            print(
+                f"unclip {args.command}: refused by the content policy at the {refusal.stage} check "
+                f"({categories})",
+                file=sys.stderr,
+            )
             return EXIT_REFUSED
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             print(f"unclip {args.command}: invalid input: {details}", file=sys.stderr)

@@ -1,12 +1,13 @@
 """`unclip up`: every stage as its own OS process on 127.0.0.1, plus the safety service and the orchestrator.
 
-Each process listens on a free port (`--port 0`) and announces it on its first log line; the stack reads it, waits
-until every process says SERVING, then reports the orchestrator's address. Stopping is orchestrator first (it drains
-the requests in flight, which need the stages), then the rest; SIGKILL after the grace period.
+Each process listens on a free port (`--port 0`) and announces it on its first log line; the stack reads it,
+waits until every process says SERVING, then reports the orchestrator's address. Stopping is orchestrator
+first (it drains the requests in flight, which need the stages), then the rest; SIGKILL after the grace
+period.
 
 No orphans: every child gets PR_SET_PDEATHSIG(SIGTERM), so the kernel stops it even if `unclip up` itself is
-SIGKILLed; children run in their own session so a terminal's Ctrl-C reaches only `unclip up`, which stops them in
-order. A stage that fails to start stops the whole stack, naming the stage and quoting its log.
+SIGKILLed; children run in their own session so a terminal's Ctrl-C reaches only `unclip up`, which stops them
+in order. A stage that fails to start stops the whole stack, naming the stage and quoting its log.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _upsampler_stages(model_dir: Path) -> list[str]:
-    """The upsampler stages of a model folder, in cascade order (as unclip.models.upsampler_stages, which is not
-    imported here: it pulls in transformers and diffusers, seconds of start-up for a process that loads no model)."""
+    """The upsampler stages of a model folder, in cascade order (as unclip.models.upsampler_stages, which is
+    not imported here: it pulls in transformers and diffusers, seconds of start-up for a process that loads no
+    model)."""
     stages = []
     for stage in ("super_res", "super_res_2"):
         if not all((model_dir / f"{stage}_{part}").is_dir() for part in ("first", "last", "scheduler")):
@@ -94,8 +96,9 @@ class Process:
 
     def failure(self) -> str:
         code = self.popen.returncode if self.popen else None
-        return f"{self.name} exited with status {code} before it was ready; its log ({self.log_path}) ends:\n" + (
-            self.log_tail()
+        return (
+            f"{self.name} exited with status {code} before it was ready; its log ({self.log_path}) ends:\n"
+            + (self.log_tail())
         )
 
 
@@ -121,7 +124,8 @@ class Stack:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("PYTHONUNBUFFERED", "1")
-        # Each process reads only its flags; variables meant for a single service must not leak into the others.
+        # Each process reads only its flags; variables meant for a single service must not leak into the
+        # others.
         for name in ("UNCLIP_PORT", "UNCLIP_STAGE", "UNCLIP_HOST"):
             env.pop(name, None)
         env.update(self.extra_env)
@@ -236,7 +240,8 @@ class Stack:
 
 
 def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
-    """`unclip up`: start, print the addresses, wait for Ctrl-C / SIGTERM (or a process dying), stop everything."""
+    """`unclip up`: start, print the addresses, wait for Ctrl-C / SIGTERM (or a process dying), stop
+    everything."""
     stopping = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -257,7 +262,10 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
     while not stopping:
         dead = stack.dead()
         if dead:
-            print(f"unclip up: {dead[0].name} exited (status {dead[0].popen.returncode}); stopping", file=sys.stderr)
+            print(
+                f"unclip up: {dead[0].name} exited (status {dead[0].popen.returncode}); stopping",
+                file=sys.stderr,
+            )
             print(dead[0].log_tail(), file=sys.stderr, flush=True)
             status = 1
             break

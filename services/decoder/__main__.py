@@ -1,7 +1,7 @@
 """python -m services.decoder --model DIR --port N [--stage decoder|super_res|super_res_2].
 
-The decoder (text_proj + UNet) and every super-resolution stage run from this one code, one process per stage, so
-a deployment scales each on its own.
+The decoder (text_proj + UNet) and every super-resolution stage run from this one code, one process per stage,
+so a deployment scales each on its own.
 """
 
 from __future__ import annotations

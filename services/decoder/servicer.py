@@ -24,17 +24,22 @@ DEFAULT_STEPS = {"decoder": 25, "super_res": 7, "super_res_2": 7}  # Karlo's def
 
 
 def decode_inpaint(request, n: int):
-    """The optional InpaintInput: image float32 [n, 3, S, S] in [-1, 1], mask float32 [n, 1, S, S] in {0, 1}."""
+    """The optional InpaintInput: image float32 [n, 3, S, S] in [-1, 1], mask float32 [n, 1, S, S] in {0,
+    1}."""
     if not request.HasField("inpaint"):
         return None
     from services.decoder.engine import InpaintInput
 
     inpaint = request.inpaint
-    image = from_field(inpaint, "image", prefix="inpaint.", dtype=torch.float32, shape=[n, 3, None, None], finite=True)
+    image = from_field(
+        inpaint, "image", prefix="inpaint.", dtype=torch.float32, shape=[n, 3, None, None], finite=True
+    )
     size = image.shape[-1]
     if image.shape[-2] != size or size < 1:
         raise ValueError(f"inpaint.image must be square, got {list(image.shape)}")
-    mask = from_field(inpaint, "mask", prefix="inpaint.", dtype=torch.float32, shape=[n, 1, size, size], finite=True)
+    mask = from_field(
+        inpaint, "mask", prefix="inpaint.", dtype=torch.float32, shape=[n, 1, size, size], finite=True
+    )
     if bool(((mask < 0) | (mask > 1)).any()):
         raise ValueError("inpaint.mask must hold values in [0, 1] (1 = keep, 0 = regenerate)")
     return InpaintInput(image=image, mask=mask)
@@ -73,7 +78,9 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
     def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.ServicerContext):
         engine = self._engine()
         cfg = request.do_classifier_free_guidance
-        image_embeds = from_field(request, "image_embeds", dtype=torch.float32, shape=[None, None], finite=True)
+        image_embeds = from_field(
+            request, "image_embeds", dtype=torch.float32, shape=[None, None], finite=True
+        )
         n = image_embeds.shape[0]
         if not 1 <= n <= MAX_IMAGES:
             raise ValueError(f"image_embeds must have n rows, n in 1..{MAX_IMAGES}, got {n}")
@@ -93,7 +100,9 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
             inpaint=decode_inpaint(request, n),
             step_callback=step_callback_for(context),
         )
-        return decoder_pb2.ImagesOutput(images=to_proto(output.images), generators=encode_generators(output.generators))
+        return decoder_pb2.ImagesOutput(
+            images=to_proto(output.images), generators=encode_generators(output.generators)
+        )
 
 
 class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
@@ -114,4 +123,6 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
             inpaint=decode_inpaint(request, n),
             step_callback=step_callback_for(context),
         )
-        return decoder_pb2.ImagesOutput(images=to_proto(output.images), generators=encode_generators(output.generators))
+        return decoder_pb2.ImagesOutput(
+            images=to_proto(output.images), generators=encode_generators(output.generators)
+        )

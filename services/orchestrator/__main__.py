@@ -1,4 +1,5 @@
-"""python -m services.orchestrator --port N: the public API, chaining the stages (their addresses from flags/env).
+"""python -m services.orchestrator --port N: the public API, chaining the stages (their addresses from
+flags/env).
 
 It holds no model. It says SERVING once every stage it chains says SERVING and the cascade's sizes are known.
 """

@@ -1,7 +1,8 @@
 """The orchestrator's view of the stages: one stub per stage, and calls that carry the caller's deadline.
 
-Every stage call gets the time the client has left (or `stage_timeout_seconds` when the client set no deadline),
-and is cancelled when the client cancels, so no stage keeps computing for a request nobody waits for.
+Every stage call gets the time the client has left (or `stage_timeout_seconds` when the client set no
+deadline), and is cancelled when the client cancels, so no stage keeps computing for a request nobody waits
+for.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""The chain, top to bottom: safety -> encoder -> prior -> decoder -> safety -> upsampler(s) -> safety -> PNGs.
+"""The chain, top to bottom: safety -> encoder -> prior -> decoder -> safety -> upsampler(s) -> safety ->
+PNGs.
 
-Each arrow is one gRPC call (services.orchestrator.clients). The orchestrator holds no model: tensors pass through
-as the stages return them, together with every image's generator state, so a request's images equal diffusers'
-UnCLIPPipeline run in one process with `generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]`.
+Each arrow is one gRPC call (services.orchestrator.clients). The orchestrator holds no model: tensors pass
+through as the stages return them, together with every image's generator state, so a request's images equal
+diffusers' UnCLIPPipeline run in one process with `generator=[torch.Generator().manual_seed(seed + i) for i in
+range(n)]`.
 """
 
 from __future__ import annotations
@@ -122,9 +124,11 @@ class Pipeline:
         self.sizes = [stage.output_size for stage in cascade]  # ascending
         self.stage_timeout_seconds = stage_timeout_seconds
 
-    # ---- validation shared by the three calls ------------------------------------------------------------------
+    # ---- validation shared by the three calls --------------------------------------------------------------
 
-    def _request(self, n: int, size: int, has_seed: bool, seed: int, output_format: int, user: str) -> Request:
+    def _request(
+        self, n: int, size: int, has_seed: bool, seed: int, output_format: int, user: str
+    ) -> Request:
         n = n or 1
         check_n(n)
         size = size or self.sizes[-1]
@@ -159,9 +163,11 @@ class Pipeline:
             sizes=self.sizes, defaults=defaults, max_n=MAX_IMAGES, max_prompt_chars=MAX_PROMPT_CHARS
         )
 
-    # ---- the three public calls ------------------------------------------------------------------------------
+    # ---- the three public calls ----------------------------------------------------------------------------
 
-    def generate(self, req: orchestrator_pb2.GenerateRequest, calls: Calls) -> orchestrator_pb2.ImagesResponse:
+    def generate(
+        self, req: orchestrator_pb2.GenerateRequest, calls: Calls
+    ) -> orchestrator_pb2.ImagesResponse:
         # 1. Validate everything before any work.
         check_prompt(req.prompt)
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
@@ -197,7 +203,9 @@ class Pipeline:
         )
 
         # 5-8. Decoder, safety, upsamplers, safety, PNGs.
-        response = self._decode_and_upsample(r, params, cfg, prior.image_embeds, text, prior.generators, calls)
+        response = self._decode_and_upsample(
+            r, params, cfg, prior.image_embeds, text, prior.generators, calls
+        )
         response.prompt_truncated = any(text.truncated)
         return response
 
@@ -215,10 +223,13 @@ class Pipeline:
         # 2. The uploaded image passes the content policy.
         self._check_images(pil_to_tensor(image)[None], safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
 
-        # 3. Encoder: the image's CLIP embedding and the empty prompt, each n times in one batch, as the reference
-        #    called with image=[image] * n computes them (a batch of one, repeated, rounds differently).
+        # 3. Encoder: the image's CLIP embedding and the empty prompt, each n times in one batch, as the
+        # reference called with image=[image] * n computes them (a batch of one, repeated, rounds
+        # differently).
         encoded = calls(
-            self.stages.encoder.EncodeImage, encoder_pb2.EncodeImageRequest(images=[png_bytes(image)] * r.n), "encoder"
+            self.stages.encoder.EncodeImage,
+            encoder_pb2.EncodeImageRequest(images=[png_bytes(image)] * r.n),
+            "encoder",
         )
         image_embeds = encoded.image_embeds  # [n, D]
         text = calls(
@@ -276,12 +287,20 @@ class Pipeline:
 
         # 5. Decoder and upsamplers sample the masked region only; the known region is the original's.
         response = self._decode_and_upsample(
-            r, params, cfg, prior.image_embeds, text, prior.generators, calls, inpaint=inpaint, keep=(original, known)
+            r,
+            params,
+            cfg,
+            prior.image_embeds,
+            text,
+            prior.generators,
+            calls,
+            inpaint=inpaint,
+            keep=(original, known),
         )
         response.prompt_truncated = any(text.truncated)
         return response
 
-    # ---- the image stages, shared by the three calls -----------------------------------------------------------
+    # ---- the image stages, shared by the three calls -------------------------------------------------------
 
     def _decode_and_upsample(
         self,
@@ -400,7 +419,11 @@ class Pipeline:
         )
         if verdict.action == safety_pb2.ACTION_BLOCK:
             raise refused(stage, _categories(verdict), verdict)
-        dropped = {v.index for v in verdict.verdicts if v.action in (safety_pb2.ACTION_WITHHOLD, safety_pb2.ACTION_BLOCK)}
+        dropped = {
+            v.index
+            for v in verdict.verdicts
+            if v.action in (safety_pb2.ACTION_WITHHOLD, safety_pb2.ACTION_BLOCK)
+        }
         if not dropped:
             return images, generators, indices, []
         categories = [c for v in verdict.verdicts if v.index in dropped for c in v.categories]
@@ -412,7 +435,8 @@ class Pipeline:
 
 
 def refused(stage: int, categories: list[str], verdict: safety_pb2.CheckResponse) -> StatusError:
-    """A refusal by the content policy: INVALID_ARGUMENT with an ErrorInfo CONTENT_POLICY_VIOLATION (the CLI exits 3)."""
+    """A refusal by the content policy: INVALID_ARGUMENT with an ErrorInfo CONTENT_POLICY_VIOLATION (the CLI
+    exits 3)."""
     status = refusal_status(stage, categories, verdict.policy_version)
     return StatusError(grpc.StatusCode.INVALID_ARGUMENT, status.details, status)
 
@@ -429,5 +453,3 @@ def _generator_states(seed: int, n: int) -> list[tensor_pb2.GeneratorState]:
 def _select(tensor: tensor_pb2.Tensor, rows: list[int]) -> tensor_pb2.Tensor:
     """The given rows of a tensor (first dimension)."""
     return to_proto(from_proto(tensor, "images")[rows])
-
-

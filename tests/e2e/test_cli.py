@@ -1,5 +1,5 @@
-"""`unclip up` + `unclip generate/vary/edit` from a shell, exactly as the README documents them; stopping the stack
-leaves no process behind, also when a stage fails to start."""
+"""`unclip up` + `unclip generate/vary/edit` from a shell, exactly as the README documents them; stopping the
+stack leaves no process behind, also when a stage fails to start."""
 
 from __future__ import annotations
 
@@ -99,15 +99,16 @@ def test_up_generate_vary_edit_then_stop(stack_model_dir, tmp_path):
         alpha = np.full((64, 64), 255, dtype=np.uint8)
         alpha[16:48, 16:48] = 0
         PIL.Image.fromarray(np.dstack([original, alpha]), "RGBA").save(tmp_path / "mask.png")
-        done = unclip("edit", str(paths[0]), "a blue square", "--mask", "mask.png", "--size", "64", "--seed", "1",
-                      "--out", "out", *addr, *FAST, cwd=tmp_path)  # fmt: skip
+        edit = ["edit", str(paths[0]), "a blue square", "--mask", "mask.png", "--size", "64", "--seed", "1"]
+        done = unclip(*edit, "--out", "out", *addr, *FAST, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         edited = np.asarray(PIL.Image.open(tmp_path / done.stdout.split()[0]).convert("RGB")).astype(int)
         keep = alpha > 0
         assert np.abs(edited - original)[keep].max() <= 2
         assert np.abs(edited - original)[~keep].mean() > 10
 
-        # Exit codes: 2 invalid input naming the field, 3 refused by the policy naming the check, 1 anything else.
+        # Exit codes: 2 invalid input naming the field, 3 refused by the policy naming the check, 1 anything
+        # else.
         done = unclip("generate", "", *addr, cwd=tmp_path)
         assert done.returncode == 2 and "prompt" in done.stderr, done.stderr
         done = unclip("generate", "a red circle", "--size", "4096", *addr, cwd=tmp_path)
@@ -145,7 +146,9 @@ def test_up_names_the_stage_that_fails_and_leaves_nothing(stack_model_dir, tmp_p
     assert processes_mentioning(str(tmp_path)) == []
 
 
-@pytest.mark.parametrize("args", [["generate", "x", "--seed", "-1"], ["generate", "x", "--super-res-steps", "a"]])
+@pytest.mark.parametrize(
+    "args", [["generate", "x", "--seed", "-1"], ["generate", "x", "--super-res-steps", "a"]]
+)
 def test_cli_rejects_bad_flags_before_calling(args, tmp_path):
     done = unclip(*args, "--addr", "127.0.0.1:1", cwd=tmp_path)
     assert done.returncode == 2

@@ -1,5 +1,5 @@
-"""Every bad input gets INVALID_ARGUMENT whose message starts with the field's name, through the orchestrator and
-directly at each stage; afterwards every process still says SERVING."""
+"""Every bad input gets INVALID_ARGUMENT whose message starts with the field's name, through the orchestrator
+and directly at each stage; afterwards every process still says SERVING."""
 
 from __future__ import annotations
 
@@ -20,14 +20,16 @@ from unclip.v1 import (
     decoder_pb2_grpc,
     encoder_pb2,
     encoder_pb2_grpc,
+    orchestrator_pb2_grpc,
     prior_pb2,
     prior_pb2_grpc,
     tensor_pb2,
 )
 from unclip.v1 import orchestrator_pb2 as pb
-from unclip.v1 import orchestrator_pb2_grpc
 
-FAST = pb.SamplingParams(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=[2])
+FAST = pb.SamplingParams(
+    prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=[2]
+)
 
 
 def png(width: int, height: int, mode: str = "RGB", alpha_hole: bool = False) -> bytes:
@@ -80,8 +82,14 @@ GENERATE_CASES = [
     (dict(output_format=7), "output_format"),
     (dict(params=pb.SamplingParams(prior_num_inference_steps=1)), "params.prior_num_inference_steps"),
     (dict(params=pb.SamplingParams(decoder_num_inference_steps=1001)), "params.decoder_num_inference_steps"),
-    (dict(params=pb.SamplingParams(super_res_num_inference_steps=[7, 1])), "params.super_res_num_inference_steps"),
-    (dict(params=pb.SamplingParams(super_res_num_inference_steps=[7, 7, 7])), "params.super_res_num_inference_steps"),
+    (
+        dict(params=pb.SamplingParams(super_res_num_inference_steps=[7, 1])),
+        "params.super_res_num_inference_steps",
+    ),
+    (
+        dict(params=pb.SamplingParams(super_res_num_inference_steps=[7, 7, 7])),
+        "params.super_res_num_inference_steps",
+    ),
     (dict(params=pb.SamplingParams(prior_guidance_scale=-1.0)), "params.prior_guidance_scale"),
     (dict(params=pb.SamplingParams(prior_guidance_scale=math.nan)), "params.prior_guidance_scale"),
     (dict(params=pb.SamplingParams(decoder_guidance_scale=math.inf)), "params.decoder_guidance_scale"),
@@ -116,15 +124,19 @@ def test_variation_and_edit_reject(channels):
     good = dict(image=rgba, prompt="a blue square", params=FAST)
     assert_invalid(stub.Edit, pb.EditRequest(**{**good, "prompt": ""}), "prompt")
     assert_invalid(stub.Edit, pb.EditRequest(**{**good, "image": b"\x89PNG broken"}), "image")
-    assert_invalid(stub.Edit, pb.EditRequest(**{**good, "image": png(64, 32, "RGBA", True)}), "image", "square")
+    assert_invalid(
+        stub.Edit, pb.EditRequest(**{**good, "image": png(64, 32, "RGBA", True)}), "image", "square"
+    )
     assert_invalid(stub.Edit, pb.EditRequest(**{**good, "image": png(64, 64)}), "mask", "alpha")
     assert_invalid(stub.Edit, pb.EditRequest(**good, mask=png(32, 32, "RGBA", True)), "mask", "size")
     assert_invalid(stub.Edit, pb.EditRequest(**good, mask=png(64, 64)), "mask", "alpha")
     assert_invalid(stub.Edit, pb.EditRequest(**good, mask=b"garbage"), "mask")
-    assert_invalid(stub.Edit, pb.EditRequest(**{**good, "image": png(64, 64, "RGBA")}), "image", "transparent")
+    assert_invalid(
+        stub.Edit, pb.EditRequest(**{**good, "image": png(64, 64, "RGBA")}), "image", "transparent"
+    )
 
 
-# ---- directly at each stage ---------------------------------------------------------------------------------
+# ---- directly at each stage --------------------------------------------------------------------------------
 
 
 def corrupt(tensor: tensor_pb2.Tensor, **changes) -> tensor_pb2.Tensor:
@@ -170,12 +182,16 @@ def test_encoder_rejects(channels):
     assert_invalid(stub.EncodeText, encoder_pb2.EncodeTextRequest(prompts=["ok", "x" * 1001]), "prompts[1]")
     assert_invalid(stub.EncodeImage, encoder_pb2.EncodeImageRequest(), "images")
     assert_invalid(stub.EncodeImage, encoder_pb2.EncodeImageRequest(images=[b"junk"]), "images[0]")
-    assert_invalid(stub.EncodeImage, encoder_pb2.EncodeImageRequest(images=[png(8, 8), png(8, 4)]), "images[1]")
+    assert_invalid(
+        stub.EncodeImage, encoder_pb2.EncodeImageRequest(images=[png(8, 8), png(8, 4)]), "images[1]"
+    )
 
 
 def test_prior_and_decoder_reject(channels):
     encoder = encoder_pb2_grpc.EncoderStub(channels["encoder"])
-    text = encoder.EncodeText(encoder_pb2.EncodeTextRequest(prompts=["a", "a"], do_classifier_free_guidance=True))
+    text = encoder.EncodeText(
+        encoder_pb2.EncodeTextRequest(prompts=["a", "a"], do_classifier_free_guidance=True)
+    )
     generators = encode_generators(generators_from_seed(0, 2))
     prior_request = prior_pb2.PriorRequest(
         text_embeds=text.text_embeds,
@@ -199,7 +215,10 @@ def test_prior_and_decoder_reject(channels):
         (dict(text_embeds=corrupt(text.text_embeds, data=b"\0" * 8)), "text_embeds"),
         (dict(text_embeds=corrupt(text.text_embeds, dtype=99)), "text_embeds"),
         (dict(text_embeds=to_proto(torch.zeros(4, 16))), "text_embeds"),  # wrong embedding size
-        (dict(text_encoder_hidden_states=with_nan(text.text_encoder_hidden_states)), "text_encoder_hidden_states"),
+        (
+            dict(text_encoder_hidden_states=with_nan(text.text_encoder_hidden_states)),
+            "text_encoder_hidden_states",
+        ),
         (dict(text_mask=to_proto(from_proto(text.text_mask, "m").float())), "text_mask"),
         (dict(generators=generators[:1]), "generators"),
         (dict(generators=[tensor_pb2.GeneratorState(state=b"short")] * 2), "generators[0]"),
@@ -220,6 +239,10 @@ def test_prior_and_decoder_reject(channels):
     decoder = decoder_pb2_grpc.DecoderStub(channels["decoder"])
     decoder.Decode(decode_request)  # the valid request works
     image = to_proto(torch.zeros(2, 3, 32, 32))
+
+    def ones(size: int) -> tensor_pb2.Tensor:
+        return to_proto(torch.ones(2, 1, size, size))
+
     cases = [
         (dict(num_inference_steps=1001), "num_inference_steps"),
         (dict(guidance_scale=math.inf), "guidance_scale"),
@@ -230,9 +253,8 @@ def test_prior_and_decoder_reject(channels):
         (dict(do_classifier_free_guidance=False), "text_embeds"),  # 2n rows without guidance
         (dict(generators=[]), "generators"),
         (dict(inpaint=decoder_pb2.InpaintInput(image=image)), "inpaint.mask"),
-        (dict(inpaint=decoder_pb2.InpaintInput(image=image, mask=to_proto(torch.ones(2, 1, 16, 16)))), "inpaint.mask"),
-        (dict(inpaint=decoder_pb2.InpaintInput(image=with_nan(image), mask=to_proto(torch.ones(2, 1, 32, 32)))),
-         "inpaint.image"),
+        (dict(inpaint=decoder_pb2.InpaintInput(image=image, mask=ones(16))), "inpaint.mask"),
+        (dict(inpaint=decoder_pb2.InpaintInput(image=with_nan(image), mask=ones(32))), "inpaint.image"),
     ]  # fmt: skip
     for fields, field in cases:
         assert_invalid(decoder.Decode, mutated(decode_request, **fields), field)

@@ -1,5 +1,6 @@
-"""A stage process's life: NOT_SERVING (and UNAVAILABLE) until its weights are loaded, SERVING after; on SIGTERM it
-stops taking calls, finishes the one in flight and exits 0. Children of the stack die with it (PR_SET_PDEATHSIG)."""
+"""A stage process's life: NOT_SERVING (and UNAVAILABLE) until its weights are loaded, SERVING after; on
+SIGTERM it stops taking calls, finishes the one in flight and exits 0. Children of the stack die with it
+(PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,15 @@ def upsample_request(steps: int) -> decoder_pb2.UpsampleRequest:
 
 def test_not_serving_until_loaded_and_sigterm_lets_the_request_finish(stack_model_dir, tmp_path):
     process, address = start_stage(
-        ["services.decoder", "--model", str(stack_model_dir), "--stage", "super_res", "--grace-seconds", "60"],
+        [
+            "services.decoder",
+            "--model",
+            str(stack_model_dir),
+            "--stage",
+            "super_res",
+            "--grace-seconds",
+            "60",
+        ],
         tmp_path / "super_res.log",
     )
     try:
@@ -85,7 +94,8 @@ def test_not_serving_until_loaded_and_sigterm_lets_the_request_finish(stack_mode
 
 
 def test_stack_children_die_with_the_stack_even_on_sigkill(tmp_path):
-    """The mechanism `unclip up` relies on: a child started by unclip.stack.Process outlives no SIGKILLed parent."""
+    """The mechanism `unclip up` relies on: a child started by unclip.stack.Process outlives no SIGKILLed
+    parent."""
     parent_code = f"""
 import os, sys, time
 from pathlib import Path

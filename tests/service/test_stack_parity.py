@@ -1,5 +1,6 @@
-"""The multi-process stack (each stage its own process, gRPC on loopback) equals diffusers' reference pipelines
-built from the same components, within 1e-4 (max abs, pixels in [0, 1]); the two-upsampler cascade; edits."""
+"""The multi-process stack (each stage its own process, gRPC on loopback) equals diffusers' reference
+pipelines built from the same components, within 1e-4 (max abs, pixels in [0, 1]); the two-upsampler cascade;
+edits."""
 
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ FLOAT32 = pb.OUTPUT_FORMAT_FLOAT32
 
 
 def params(**overrides) -> pb.SamplingParams:
-    fields = dict(prior_num_inference_steps=STEPS, decoder_num_inference_steps=STEPS, super_res_num_inference_steps=[STEPS])
+    fields = dict(
+        prior_num_inference_steps=STEPS,
+        decoder_num_inference_steps=STEPS,
+        super_res_num_inference_steps=[STEPS],
+    )
     fields.update(overrides)
     return pb.SamplingParams(**fields)
 
@@ -96,7 +101,9 @@ def reference_images(pipe: UnCLIPPipeline, n: int, seed: int, **guidance) -> np.
 )
 def test_generate_equals_unclip_pipeline(client, reference, n, seed, guidance):
     response = client.Generate(
-        pb.GenerateRequest(prompt=PROMPT, n=n, size=64, seed=seed, params=params(**guidance), output_format=FLOAT32)
+        pb.GenerateRequest(
+            prompt=PROMPT, n=n, size=64, seed=seed, params=params(**guidance), output_format=FLOAT32
+        )
     )
     assert [(image.index, image.seed) for image in response.images] == [(i, seed + i) for i in range(n)]
     assert response.seed == seed and response.size == 64
@@ -110,7 +117,8 @@ def test_generate_equals_unclip_pipeline(client, reference, n, seed, guidance):
 
 
 def test_batch_drift_is_small(client):
-    """Image i of a batch vs image i alone: same noise, only float rounding differs (kernels vary by batch)."""
+    """Image i of a batch vs image i alone: same noise, only float rounding differs (kernels vary by
+    batch)."""
     batch = pixels(client.Generate(pb.GenerateRequest(prompt=PROMPT, n=3, size=64, seed=40, params=params(),
                                                       output_format=FLOAT32)))  # fmt: skip
     alone = pixels(client.Generate(pb.GenerateRequest(prompt=PROMPT, n=1, size=64, seed=41, params=params(),
@@ -141,7 +149,9 @@ def test_variation_equals_unclip_image_variation_pipeline(client, components):
     image.save(buffer, format="PNG")
     n, seed = 2, 3
     response = client.CreateVariation(
-        pb.VariationRequest(image=buffer.getvalue(), n=n, size=64, seed=seed, params=params(), output_format=FLOAT32)
+        pb.VariationRequest(
+            image=buffer.getvalue(), n=n, size=64, seed=seed, params=params(), output_format=FLOAT32
+        )
     )
     expected = pipe(
         image=[image] * n,
@@ -158,7 +168,9 @@ def test_two_upsampler_cascade(client):
     assert list(capabilities.sizes) == [32, 64, 128]
     assert list(capabilities.defaults.super_res_num_inference_steps) == [7, 7]
 
-    full = client.Generate(pb.GenerateRequest(prompt=PROMPT, n=2, seed=9, params=params(), output_format=FLOAT32))
+    full = client.Generate(
+        pb.GenerateRequest(prompt=PROMPT, n=2, seed=9, params=params(), output_format=FLOAT32)
+    )
     assert full.size == 128
     assert pixels(full).shape == (2, 128, 128, 3)
     assert PIL.Image.open(io.BytesIO(full.images[0].png)).size == (128, 128)
@@ -193,8 +205,8 @@ def test_edit_keeps_unmasked_pixels_and_changes_the_masked_region(client, size):
     mask.save(mask_png, format="PNG")
 
     response = client.Edit(
-        pb.EditRequest(image=image_png.getvalue(), mask=mask_png.getvalue(), prompt=PROMPT, n=2, size=size, seed=1,
-                       params=params(), output_format=FLOAT32)
+        pb.EditRequest(image=image_png.getvalue(), mask=mask_png.getvalue(), prompt=PROMPT, n=2, size=size,
+                       seed=1, params=params(), output_format=FLOAT32)
     )  # fmt: skip
     got = pixels(response)
     want = original.astype(np.float32) / 255

@@ -1,8 +1,9 @@
 """Error mapping shared by every servicer.
 
 Engines raise `ValueError` whose message starts with the offending field's name; the servicer turns it into
-INVALID_ARGUMENT (never INTERNAL: bad input is the caller's to fix, and the service stays SERVING). A step callback
-raises `RequestCancelled` when the caller has gone or its deadline passed, which stops the denoising loop.
+INVALID_ARGUMENT (never INTERNAL: bad input is the caller's to fix, and the service stays SERVING). A step
+callback raises `RequestCancelled` when the caller has gone or its deadline passed, which stops the denoising
+loop.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class RequestCancelled(Exception):
 
 
 def step_callback_for(context: grpc.ServicerContext) -> Callable[[int, int], None]:
-    """A step_callback (engines call it after every denoising step) that stops the work when the call is over."""
+    """A step_callback (engines call it after every denoising step) that stops the work when the call is
+    over."""
 
     def step_callback(step: int, total: int) -> None:
         if not context.is_active():
@@ -55,7 +57,8 @@ def step_callback_for(context: grpc.ServicerContext) -> Callable[[int, int], Non
 
 
 def grpc_errors(method: F) -> F:
-    """Decorates a servicer method: maps ValueError, StatusError and RequestCancelled to their status codes."""
+    """Decorates a servicer method: maps ValueError, StatusError and RequestCancelled to their status
+    codes."""
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:

@@ -1,8 +1,8 @@
 """Images in and out: encoded files <-> PIL <-> tensors, edit masks, and the final downscale.
 
 Conventions: model tensors are float32 [n, 3, S, S] in [-1, 1] (as the stages produce them); output pixels are
-float32 [n, S, S, 3] in [0, 1] exactly as diffusers' pipelines post-process (x * 0.5 + 0.5, clamped); PNGs are 8-bit
-RGB rounded as diffusers' `numpy_to_pil`.
+float32 [n, S, S, 3] in [0, 1] exactly as diffusers' pipelines post-process (x * 0.5 + 0.5, clamped); PNGs are
+8-bit RGB rounded as diffusers' `numpy_to_pil`.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def resize_image(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
 
 
 def known_mask(image: PIL.Image.Image, mask: PIL.Image.Image | None) -> torch.Tensor:
-    """The OpenAI Images API's edit mask as float32 [1, S, S]: 1 = keep, 0 = regenerate (fully transparent pixels).
+    """The OpenAI Images API's edit mask as float32 [1, S, S]: 1 = keep, 0 = regenerate (fully transparent
+    pixels).
 
     Without a mask the image's own alpha channel is the mask.
     """

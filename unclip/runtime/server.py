@@ -1,7 +1,8 @@
 """The gRPC server every service runs, and the matching client channel.
 
 `serve()` is the life of one process:
-1. bind the port and start answering at once, with grpc.health.v1 saying NOT_SERVING (so probes see "alive, not
+1. bind the port and start answering at once, with grpc.health.v1 saying NOT_SERVING (so probes see "alive,
+not
    ready" while weights load) and server reflection on (so `grpcurl` can list and call every method);
 2. load the weights and run one warm-up in a background thread, then say SERVING;
 3. on SIGTERM / SIGINT: say NOT_SERVING, stop accepting new calls, let in-flight calls finish for up to
@@ -54,7 +55,8 @@ def create_server(
     max_workers: int = 8,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
-    """A server bound to `address` ("host:port", port 0 picks a free one); returns it (not started) and its port."""
+    """A server bound to `address` ("host:port", port 0 picks a free one); returns it (not started) and its
+    port."""
     options = message_options(max_message_bytes)
     # Two servers on one port must fail loudly, not share it (Linux gRPC sets SO_REUSEPORT by default).
     options.append(("grpc.so_reuseport", 0))
@@ -111,8 +113,8 @@ def serve(
 ) -> int:
     """Runs one service until SIGTERM/SIGINT; returns the process exit status (1 if loading failed).
 
-    `register(server)` adds the servicers (they answer UNAVAILABLE until `load` has finished); `load()` loads the
-    weights and runs one warm-up. `args` carries the SERVER_SETTINGS.
+    `register(server)` adds the servicers (they answer UNAVAILABLE until `load` has finished); `load()` loads
+    the weights and runs one warm-up. `args` carries the SERVER_SETTINGS.
     """
     server, port = create_server(
         f"{args.host}:{args.port}",

@@ -1,12 +1,13 @@
 """The one registry of environment variables.
 
-Every process of the stack reads its configuration here: a command-line flag wins, then the environment variable,
-then the default. `python -m unclip.runtime.settings` prints the table (it is also in docs/interfaces.md).
+Every process of the stack reads its configuration here: a command-line flag wins, then the environment
+variable, then the default. `python -m unclip.runtime.settings` prints the table (it is also in
+docs/interfaces.md).
 
-Message sizes: the largest message the stack carries is the orchestrator's answer (or an upsampler's request with an
-edit) at n=10, 1024 x 1024: 10 * 3 * 1024 * 1024 * 4 bytes = 126 MB of float32 pixels, plus an inpaint mask of
-42 MB, plus the PNGs (at most ~3 MB each). 256 MiB covers the largest request with room to spare; gRPC's default
-(4 MiB) would refuse any float image above ~590 px.
+Message sizes: the largest message the stack carries is the orchestrator's answer (or an upsampler's request
+with an edit) at n=10, 1024 x 1024: 10 * 3 * 1024 * 1024 * 4 bytes = 126 MB of float32 pixels, plus an inpaint
+mask of 42 MB, plus the PNGs (at most ~3 MB each). 256 MiB covers the largest request with room to spare;
+gRPC's default (4 MiB) would refuse any float image above ~590 px.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""proto Tensor <-> torch.Tensor: raw little-endian bytes with a dtype and a shape (the KServe v2 / Triton way).
+"""proto Tensor <-> torch.Tensor: raw little-endian bytes with a dtype and a shape (the KServe v2 / Triton
+way).
 
 Decoding validates everything a caller can get wrong and names the field in the ValueError:
-a missing tensor, an unknown dtype, a byte count that does not match the shape, the wrong dtype or rank or size,
-NaN / Inf where finite values are required.
+a missing tensor, an unknown dtype, a byte count that does not match the shape, the wrong dtype or rank or
+size, NaN / Inf where finite values are required.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def from_proto(
     if any(d < 0 for d in dims):
         raise ValueError(f"{field}: negative dimension in shape {dims}")
     if shape is not None:
-        if len(dims) != len(shape) or any(want is not None and want != got for want, got in zip(shape, dims)):
+        if len(dims) != len(shape) or any(
+            want is not None and want != got for want, got in zip(shape, dims, strict=True)
+        ):
             expected = "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
             raise ValueError(f"{field} must have shape {expected}, got {dims}")
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
