@@ -45,7 +45,7 @@ class AuditLog:
         directory: str | os.PathLike[str],
         *,
         max_segment_bytes: int = 64 * 1024 * 1024,  # rotate after this many bytes
-        max_segment_seconds: float = 3600.0,  # ... or after this long, so shipping is never far behind
+        max_segment_seconds: float = 3600.0,  # ... or at the first append after this long (shipping keeps up)
         on_segment_closed: Callable[[Path], None] | None = None,  # ship a closed segment (S3/MinIO upload)
     ):
         self.directory = Path(directory)

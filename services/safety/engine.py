@@ -29,6 +29,8 @@ from services.safety.policy import ACTIONS, FAILURE_CATEGORY, Policy, PolicyErro
 
 log = logging.getLogger(__name__)
 
+# Filters a reload dropped are closed this long after it (checks in flight may still be using them).
+_CLOSE_DELAY_SECONDS = 60.0
 # "allow" is weaker than every policy action.
 _RANK = {"allow": 0, **{a: i + 1 for i, a in enumerate(ACTIONS)}}
 
@@ -86,7 +88,8 @@ class SafetyEngine:
                 for name, instance in policy.filters.items():
                     if old is None or old.filters.get(name) is not instance:
                         instance.warmup()
-            except (PolicyError, Exception) as error:  # a bad new policy never replaces a good one
+            # A bad new policy (or a filter that fails to load or warm up) never replaces a good one.
+            except Exception as error:
                 self._stamp = stamp  # do not retry the same bad file every poll
                 message = str(error) if isinstance(error, PolicyError) else f"{type(error).__name__}: {error}"
                 self.last_reload_error = message
@@ -95,7 +98,11 @@ class SafetyEngine:
                 return False
             self._policy, self._stamp, self.last_reload_error = policy, stamp, None
             if old is not None:
-                old.close(keep={n for n, f in old.filters.items() if policy.filters.get(n) is f})
+                # Checks begun under the old policy may still use its filters: close them a little later.
+                keep = {n for n, f in old.filters.items() if policy.filters.get(n) is f}
+                timer = threading.Timer(_CLOSE_DELAY_SECONDS, old.close, kwargs={"keep": keep})
+                timer.daemon = True
+                timer.start()
             log.info("policy %s loaded from %s", policy.version, self.policy_path)
             self._record_event("policy_loaded", version=policy.version, path=self.policy_path)
             return True

@@ -7,6 +7,7 @@ import time
 import grpc
 import torch
 
+from services.safety.audit import AuditError
 from services.safety.engine import Decision, SafetyEngine
 from services.safety.filters.base import CheckInput
 from unclip.runtime.errors import StatusError, grpc_errors
@@ -82,8 +83,6 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
 
 
 def _decide(engine: SafetyEngine, item: CheckInput) -> Decision:
-    from services.safety.audit import AuditError
-
     try:
         return engine.check(item)
     except AuditError as error:  # an unrecorded decision must not go out: the caller fails closed
