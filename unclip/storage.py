@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,6 +404,33 @@ def presigned_get_url(
     """A GET URL valid for `expires`, signed for the public endpoint (computed locally, no request)."""
     with _s3_errors(f"presign s3://{bucket}/{key}"):
         return config.client(public=True).presigned_get_object(bucket, key, expires=expires)
+
+
+def store_images(
+    images: list[bytes],
+    url: str,
+    config: S3Config | None = None,
+    request_id: str | None = None,
+    content_type: str = "image/png",
+    expires: datetime.timedelta = PRESIGN_EXPIRY,
+) -> list[str]:
+    """Stores a request's images under `url` (s3://bucket/prefix) and returns a presigned GET URL for each.
+
+    Keys are `<prefix>/<yyyy>/<mm>/<dd>/<request id>/<i>.png` (a bucket lifecycle rule can expire by date).
+    For the orchestrator's `response_format=url`: `store_images(pngs, os.environ["UNCLIP_IMAGES_URL"])`.
+    """
+    bucket, prefix = parse_s3_url(url, "UNCLIP_IMAGES_URL")
+    config = config or S3Config.from_env()
+    client = config.client()
+    day = datetime.datetime.now(datetime.UTC).strftime("%Y/%m/%d")
+    folder = _key(prefix, f"{day}/{request_id or uuid.uuid4().hex}")
+    suffix = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}.get(content_type, "bin")
+    urls = []
+    for i, data in enumerate(images):
+        key = f"{folder}/{i}.{suffix}"
+        put_bytes(client, bucket, key, data, content_type)
+        urls.append(presigned_get_url(config, bucket, key, expires))
+    return urls
 
 
 def ship_audit_segment(path: str | Path) -> str:

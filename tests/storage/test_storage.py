@@ -298,3 +298,19 @@ def test_cli_makes_buckets(s3, tmp_path):
     assert proc.returncode == 0
     for name in names:
         assert s3.client().bucket_exists(name)
+
+
+def test_store_images_returns_working_presigned_urls(s3):
+    bucket = _unique_bucket()
+    storage.ensure_bucket(s3.client(), bucket)
+    port = s3.endpoint.rsplit(":", 1)[1]
+    public = dataclasses.replace(s3.config, public_endpoint=f"localhost:{port}")
+    pngs = [b"\x89PNG\r\n\x1a\n" + os.urandom(64) for _ in range(3)]
+    urls = storage.store_images(pngs, f"s3://{bucket}/generated", public, request_id="req-1")
+    assert len(urls) == 3
+    for i, (url, png) in enumerate(zip(urls, pngs, strict=True)):
+        assert f"/{bucket}/generated/" in url and f"/req-1/{i}.png?" in url
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.read() == png
+    with pytest.raises(ValueError, match="^UNCLIP_IMAGES_URL must look like s3://"):
+        storage.store_images(pngs, "/tmp/images", public)
