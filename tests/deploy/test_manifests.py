@@ -14,7 +14,7 @@ import yaml
 from unclip.runtime import metrics, settings
 
 ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS = ["dev", "gpu", "gpu-hpa"]
+OVERLAYS = ["dev", "gpu", "gpu-hpa", "gpu-cascade"]
 # Schemas checked: the kubectl we render with (1.35) and an older still-supported minor.
 K8S_VERSIONS = ["1.35.0", "1.33.0"]
 # Deployment name -> (process, its metrics `service` label = its key in settings.DEFAULT_PORTS).
@@ -27,14 +27,28 @@ STAGES = {
     "unclip-safety": ("safety", "safety"),
 }
 MODEL_STAGES = ["unclip-encoder", "unclip-prior", "unclip-decoder", "unclip-super-res"]
-# The orchestrator's address settings and the Deployment each must reach.
+# The second super-resolution stage, in overlays that include components/super-res-2.
+SUPER_RES_2 = {"unclip-super-res-2": ("decoder", "super_res_2")}
+# The orchestrator's address settings and the Deployments each must reach (upsamplers: in cascade order).
 ADDRESSES = {
-    "UNCLIP_ENCODER_ADDR": "unclip-encoder",
-    "UNCLIP_PRIOR_ADDR": "unclip-prior",
-    "UNCLIP_DECODER_ADDR": "unclip-decoder",
-    "UNCLIP_UPSAMPLER_ADDRS": "unclip-super-res",
-    "UNCLIP_SAFETY_ADDR": "unclip-safety",
+    "UNCLIP_ENCODER_ADDR": ["unclip-encoder"],
+    "UNCLIP_PRIOR_ADDR": ["unclip-prior"],
+    "UNCLIP_DECODER_ADDR": ["unclip-decoder"],
+    "UNCLIP_UPSAMPLER_ADDRS": ["unclip-super-res"],
+    "UNCLIP_SAFETY_ADDR": ["unclip-safety"],
 }
+
+
+def stages_of(docs) -> dict[str, tuple[str, str]]:
+    """STAGES, plus super-res-2 where the overlay runs a two-stage cascade."""
+    names = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    return {**STAGES, **{n: v for n, v in SUPER_RES_2.items() if n in names}}
+
+
+def model_stages_of(docs) -> list[str]:
+    return MODEL_STAGES + [n for n in SUPER_RES_2 if n in stages_of(docs)]
+
+
 # Objects that the gpu overlays expect to exist already (created by the operator, docs/operations.md).
 EXTERNAL = {("Secret", "unclip-s3")}
 # Environment variables the manifests set that no code reads yet (wiring listed in docs/operations.md).
@@ -107,7 +121,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered, overlay
 def test_every_deployment_has_probes_resources_and_runs_non_root(rendered, overlay):
     docs = rendered[overlay]
     deployments = kinds(docs, "Deployment")
-    assert set(STAGES) <= {d["metadata"]["name"] for d in deployments}
+    assert set(stages_of(docs)) <= {d["metadata"]["name"] for d in deployments}
     for d in deployments:
         name = d["metadata"]["name"]
         pod = d["spec"]["template"]["spec"]
@@ -124,9 +138,9 @@ def test_every_deployment_has_probes_resources_and_runs_non_root(rendered, overl
             image = c["image"]
             assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"{name}: pin {image}"
             # A read-only root needs a writable /tmp for our Python processes (torch and caches write there).
-            assert name not in STAGES or any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])), (
-                name
-            )
+            assert name not in stages_of(docs) or any(
+                m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])
+            ), name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -134,7 +148,7 @@ def test_stage_ports_agree_everywhere(rendered, overlay):
     """Deployment port, UNCLIP_PORT, probes, headless Service, orchestrator settings and the default ports."""
     docs = rendered[overlay]
     deployments, services = by_name(docs, "Deployment"), by_name(docs, "Service")
-    for name, (process, label) in STAGES.items():
+    for name, (process, label) in stages_of(docs).items():
         d, c = deployments[name], container(deployments[name])
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         grpc_port = ports["grpc"]
@@ -156,13 +170,18 @@ def test_stage_ports_agree_everywhere(rendered, overlay):
         assert svc_port["port"] == grpc_port and svc_port["targetPort"] in ("grpc", grpc_port)
 
     data = settings_data(docs)
-    for key, deployment in ADDRESSES.items():
-        target = data[key]
-        assert target.startswith("dns:///"), f"{key}={target}: dial dns:/// so round_robin sees every pod"
-        host, port = target.removeprefix("dns:///").rsplit(":", 1)
-        assert host == deployment and host in services
-        grpc_port = container(deployments[deployment])["ports"][0]["containerPort"]
-        assert int(port) == grpc_port, key
+    expected = dict(ADDRESSES)
+    if "unclip-super-res-2" in deployments:
+        expected["UNCLIP_UPSAMPLER_ADDRS"] = ["unclip-super-res", "unclip-super-res-2"]
+    for key, targets in expected.items():
+        dialed = data[key].split(",")
+        assert len(dialed) == len(targets), f"{key}={data[key]}"
+        for target, deployment in zip(dialed, targets, strict=True):
+            assert target.startswith("dns:///"), f"{key}={target}: dial dns:/// so round_robin sees every pod"
+            host, port = target.removeprefix("dns:///").rsplit(":", 1)
+            assert host == deployment and host in services
+            grpc_port = container(deployments[deployment])["ports"][0]["containerPort"]
+            assert int(port) == grpc_port, key
     assert float(data["UNCLIP_MAX_CONNECTION_AGE_SECONDS"]) > 0  # clients re-resolve as pods come and go
 
 
@@ -171,7 +190,8 @@ def test_startup_and_shutdown_budgets(rendered, overlay):
     docs = rendered[overlay]
     deployments = by_name(docs, "Deployment")
     grace = {}
-    for name in STAGES:
+    model_stages = model_stages_of(docs)
+    for name in stages_of(docs):
         d = deployments[name]
         c, pod = container(d), d["spec"]["template"]["spec"]
         env = env_of(d, docs)
@@ -180,10 +200,10 @@ def test_startup_and_shutdown_budgets(rendered, overlay):
         # SIGTERM comes after preStop; the drain (UNCLIP_GRACE_SECONDS) must fit before the SIGKILL.
         assert pod["terminationGracePeriodSeconds"] > pre_stop + grace[name], name
         startup = c["startupProbe"]
-        if name in MODEL_STAGES:
+        if name in model_stages:
             assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, f"{name}: weights need time"
     # The orchestrator drains whole requests, which include the slowest stage call.
-    assert grace["unclip-orchestrator"] >= max(grace[n] for n in MODEL_STAGES)
+    assert grace["unclip-orchestrator"] >= max(grace[n] for n in model_stages)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -191,7 +211,7 @@ def test_every_stage_has_a_disruption_budget(rendered, overlay):
     docs = rendered[overlay]
     deployments = by_name(docs, "Deployment")
     budgets = kinds(docs, "PodDisruptionBudget")
-    for name in STAGES:
+    for name in stages_of(docs):
         labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         matching = [b for b in budgets if selector_matches(b["spec"]["selector"], labels)]
         assert len(matching) == 1, name
@@ -258,7 +278,7 @@ def exported_metric_names() -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("overlay", ["gpu"])
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-cascade"])
 def test_every_stage_has_a_keda_scaler_on_its_own_queue(rendered, overlay):
     docs = rendered[overlay]
     scalers = kinds(docs, "ScaledObject")
@@ -269,8 +289,8 @@ def test_every_stage_has_a_keda_scaler_on_its_own_queue(rendered, overlay):
         targets[so["spec"]["scaleTargetRef"]["name"]] = so
         assert so["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
         assert so["spec"]["minReplicaCount"] >= 1  # a stage at 0 would fail the first request's deadline
-    assert set(targets) == set(STAGES)  # one scaler per stage, none for anything else
-    for name, (_, label) in STAGES.items():
+    assert set(targets) == set(stages_of(docs))  # one scaler per stage, none for anything else
+    for name, (_, label) in stages_of(docs).items():
         [trigger] = targets[name]["spec"]["triggers"]
         query = trigger["metadata"]["query"]
         assert f'service="{label}"' in query, f"{name} must scale on its own queue: {query}"
@@ -287,7 +307,7 @@ def test_hpa_variant_replaces_keda(rendered):
     docs = rendered["gpu-hpa"]
     assert not kinds(docs, "ScaledObject")
     hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in kinds(docs, "HorizontalPodAutoscaler")}
-    assert set(hpas) == set(STAGES)
+    assert set(hpas) == set(stages_of(docs))
     exported = exported_metric_names()
     for hpa in hpas.values():
         names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
@@ -310,10 +330,11 @@ def test_dev_overlay_runs_without_autoscaler_gpu_or_outside_s3(rendered):
     assert f'push "$model" {data["UNCLIP_MODEL"]}' in script  # the Job seeds the model the stages load
 
 
-def test_gpu_overlay_puts_model_stages_on_gpus_in_fp16(rendered):
-    docs = rendered["gpu"]
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-cascade"])
+def test_gpu_overlay_puts_model_stages_on_gpus_in_fp16(rendered, overlay):
+    docs = rendered[overlay]
     deployments = by_name(docs, "Deployment")
-    for name in MODEL_STAGES:
+    for name in model_stages_of(docs):
         d = deployments[name]
         pod, c = d["spec"]["template"]["spec"], container(d)
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1, name
@@ -356,7 +377,8 @@ def test_network_policies_let_only_the_orchestrator_reach_the_stages(rendered, o
     ]
     assert deny, "a default-deny policy for the namespace"
     orchestrator_labels = deployments["unclip-orchestrator"]["spec"]["template"]["metadata"]["labels"]
-    for name in STAGES:
+    stages = stages_of(docs)
+    for name in stages:
         labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         peers = _allowed_peers(policies, labels, "ingress", "grpc")
         assert peers, f"{name}: nobody may call it"
@@ -373,14 +395,14 @@ def test_network_policies_let_only_the_orchestrator_reach_the_stages(rendered, o
                 }
     # The orchestrator may call every stage's grpc port.
     egress = _allowed_peers(policies, orchestrator_labels, "egress", "grpc")
-    for name in STAGES:
+    for name in stages:
         if name != "unclip-orchestrator":
             labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
             assert any(
                 selector_matches(p.get("podSelector", {"matchLabels": {"_": "_"}}), labels) for p in egress
             )
     # Every unclip process may reach DNS and the collector.
-    for name in STAGES:
+    for name in stages:
         labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert _allowed_peers(policies, labels, "egress", 53)
         assert _allowed_peers(policies, labels, "egress", 4317)
