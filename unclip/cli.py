@@ -161,7 +161,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         from unclip.tiny import make_tiny_model
 
-        model = make_tiny_model(Path(tempfile.mkdtemp(prefix="unclip-tiny-")) / "model")
+        scratch = tempfile.TemporaryDirectory(prefix="unclip-tiny-")  # removed when the demo ends
+        model = make_tiny_model(Path(scratch.name) / "model")
         print(
             f"demo: no bundled model in {BUNDLED_MODEL} yet; using a TINY RANDOM model ({model}): "
             "the pictures will be noise",

@@ -1,6 +1,6 @@
-"""A stage process's life: NOT_SERVING (and UNAVAILABLE) until its weights are loaded, SERVING after; on
-SIGTERM it stops taking calls, finishes the one in flight and exits 0. Children of the stack die with it
-(PR_SET_PDEATHSIG)."""
+"""A stage process's life: NOT_SERVING (and UNAVAILABLE) until its weights are loaded, SERVING after; a
+cancelled call stops its denoising loop within a step; on SIGTERM it stops taking calls, finishes the one in
+flight and exits 0. Children of the stack die with it (PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
@@ -69,10 +69,21 @@ def test_not_serving_until_loaded_and_sigterm_lets_the_request_finish(stack_mode
         assert wait_for_serving(address, timeout=120, is_alive=lambda: process.poll() is None)
         assert health_status(address, "unclip.v1.Upsampler") == "SERVING"
 
-        # A request long enough to be in flight when SIGTERM arrives (sized from a measured short one).
+        # A cancelled call stops the denoising loop within a step (the servicer's step_callback raises).
         started = time.monotonic()
         stub.Upsample(upsample_request(10), timeout=60)
         per_step = (time.monotonic() - started) / 10
+        cancelled = stub.Upsample.future(upsample_request(1000), timeout=120)
+        time.sleep(min(1.0, 100 * per_step))
+        cancelled.cancel()
+        log = tmp_path / "super_res.log"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "stopped: cancelled by the caller" not in log.read_text():
+            time.sleep(0.05)
+        stopped = log.read_text().split("stopped: cancelled by the caller at step ")[-1].split("/")[0]
+        assert stopped.isdigit() and int(stopped) < 1000, log.read_text()[-2000:]
+
+        # A request long enough to be in flight when SIGTERM arrives (sized from the measured steps).
         steps = min(1000, max(20, int(3.0 / per_step)))
         future = stub.Upsample.future(upsample_request(steps), timeout=120)
         time.sleep(min(1.0, steps * per_step / 3))
@@ -127,3 +138,45 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_reflection_lists_every_service_and_health(stack):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    expected = {
+        "orchestrator": "unclip.v1.ImageService",
+        "encoder": "unclip.v1.Encoder",
+        "prior": "unclip.v1.Prior",
+        "decoder": "unclip.v1.Decoder",
+        "super_res": "unclip.v1.Upsampler",
+        "super_res_2": "unclip.v1.Upsampler",
+        "safety": "unclip.v1.Safety",
+    }
+    for name, service in expected.items():
+        with stack.channel(name) as channel:
+            services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services, (
+            name
+        )
+
+
+def test_messages_over_grpcs_default_limit_pass(stack):
+    """gRPC refuses messages over 4 MiB by default; the stack's limit (UNCLIP_MAX_MESSAGE_BYTES) is larger."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    from unclip.v1 import encoder_pb2, encoder_pb2_grpc
+
+    noise = np.random.default_rng(0).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(noise).save(buffer, format="PNG", compress_level=0)
+    assert len(buffer.getvalue()) > 5 * 2**20
+    with stack.channel("encoder") as channel:
+        reply = encoder_pb2_grpc.EncoderStub(channel).EncodeImage(
+            encoder_pb2.EncodeImageRequest(images=[buffer.getvalue()]), timeout=120
+        )
+    assert list(reply.image_embeds.shape)[0] == 1

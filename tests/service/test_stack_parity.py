@@ -116,6 +116,17 @@ def test_generate_equals_unclip_pipeline(client, reference, n, seed, guidance):
     assert np.abs(png - got[0]).max() <= 0.5 / 255 + 1e-6
 
 
+def test_seed_is_drawn_when_absent_and_reproduces(client):
+    drawn = client.Generate(
+        pb.GenerateRequest(prompt=PROMPT, size=32, params=params(), output_format=FLOAT32)
+    )
+    again = client.Generate(
+        pb.GenerateRequest(prompt=PROMPT, size=32, seed=drawn.seed, params=params(), output_format=FLOAT32)
+    )
+    assert drawn.images[0].seed == drawn.seed == again.seed
+    assert np.array_equal(pixels(drawn), pixels(again))
+
+
 def test_batch_drift_is_small(client):
     """Image i of a batch vs image i alone: same noise, only float rounding differs (kernels vary by
     batch)."""

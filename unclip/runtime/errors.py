@@ -71,6 +71,7 @@ def grpc_errors(method: F) -> F:
                 context.abort_with_status(error.status)
             code, message = error.code, error.message
         except RequestCancelled as error:
+            log.info("%s stopped: %s", method.__name__, error)
             code, message = error.code, str(error)
         except grpc.RpcError as error:  # a downstream call failed: pass its status on
             code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
