@@ -51,6 +51,6 @@ tools: $(VENV)/.installed
 	$(PY) scripts/install_kubectl.py
 
 k8s-render: tools
-	@for o in dev gpu gpu-hpa; do \
+	@for o in dev gpu gpu-hpa gpu-cascade; do \
 		.tools/bin/kubectl kustomize k8s/overlays/$$o > /dev/null && echo "k8s/overlays/$$o renders"; \
 	done
