@@ -450,13 +450,14 @@ def test_settings_keys_are_ones_the_code_reads(rendered):
         assert not unknown, f"{overlay}: set but read by nothing: {sorted(unknown)}"
 
 
-def test_policy_configmap_is_a_valid_policy_and_matches_the_default(rendered, tmp_path):
+def test_policy_configmap_is_a_valid_policy(rendered, tmp_path):
     from services.safety.policy import load_policy
 
     for overlay in OVERLAYS:
         [cm] = [d for d in kinds(rendered[overlay], "ConfigMap") if d["metadata"]["name"] == "unclip-policy"]
         text = cm["data"]["policy.yaml"]
-        assert yaml.safe_load(text) == yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+        # The cluster's policy may differ from the local default (k8s/base/policy.yaml is its own file), but it
+        # must load with the safety service's own loader, which refuses a bad policy.
         path = tmp_path / f"{overlay}.yaml"
         path.write_text(text)
         policy = load_policy(str(path))  # the safety service's own loader: raises on a bad policy
