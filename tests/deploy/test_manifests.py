@@ -456,7 +456,7 @@ def test_policy_configmap_is_a_valid_policy(rendered, tmp_path):
     for overlay in OVERLAYS:
         [cm] = [d for d in kinds(rendered[overlay], "ConfigMap") if d["metadata"]["name"] == "unclip-policy"]
         text = cm["data"]["policy.yaml"]
-        # The cluster's policy may differ from the local default (k8s/base/policy.yaml is its own file), but it
+        # The cluster policy may differ from the local default (k8s/base/policy.yaml is its own file), but it
         # must load with the safety service's own loader, which refuses a bad policy.
         path = tmp_path / f"{overlay}.yaml"
         path.write_text(text)
