@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safety_helpers import health, images_tensor, prompt_request, wait_serving
+from safety_helpers import HERE, health, images_tensor, prompt_request, wait_serving
 
 from unclip.v1 import safety_pb2
 
@@ -99,13 +99,20 @@ def test_images() -> np.ndarray:
     return rng.uniform(-1, 1, size=(4, 3, 32, 32)).astype(np.float32)
 
 
-def test_text_classifier_and_sd_safety_checker_in_the_service(tmp_path, test_images, start_safety):
-    make_text_classifier(tmp_path / "toxic")
-    probs = toxic_probabilities(tmp_path / "toxic")
-    threshold = sorted(probs)[1] / 2 + sorted(probs)[2] / 2  # two prompts above it, two below
-    expected_nsfw = make_safety_checker(tmp_path / "checker", test_images)
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, test_images):
+    """Both tiny models, built once: folders, the classifier's probabilities and the checker's verdicts."""
+    root = tmp_path_factory.mktemp("models")
+    make_text_classifier(root / "toxic")
+    probs = toxic_probabilities(root / "toxic")
+    expected_nsfw = make_safety_checker(root / "checker", test_images)
     assert sum(expected_nsfw) == 2
+    threshold = sorted(probs)[1] / 2 + sorted(probs)[2] / 2  # two prompts above it, two below
+    return root, probs, threshold, expected_nsfw
 
+
+def test_text_classifier_and_sd_safety_checker_in_the_service(models, test_images, start_safety):
+    tmp_path, probs, threshold, expected_nsfw = models
     policy = f"""\
     version: models-1
     categories:
@@ -144,12 +151,12 @@ def test_text_classifier_and_sd_safety_checker_in_the_service(tmp_path, test_ima
     )
 
 
-def test_health_is_not_serving_until_the_models_are_loaded(tmp_path, spawn_process):
-    make_text_classifier(tmp_path / "toxic")
+def test_health_is_not_serving_until_the_models_are_loaded(models, tmp_path, spawn_process):
+    root = models[0]
     policy = tmp_path / "p.yaml"
     policy.write_text(
         "categories:\n  harassment: {action: block}\nfilters:\n"
-        f"  toxic: {{type: text_classifier, path: '{tmp_path / 'toxic'}', labels: {{toxic: harassment}}}}\n"
+        f"  toxic: {{type: text_classifier, path: '{root / 'toxic'}', labels: {{toxic: harassment}}}}\n"
         "stages:\n  prompt: [toxic]\n"
     )
     process = spawn_process(
@@ -162,3 +169,54 @@ def test_health_is_not_serving_until_the_models_are_loaded(tmp_path, spawn_proce
     )  # listening, transformers still importing / the model loading
     wait_serving(process)
     assert health(process.addr) == "SERVING"
+
+
+def test_all_filter_types_together_in_one_policy(models, test_images, start_safety, spawn_process):
+    """The built-in filters stacked: every one runs, each decision combines them, the audit shows each."""
+    root, probs, threshold, expected_nsfw = models
+    vendor = spawn_process([str(HERE / "external_filter.py"), "--port", "0", "--word", "pineapple"])
+    quietest = PROMPTS[int(np.argmin(probs))]
+    safety = start_safety(
+        f"""\
+        version: stacked-1
+        categories:
+          violence: {{action: block}}
+          harassment: {{threshold: {threshold}, action: block}}
+          sexual: {{action: withhold}}
+          gore: {{threshold: 0.9, action: withhold}}
+        filters:
+          words: {{type: blocklist, terms: {{violence: [behead]}}}}
+          toxic: {{type: text_classifier, path: '{root / "toxic"}', labels: {{toxic: harassment}}}}
+          concepts: {{type: clip_concepts, concepts: [{{category: gore, embedding: [1, 0, 0, 0]}}]}}
+          checker: {{type: sd_safety_checker, path: '{root / "checker" / "safety_checker"}'}}
+          vendor: {{type: external, address: '{vendor.addr}'}}
+        stages:
+          prompt: [words, toxic, vendor]
+          final_output: [concepts, checker, vendor]
+        """
+    )
+    reply = safety.stub.CheckPrompt(prompt_request(f"behead the pineapple {quietest}", "p1"), timeout=30)
+    assert reply.action == safety_pb2.ACTION_BLOCK
+    assert sorted(reply.verdicts[0].categories) == ["fruit", "violence"]
+    reply = safety.stub.CheckPrompt(prompt_request(quietest, "p2"), timeout=30)
+    assert reply.action == safety_pb2.ACTION_ALLOW
+
+    embeds = np.array([[1, 0.05, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
+    request = safety_pb2.CheckImagesRequest(
+        images=images_tensor(test_images),
+        image_embeds=images_tensor(embeds),
+        stage=safety_pb2.CHECK_STAGE_FINAL_OUTPUT,
+        context=safety_pb2.RequestContext(request_id="i1"),
+    )
+    reply = safety.stub.CheckImages(request, timeout=30)
+    expected = [
+        sorted((["gore"] if i == 0 else []) + (["sexual"] if expected_nsfw[i] else [])) for i in range(4)
+    ]
+    assert [sorted(v.categories) for v in reply.verdicts] == expected
+    assert [v.action for v in reply.verdicts] == [
+        safety_pb2.ACTION_WITHHOLD if cats else safety_pb2.ACTION_ALLOW for cats in expected
+    ]
+    records = {r["request_id"]: r for r in safety.records()}
+    assert [f["filter"] for f in records["p1"]["filters"]] == ["words", "toxic", "vendor"]
+    assert [f["filter"] for f in records["i1"]["filters"]] == ["concepts", "checker", "vendor"]
+    assert all("error" not in f for r in records.values() for f in r["filters"])

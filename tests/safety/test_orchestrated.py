@@ -49,6 +49,7 @@ def stack(tmp_path_factory):
         running.address_ = address
         running.vendor = vendor
         running.audit_dir = root / "logs" / "audit"
+        running.policy = policy
         running.channel = grpc.insecure_channel(address)
         running.stub = orchestrator_pb2_grpc.ImageServiceStub(running.channel)
         yield running
@@ -119,6 +120,56 @@ def test_a_blocked_final_image_refuses_the_request(stack):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     refusal = parse_refusal(error.value)
     assert refusal is not None and refusal.stage == "final_output" and refusal.categories == ["vendor_nsfw"]
+
+
+def wait_policy(stack, version: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(
+            r.get("version") == version
+            for r in read_records(stack.audit_dir)
+            if r["event"] == "policy_loaded"
+        ):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"policy {version} was not loaded")
+
+
+def test_clip_concepts_join_the_running_stack_by_a_policy_edit(stack):
+    """The CLIP-concept filter, added to the running stack's policy, embeds prompts and the generated images
+    with the stack's own encoder service."""
+    encoder = next(p.address for p in stack.processes if p.name == "encoder")
+    original = stack.policy.read_text()
+    edited = original.replace("version: orchestrated-1", "version: orchestrated-2")
+    edited = edited.replace("categories:\n", "categories:\n  gore: {action: block}\n")
+    edited = edited.replace(
+        "filters:\n",
+        f"filters:\n  concepts: {{type: clip_concepts, encoder_addr: '{encoder}', "
+        "concepts: [{name: gore, category: gore, text: 'a photo of gore', threshold: 0.9999}]}\n",
+    )
+    edited = edited.replace("prompt: [words]", "prompt: [words, concepts]")
+    edited = edited.replace("final_output: [vendor]", "final_output: [concepts, vendor]")
+    stack.policy.with_suffix(".tmp").write_text(edited)
+    os.replace(stack.policy.with_suffix(".tmp"), stack.policy)
+    try:
+        wait_policy(stack, "orchestrated-2")
+        # A prompt the concept text itself (cosine 1) is refused at the prompt stage.
+        with pytest.raises(grpc.RpcError) as error:
+            generate(stack, "a photo of gore")
+        refusal = parse_refusal(error.value)
+        assert refusal is not None and refusal.stage == "prompt" and refusal.categories == ["gore"]
+        # Another prompt passes; both images were embedded by the encoder and scored against the concept.
+        response = generate(stack, "a red circle", n=2)
+        assert len(response.images) == 2
+        by_stage = {r["stage"]: r for r in decisions(stack, response.request_id)}
+        final = next(f for f in by_stage["final_output"]["filters"] if f["filter"] == "concepts")
+        assert [s["index"] for s in final["scores"]] == [0, 1]
+        assert all(-1 <= s["score"] <= 1 and not s["hit"] for s in final["scores"])
+        assert any(f["filter"] == "concepts" for f in by_stage["prompt"]["filters"])
+    finally:
+        stack.policy.with_suffix(".tmp").write_text(original.replace("orchestrated-1", "orchestrated-3"))
+        os.replace(stack.policy.with_suffix(".tmp"), stack.policy)
+        wait_policy(stack, "orchestrated-3")
 
 
 def test_orchestrator_sigkill_during_a_burst_loses_no_audit_record(stack):
