@@ -69,7 +69,11 @@ class Params:
     prior_num_candidates: int
 
     @classmethod
-    def from_proto(cls, params: orchestrator_pb2.SamplingParams, upsamplers: int) -> Params:
+    def from_proto(
+        cls, params: orchestrator_pb2.SamplingParams, upsamplers: int, prior: bool = True
+    ) -> Params:
+        """Fills defaults and checks ranges; `prior=False` (variations) ignores the prior's fields."""
+
         def get(name: str, default: float) -> float:
             return getattr(params, name) if params.HasField(name) else default
 
@@ -81,12 +85,13 @@ class Params:
             super_res_num_inference_steps=list(params.super_res_num_inference_steps),
             prior_num_candidates=int(get("prior_num_candidates", 1)),
         )
-        check_steps(resolved.prior_num_inference_steps, "params.prior_num_inference_steps")
-        check_guidance(resolved.prior_guidance_scale, "params.prior_guidance_scale")
+        if prior:
+            check_steps(resolved.prior_num_inference_steps, "params.prior_num_inference_steps")
+            check_guidance(resolved.prior_guidance_scale, "params.prior_guidance_scale")
+            if not 1 <= resolved.prior_num_candidates <= MAX_CANDIDATES:
+                raise ValueError(f"params.prior_num_candidates must be in 1..{MAX_CANDIDATES}")
         check_steps(resolved.decoder_num_inference_steps, "params.decoder_num_inference_steps")
         check_guidance(resolved.decoder_guidance_scale, "params.decoder_guidance_scale")
-        if not 1 <= resolved.prior_num_candidates <= MAX_CANDIDATES:
-            raise ValueError(f"params.prior_num_candidates must be in 1..{MAX_CANDIDATES}")
         steps = resolved.super_res_num_inference_steps
         if not steps:
             steps = [SUPER_RES_STEPS]
@@ -135,7 +140,7 @@ class Pipeline:
         if not 1 <= size <= self.sizes[-1]:
             sizes = ", ".join(str(s) for s in self.sizes)
             raise ValueError(
-                f"size must be at most {self.sizes[-1]}, got {size}: this cascade makes {sizes} "
+                f"size must be in 1..{self.sizes[-1]}, got {size}: this cascade makes {sizes} "
                 f"(and any size in between, downscaled from the next larger)"
             )
         if has_seed:
@@ -216,12 +221,13 @@ class Pipeline:
         image = decode_image(req.image, "image")
         require_square(image, "image")
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
-        params = Params.from_proto(req.params, len(self.cascade) - 1)
+        params = Params.from_proto(req.params, len(self.cascade) - 1, prior=False)
         cfg = params.decoder_guidance_scale > 1.0  # as UnCLIPImageVariationPipeline
         generators = _generator_states(r.seed, r.n)
 
-        # 2. The uploaded image passes the content policy.
-        self._check_images(pil_to_tensor(image)[None], safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
+        # 2. The uploaded image passes the content policy (checked at most at the cascade's largest size).
+        checked = resize_image(image.convert("RGB"), min(image.width, self.sizes[-1]))
+        self._check_images(pil_to_tensor(checked)[None], safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
 
         # 3. Encoder: the image's CLIP embedding and the empty prompt, each n times in one batch, as the
         # reference called with image=[image] * n computes them (a batch of one, repeated, rounds

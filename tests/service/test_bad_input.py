@@ -119,6 +119,12 @@ def test_variation_and_edit_reject(channels):
     assert_invalid(stub.CreateVariation, pb.VariationRequest(image=b"not an image at all"), "image")
     assert_invalid(stub.CreateVariation, pb.VariationRequest(image=png(64, 48)), "image", "square")
     assert_invalid(stub.CreateVariation, pb.VariationRequest(image=png(64, 64), n=0, size=999), "size")
+    bad_decoder_steps = pb.SamplingParams(decoder_num_inference_steps=1)
+    assert_invalid(
+        stub.CreateVariation,
+        pb.VariationRequest(image=png(64, 64), params=bad_decoder_steps),
+        "params.decoder_num_inference_steps",
+    )
 
     rgba = png(64, 64, "RGBA", alpha_hole=True)
     good = dict(image=rgba, prompt="a blue square", params=FAST)

@@ -203,7 +203,7 @@ def test_two_upsampler_cascade(client):
     assert two.size == 128
 
 
-@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("size", [64, 96, 128])  # 96: between stages, downscaled from 128
 def test_edit_keeps_unmasked_pixels_and_changes_the_masked_region(client, size):
     rng = np.random.default_rng(size)
     original = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
