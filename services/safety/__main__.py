@@ -30,7 +30,9 @@ DEFAULT_POLICY = str(Path(__file__).resolve().parents[2] / "policies" / "default
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m services.safety", description=__doc__.splitlines()[0])
-    add_arguments(parser, [*SERVER_SETTINGS, "torch_threads"], port=DEFAULT_PORTS["safety"])
+    # encoder_addr: where filters that embed text or images (clip_concepts) reach the encoder, unless the
+    # policy names an encoder_addr itself.
+    add_arguments(parser, [*SERVER_SETTINGS, "torch_threads", "encoder_addr"], port=DEFAULT_PORTS["safety"])
     parser.add_argument(
         "--policy",
         default=env_default("safety_policy") or DEFAULT_POLICY,
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             max_segment_bytes=args.audit_segment_bytes,
             on_segment_closed=_ship_hook(args.audit_ship),
         )
-        engine = SafetyEngine(args.policy, audit)
+        engine = SafetyEngine(args.policy, audit, encoder_addr=args.encoder_addr)
         engine.load()
         holder["engine"] = engine
         servicer.engine = engine

@@ -51,8 +51,9 @@ class Decision:
 
 
 class SafetyEngine:
-    def __init__(self, policy_path: str, audit: AuditLog | None):
+    def __init__(self, policy_path: str, audit: AuditLog | None, encoder_addr: str | None = None):
         self.policy_path = policy_path
+        self.encoder_addr = encoder_addr  # the encoder service, unless the policy names one
         self.audit = audit
         self._policy: Policy | None = None
         self._reload_lock = threading.Lock()
@@ -69,7 +70,7 @@ class SafetyEngine:
     def load(self) -> None:
         """First load; raises PolicyError. Then warms every filter up."""
         stamp = _stamp(self.policy_path)
-        policy = load_policy(self.policy_path)
+        policy = load_policy(self.policy_path, default_encoder_addr=self.encoder_addr)
         for instance in policy.filters.values():
             instance.warmup()
         self._policy, self._stamp = policy, stamp
@@ -84,7 +85,7 @@ class SafetyEngine:
                 return False
             old = self._policy
             try:
-                policy = load_policy(self.policy_path, previous=old)
+                policy = load_policy(self.policy_path, previous=old, default_encoder_addr=self.encoder_addr)
                 for name, instance in policy.filters.items():
                     if old is None or old.filters.get(name) is not instance:
                         instance.warmup()

@@ -1,7 +1,7 @@
 """The moderation policy: a YAML file, validated at load with errors that name the line.
 
     version: "2026-11-27"          # reported as policy_version (default: a hash of the file)
-    encoder_addr: 127.0.0.1:50052  # optional: the CLIP encoder service, for filters that embed text
+    encoder_addr: 127.0.0.1:50052  # the CLIP encoder, for filters that embed (default: --encoder-addr)
     categories:                    # per category a threshold and an action
       violence: {threshold: 0.5, action: block}
       nudity: {threshold: 0.5, action: {default: withhold, prompt: block}}   # action per stage
@@ -144,7 +144,7 @@ class Policy:
                 instance.close()
 
 
-def load_policy(path: str, previous: Policy | None = None) -> Policy:
+def load_policy(path: str, previous: Policy | None = None, default_encoder_addr: str | None = None) -> Policy:
     """Reads, validates and instantiates the policy at `path`. Raises PolicyError naming file and line.
 
     Filters whose entry is unchanged from `previous` are reused (a reload does not reload models)."""
@@ -163,10 +163,12 @@ def load_policy(path: str, previous: Policy | None = None) -> Policy:
         raise PolicyError(f"{path}:{line}: invalid YAML: {error.problem}") from error
     except yaml.YAMLError as error:
         raise PolicyError(f"{path}: invalid YAML: {error}") from error
-    return _validate(path, raw, doc, previous)
+    return _validate(path, raw, doc, previous, default_encoder_addr)
 
 
-def _validate(path: str, raw: bytes, doc: Any, previous: Policy | None) -> Policy:
+def _validate(
+    path: str, raw: bytes, doc: Any, previous: Policy | None, default_encoder_addr: str | None
+) -> Policy:
     def fail(node: Any, key: Any, message: str) -> PolicyError:
         return PolicyError(f"{path}:{_line(node, key)}: {message}")
 
@@ -185,6 +187,7 @@ def _validate(path: str, raw: bytes, doc: Any, previous: Policy | None) -> Polic
     encoder_addr = doc.get("encoder_addr")
     if encoder_addr is not None and not isinstance(encoder_addr, str):
         raise fail(doc, "encoder_addr", "encoder_addr must be host:port")
+    encoder_addr = encoder_addr or default_encoder_addr
 
     # categories
     categories: dict[str, Category] = {}

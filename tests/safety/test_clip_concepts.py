@@ -85,7 +85,6 @@ def test_prompts_concept_texts_and_images_embedded_by_the_encoder(tiny_model, st
     safety = start_safety(
         f"""\
         version: concepts-2
-        encoder_addr: '{encoder.addr}'
         categories:
           gore: {{action: block}}
           sexual: {{action: withhold}}
@@ -98,7 +97,8 @@ def test_prompts_concept_texts_and_images_embedded_by_the_encoder(tiny_model, st
         stages:
           prompt: [concepts]
           final_output: [concepts]
-        """
+        """,
+        extra=["--encoder-addr", encoder.addr],  # the policy names no encoder: the service's flag applies
     )
     # A prompt equal to the concept's text has cosine 1 with it; another prompt (random CLIP) does not reach
     # 0.9999.

@@ -124,3 +124,30 @@ def test_default_policy_is_valid():
 
     policy = load_policy(DEFAULT_POLICY)
     assert policy.stages["prompt"] == ["words"]
+
+
+def test_threshold_precedence_filter_override_then_concept_then_category(tmp_path):
+    import numpy as np
+
+    policy = """\
+    categories:
+      gore: {threshold: 0.5, action: withhold}
+    filters:
+      own: {type: clip_concepts, concepts: [{category: gore, embedding: [1, 0], threshold: 0.95}]}
+      plain: {type: clip_concepts, concepts: [{category: gore, embedding: [1, 0]}]}
+      strict: {type: clip_concepts, thresholds: {gore: 0.99}, concepts: [{category: gore, embedding: [1, 0],
+               threshold: 0.2}]}
+    stages:
+      final_output: [{name}]
+    """
+    embeds = np.array([[1, 0.2], [1, 0.05], [1, 1.33]], np.float32)  # cosines 0.981, 0.9988, 0.60
+
+    def withheld(name: str) -> list[bool]:
+        engine = SafetyEngine(write(tmp_path, policy.replace("{name}", name)), audit=None)
+        engine.load()
+        item = CheckInput("final_output", images=np.zeros((3, 3, 4, 4), np.float32), image_embeds=embeds)
+        return [v.action == "withhold" for v in engine.check(item).verdicts]
+
+    assert withheld("plain") == [True, True, True]  # the category's 0.5
+    assert withheld("own") == [True, True, False]  # the concept's 0.95
+    assert withheld("strict") == [False, True, False]  # the filter's override 0.99 beats the concept's 0.2
