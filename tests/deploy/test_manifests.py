@@ -385,14 +385,12 @@ def test_network_policies_let_only_the_orchestrator_reach_the_stages(rendered, o
         if name == "unclip-orchestrator":
             assert all(p["podSelector"] == {"matchLabels": {"unclip.dev/client": "true"}} for p in peers)
         else:
-            # Only pods that are the orchestrator, in this namespace (no namespaceSelector, no ipBlock).
+            # Only pods of this namespace (no namespaceSelector, no ipBlock): the orchestrator, and for the
+            # encoder also the safety service (its embedding filters call the encoder).
+            callers = {"unclip-orchestrator"} | ({"unclip-safety"} if name == "unclip-encoder" else set())
+            assert {p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in peers} == callers, name
             for peer in peers:
-                assert set(peer) == {"podSelector"} and selector_matches(
-                    peer["podSelector"], orchestrator_labels
-                )
-                assert peer["podSelector"] == {
-                    "matchLabels": {"app.kubernetes.io/name": "unclip-orchestrator"}
-                }
+                assert set(peer) == {"podSelector"} and set(peer["podSelector"]) == {"matchLabels"}
     # The orchestrator may call every stage's grpc port.
     egress = _allowed_peers(policies, orchestrator_labels, "egress", "grpc")
     for name in stages:
@@ -401,6 +399,16 @@ def test_network_policies_let_only_the_orchestrator_reach_the_stages(rendered, o
             assert any(
                 selector_matches(p.get("podSelector", {"matchLabels": {"_": "_"}}), labels) for p in egress
             )
+    # The safety service may call the encoder (embedding filters), and no other stage.
+    safety_labels = deployments["unclip-safety"]["spec"]["template"]["metadata"]["labels"]
+    safety_egress = [
+        p for p in _allowed_peers(policies, safety_labels, "egress", "grpc") if "podSelector" in p
+    ]
+    pod_labels = {n: deployments[n]["spec"]["template"]["metadata"]["labels"] for n in stages}
+    reachable = {
+        n for n in stages if any(selector_matches(p["podSelector"], pod_labels[n]) for p in safety_egress)
+    }
+    assert reachable == {"unclip-encoder"}
     # Every unclip process may reach DNS and the collector.
     for name in stages:
         labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
