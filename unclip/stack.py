@@ -132,7 +132,19 @@ class Stack:
         return env
 
     def _process(self, name: str, module: str, *args: str, port: int = 0) -> Process:
-        argv = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
+        # Metrics endpoints are off: the processes share one host, and a fixed port would clash.
+        argv = [
+            sys.executable,
+            "-m",
+            module,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+        ]
+        argv += args
         assert self.log_dir is not None
         return Process(name=name, argv=argv, log_path=self.log_dir / f"{name}.log")
 

@@ -14,6 +14,7 @@ import torch
 from services.decoder.servicer import DEFAULT_STEPS, DecoderServicer, UpsamplerServicer
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.runtime.telemetry import instrument_process
 from unclip.v1 import decoder_pb2, decoder_pb2_grpc
 
 
@@ -29,15 +30,16 @@ def main(argv: list[str] | None = None) -> int:
         args.port = settings.DEFAULT_PORTS[args.stage]
     configure_logging(args.stage)
     torch.set_num_threads(args.torch_threads)
+    service_metrics, interceptors = instrument_process(args.stage, args.metrics_port)
 
     if args.stage == "decoder":
-        servicer = DecoderServicer(args.stage, str(args.model))
+        servicer = DecoderServicer(args.stage, str(args.model), service_metrics)
         service = "Decoder"
 
         def register(server) -> None:
             decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
     else:
-        servicer = UpsamplerServicer(args.stage, str(args.model))
+        servicer = UpsamplerServicer(args.stage, str(args.model), service_metrics)
         service = "Upsampler"
 
         def register(server) -> None:
@@ -46,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     def load() -> None:
         from services.decoder.engine import DecoderEngine, UpsamplerEngine
 
-        if args.stage == "decoder":
-            engine = DecoderEngine.from_pretrained(args.model, device=args.device)
-        else:
-            engine = UpsamplerEngine.from_pretrained(args.model, stage=args.stage, device=args.device)
-        if hasattr(engine, "warmup"):
-            engine.warmup()
-        servicer.engine = engine
+        with service_metrics.model_load():
+            if args.stage == "decoder":
+                engine = DecoderEngine.from_pretrained(args.model, device=args.device)
+            else:
+                engine = UpsamplerEngine.from_pretrained(args.model, stage=args.stage, device=args.device)
+            if hasattr(engine, "warmup"):
+                engine.warmup()
+        servicer.slot.engine = engine
 
     return serve(
         args.stage,
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         register=register,
         service_names=[decoder_pb2.DESCRIPTOR.services_by_name[service].full_name],
         load=load,
+        interceptors=interceptors,
     )
 
 

@@ -9,7 +9,8 @@ import grpc
 import torch
 
 from unclip.rng import MAX_IMAGES
-from unclip.runtime.errors import StatusError, grpc_errors, step_callback_for
+from unclip.runtime.errors import grpc_errors, step_callback_for
+from unclip.runtime.slots import EngineSlot
 from unclip.runtime.tensors import (
     decode_generators,
     decode_text_condition,
@@ -58,25 +59,20 @@ def stage_info(stage: str, engine, model_id: str) -> decoder_pb2.StageInfo:
 class _Stage:
     name = "decoder"
 
-    def __init__(self, stage: str, model_id: str) -> None:
+    def __init__(self, stage: str, model_id: str, metrics=None) -> None:
         self.stage = stage
         self.model_id = model_id
-        self.engine = None  # set by __main__ once weights are loaded and warmed up
-
-    def _engine(self):
-        if self.engine is None:
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"{self.stage} is loading its weights")
-        return self.engine
+        self.slot = EngineSlot(stage, metrics)  # __main__ sets slot.engine once loaded
 
     @grpc_errors
     def GetStageInfo(self, request: decoder_pb2.StageInfoRequest, context: grpc.ServicerContext):
-        return stage_info(self.stage, self._engine(), self.model_id)
+        return stage_info(self.stage, self.slot.get(), self.model_id)
 
 
 class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
     @grpc_errors
     def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.ServicerContext):
-        engine = self._engine()
+        engine = self.slot.get()
         cfg = request.do_classifier_free_guidance
         image_embeds = from_field(
             request, "image_embeds", dtype=torch.float32, shape=[None, None], finite=True
@@ -88,18 +84,20 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
         check_steps(request.num_inference_steps, "num_inference_steps")
         check_guidance(request.guidance_scale, "guidance_scale")
         generators = decode_generators(request.generators, n)
-        output = engine.decode(
-            image_embeds,
-            text_embeds,
-            hidden,
-            mask,
-            generators,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            do_classifier_free_guidance=cfg,
-            inpaint=decode_inpaint(request, n),
-            step_callback=step_callback_for(context),
-        )
+        inpaint = decode_inpaint(request, n)
+        with self.slot.call("Decode", n):
+            output = engine.decode(
+                image_embeds,
+                text_embeds,
+                hidden,
+                mask,
+                generators,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                do_classifier_free_guidance=cfg,
+                inpaint=inpaint,
+                step_callback=step_callback_for(context),
+            )
         return decoder_pb2.ImagesOutput(
             images=to_proto(output.images), generators=encode_generators(output.generators)
         )
@@ -108,7 +106,7 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
 class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
     @grpc_errors
     def Upsample(self, request: decoder_pb2.UpsampleRequest, context: grpc.ServicerContext):
-        engine = self._engine()
+        engine = self.slot.get()
         size = engine.input_size
         images = from_field(request, "images", dtype=torch.float32, shape=[None, 3, size, size], finite=True)
         n = images.shape[0]
@@ -116,13 +114,15 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
             raise ValueError(f"images must hold n images, n in 1..{MAX_IMAGES}, got {n}")
         check_steps(request.num_inference_steps, "num_inference_steps")
         generators = decode_generators(request.generators, n)
-        output = engine.upsample(
-            images,
-            generators,
-            num_inference_steps=request.num_inference_steps,
-            inpaint=decode_inpaint(request, n),
-            step_callback=step_callback_for(context),
-        )
+        inpaint = decode_inpaint(request, n)
+        with self.slot.call("Upsample", n):
+            output = engine.upsample(
+                images,
+                generators,
+                num_inference_steps=request.num_inference_steps,
+                inpaint=inpaint,
+                step_callback=step_callback_for(context),
+            )
         return decoder_pb2.ImagesOutput(
             images=to_proto(output.images), generators=encode_generators(output.generators)
         )

@@ -10,6 +10,7 @@ import torch
 from services.encoder.servicer import EncoderServicer
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.runtime.telemetry import instrument_process
 from unclip.v1 import encoder_pb2, encoder_pb2_grpc
 
 
@@ -23,15 +24,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model (or UNCLIP_MODEL) is required")
     configure_logging("encoder")
     torch.set_num_threads(args.torch_threads)
-    servicer = EncoderServicer()
+    service_metrics, interceptors = instrument_process("encoder", args.metrics_port)
+    servicer = EncoderServicer(service_metrics)
 
     def load() -> None:
         from services.encoder.engine import EncoderEngine
 
-        engine = EncoderEngine.from_pretrained(args.model, device=args.device)
-        if hasattr(engine, "warmup"):
-            engine.warmup()
-        servicer.engine = engine
+        with service_metrics.model_load():
+            engine = EncoderEngine.from_pretrained(args.model, device=args.device)
+            if hasattr(engine, "warmup"):
+                engine.warmup()
+        servicer.slot.engine = engine
 
     return serve(
         "encoder",
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         register=lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server),
         service_names=[encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name],
         load=load,
+        interceptors=interceptors,
     )
 
 

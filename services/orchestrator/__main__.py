@@ -14,6 +14,7 @@ from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.servicer import ImageServicer
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.runtime.telemetry import instrument_process
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 # How long to wait at start for the stages to say SERVING before giving up.
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     configure_logging("orchestrator")
+    service_metrics, interceptors = instrument_process("orchestrator", args.metrics_port)
     upsamplers = [a.strip() for a in args.upsampler_addrs.split(",") if a.strip()]
     servicer = ImageServicer(args.stage_timeout_seconds)
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             upsamplers=upsamplers,
             safety=args.safety_addr,
             max_message_bytes=args.max_message_bytes,
+            metrics=service_metrics,
         )
         stages.wait_until_serving(STAGES_START_TIMEOUT_SECONDS)
         servicer.pipeline = Pipeline(stages, stages.cascade(), args.stage_timeout_seconds)
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         register=lambda server: orchestrator_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server),
         service_names=[orchestrator_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name],
         load=load,
+        interceptors=interceptors,
     )
 
 

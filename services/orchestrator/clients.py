@@ -17,7 +17,11 @@ import grpc
 
 from unclip.runtime.errors import StatusError
 from unclip.runtime.server import create_channel, health_status
+from unclip.runtime.telemetry import instrument_channel
 from unclip.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2_grpc, prior_pb2_grpc, safety_pb2_grpc
+
+# The upsampler stages' names in cascade order (their metrics label before GetStageInfo has answered).
+UPSAMPLER_STAGES = ["super_res", "super_res_2", "super_res_3", "super_res_4"]
 
 
 @dataclass
@@ -49,18 +53,27 @@ class Stages:
         upsamplers: list[str],
         safety: str,
         max_message_bytes: int,
+        metrics: Any = None,
     ) -> Stages:
-        def channel(target: str) -> grpc.Channel:
-            return create_channel(target, max_message_bytes=max_message_bytes)
+        """Channels to every stage; with `metrics` (ServiceMetrics) every call is traced and timed."""
+
+        def channel(target: str, stage: str) -> grpc.Channel:
+            plain = create_channel(target, max_message_bytes=max_message_bytes)
+            if metrics is None:
+                return plain
+            return instrument_channel(plain, metrics.client_interceptor(stage))
 
         addresses = {"encoder": encoder, "prior": prior, "decoder": decoder, "safety": safety}
         addresses.update({f"upsampler[{i}]": a for i, a in enumerate(upsamplers)})
         return cls(
-            encoder=encoder_pb2_grpc.EncoderStub(channel(encoder)),
-            prior=prior_pb2_grpc.PriorStub(channel(prior)),
-            decoder=decoder_pb2_grpc.DecoderStub(channel(decoder)),
-            upsamplers=[decoder_pb2_grpc.UpsamplerStub(channel(a)) for a in upsamplers],
-            safety=safety_pb2_grpc.SafetyStub(channel(safety)),
+            encoder=encoder_pb2_grpc.EncoderStub(channel(encoder, "encoder")),
+            prior=prior_pb2_grpc.PriorStub(channel(prior, "prior")),
+            decoder=decoder_pb2_grpc.DecoderStub(channel(decoder, "decoder")),
+            upsamplers=[
+                decoder_pb2_grpc.UpsamplerStub(channel(a, UPSAMPLER_STAGES[i]))
+                for i, a in enumerate(upsamplers)
+            ],
+            safety=safety_pb2_grpc.SafetyStub(channel(safety, "safety")),
             addresses=addresses,
         )
 

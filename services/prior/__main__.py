@@ -10,6 +10,7 @@ import torch
 from services.prior.servicer import PriorServicer
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.runtime.telemetry import instrument_process
 from unclip.v1 import prior_pb2, prior_pb2_grpc
 
 
@@ -23,15 +24,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model (or UNCLIP_MODEL) is required")
     configure_logging("prior")
     torch.set_num_threads(args.torch_threads)
-    servicer = PriorServicer()
+    service_metrics, interceptors = instrument_process("prior", args.metrics_port)
+    servicer = PriorServicer(service_metrics)
 
     def load() -> None:
         from services.prior.engine import PriorEngine
 
-        engine = PriorEngine.from_pretrained(args.model, device=args.device)
-        if hasattr(engine, "warmup"):
-            engine.warmup()
-        servicer.engine = engine
+        with service_metrics.model_load():
+            engine = PriorEngine.from_pretrained(args.model, device=args.device)
+            if hasattr(engine, "warmup"):
+                engine.warmup()
+        servicer.slot.engine = engine
 
     return serve(
         "prior",
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         register=lambda server: prior_pb2_grpc.add_PriorServicer_to_server(servicer, server),
         service_names=[prior_pb2.DESCRIPTOR.services_by_name["Prior"].full_name],
         load=load,
+        interceptors=interceptors,
     )
 
 

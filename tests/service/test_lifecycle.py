@@ -24,7 +24,7 @@ def start_stage(args: list[str], log_path) -> tuple[subprocess.Popen, str]:
     """Starts a service and returns it with its address, as soon as it announces its port (before loading)."""
     log = open(log_path, "w")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,

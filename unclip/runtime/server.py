@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # The flags every service takes (see unclip.runtime.settings).
 SERVER_SETTINGS = [
+    "metrics_port",
     "host",
     "port",
     "max_message_bytes",
