@@ -184,28 +184,9 @@ class Pipeline:
         # 2. The prompt passes the content policy before any model work.
         self._check_prompt(req.prompt, r, calls)
 
-        # 3. Encoder: the prompt n times (and "" n times, first, with guidance).
-        text = calls(
-            self.stages.encoder.EncodeText,
-            encoder_pb2.EncodeTextRequest(prompts=[req.prompt] * r.n, do_classifier_free_guidance=cfg),
-            "encoder",
-        )
-
-        # 4. Prior: text embedding -> CLIP image embedding, drawing from each image's generator.
-        prior = calls(
-            self.stages.prior.Sample,
-            prior_pb2.PriorRequest(
-                text_embeds=text.text_embeds,
-                text_encoder_hidden_states=text.text_encoder_hidden_states,
-                text_mask=text.text_mask,
-                generators=generators,
-                num_inference_steps=params.prior_num_inference_steps,
-                guidance_scale=params.prior_guidance_scale,
-                do_classifier_free_guidance=cfg,
-                num_candidates=params.prior_num_candidates,
-            ),
-            "prior",
-        )
+        # 3-4. Encoder (the prompt n times, and "" n times first with guidance), then the prior: text
+        #      embedding -> CLIP image embedding, drawing from each image's generator.
+        text, prior = self._encode_and_sample_prior(req.prompt, r.n, params, cfg, generators, calls)
 
         # 5-8. Decoder, safety, upsamplers, safety, PNGs.
         response = self._decode_and_upsample(
@@ -271,25 +252,7 @@ class Pipeline:
         self._check_images(original, safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
 
         # 4. Encoder and prior, as for Generate.
-        text = calls(
-            self.stages.encoder.EncodeText,
-            encoder_pb2.EncodeTextRequest(prompts=[req.prompt] * r.n, do_classifier_free_guidance=cfg),
-            "encoder",
-        )
-        prior = calls(
-            self.stages.prior.Sample,
-            prior_pb2.PriorRequest(
-                text_embeds=text.text_embeds,
-                text_encoder_hidden_states=text.text_encoder_hidden_states,
-                text_mask=text.text_mask,
-                generators=generators,
-                num_inference_steps=params.prior_num_inference_steps,
-                guidance_scale=params.prior_guidance_scale,
-                do_classifier_free_guidance=cfg,
-                num_candidates=params.prior_num_candidates,
-            ),
-            "prior",
-        )
+        text, prior = self._encode_and_sample_prior(req.prompt, r.n, params, cfg, generators, calls)
 
         # 5. Decoder and upsamplers sample the masked region only; the known region is the original's.
         response = self._decode_and_upsample(
@@ -306,7 +269,37 @@ class Pipeline:
         response.prompt_truncated = any(text.truncated)
         return response
 
-    # ---- the image stages, shared by the three calls -------------------------------------------------------
+    # ---- the model stages, shared by the three calls -------------------------------------------------------
+
+    def _encode_and_sample_prior(
+        self,
+        prompt: str,
+        n: int,
+        params: Params,
+        cfg: bool,
+        generators: list[tensor_pb2.GeneratorState],
+        calls: Calls,
+    ) -> tuple[encoder_pb2.EncodeTextResponse, prior_pb2.PriorResponse]:
+        text = calls(
+            self.stages.encoder.EncodeText,
+            encoder_pb2.EncodeTextRequest(prompts=[prompt] * n, do_classifier_free_guidance=cfg),
+            "encoder",
+        )
+        prior = calls(
+            self.stages.prior.Sample,
+            prior_pb2.PriorRequest(
+                text_embeds=text.text_embeds,
+                text_encoder_hidden_states=text.text_encoder_hidden_states,
+                text_mask=text.text_mask,
+                generators=generators,
+                num_inference_steps=params.prior_num_inference_steps,
+                guidance_scale=params.prior_guidance_scale,
+                do_classifier_free_guidance=cfg,
+                num_candidates=params.prior_num_candidates,
+            ),
+            "prior",
+        )
+        return text, prior
 
     def _decode_and_upsample(
         self,
@@ -344,7 +337,7 @@ class Pipeline:
         withheld: list[str] = []
         if upsamplers:
             images, generators, indices, withheld = self._filter_images(
-                images, generators, indices, safety_pb2.CHECK_STAGE_DECODER_OUTPUT, r, calls, inpaint
+                images, generators, indices, safety_pb2.CHECK_STAGE_DECODER_OUTPUT, r, calls
             )
             if inpaint is not None and len(indices) < r.n:
                 inpaint = decoder_pb2.InpaintInput(
@@ -366,7 +359,7 @@ class Pipeline:
             images, generators = upsampled.images, list(upsampled.generators)
 
         # A size between two stage sizes is a high-quality downscale of the next larger.
-        final = downscale(from_proto(images, "images", dtype=torch.float32), r.size)
+        final = downscale(from_proto(images, "images", dtype=torch.float32), r.size).clamp(-1, 1)
         if keep is not None and final.shape[-1] != self.sizes[upsamplers]:
             # Resampling blurred the known region: restore it from the original at this size.
             original, known = keep
@@ -374,9 +367,8 @@ class Pipeline:
         final_proto = to_proto(final)
 
         # Safety on the final images; then PNGs (and float32 pixels when asked).
-        final_indices = indices
         _, _, final_indices, more_withheld = self._filter_images(
-            final_proto, [], indices, safety_pb2.CHECK_STAGE_FINAL_OUTPUT, r, calls, None
+            final_proto, [], indices, safety_pb2.CHECK_STAGE_FINAL_OUTPUT, r, calls
         )
         withheld += more_withheld
         pixels = to_pixels(final)  # [m, S, S, 3] in [0, 1]
@@ -416,8 +408,19 @@ class Pipeline:
         if verdict.action in (safety_pb2.ACTION_BLOCK, safety_pb2.ACTION_WITHHOLD):
             raise refused(stage, _categories(verdict), verdict)
 
-    def _filter_images(self, images, generators, indices, stage, r, calls, inpaint):
-        """Checks images; BLOCK refuses the request, WITHHOLD drops that image. Returns what is left."""
+    def _filter_images(
+        self,
+        images: tensor_pb2.Tensor,
+        generators: list[tensor_pb2.GeneratorState],
+        indices: list[int],
+        stage: int,
+        r: Request,
+        calls: Calls,
+    ) -> tuple[tensor_pb2.Tensor, list[tensor_pb2.GeneratorState], list[int], list[str]]:
+        """Checks images (row k is image indices[k]); BLOCK refuses the request, WITHHOLD drops that image.
+
+        Returns the images, generators and indices left, and the categories of those dropped.
+        """
         verdict = calls(
             self.stages.safety.CheckImages,
             safety_pb2.CheckImagesRequest(images=images, stage=stage, context=self._context(r)),
