@@ -135,6 +135,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_until_signalled(stack, timeout=args.start_timeout)
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from unclip.storage import main as storage_main
+
+    return storage_main(args.args)
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from unclip.tiny import make_tiny_model
 
@@ -277,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--super-res-stages", type=int, default=1, choices=[1, 2])
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    models = commands.add_parser("models", help="model weights in S3 / MinIO: push DIR URL | pull URL")
+    models.add_argument("args", nargs=argparse.REMAINDER, help="as `python -m unclip.storage`")
+    models.set_defaults(func=cmd_models)
 
     demo = commands.add_parser("demo", help="start the stack on the bundled model and draw 4 pictures")
     demo.add_argument(

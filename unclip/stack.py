@@ -29,20 +29,12 @@ _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 _PR_SET_PDEATHSIG = 1
 
 
-def _upsampler_stages(model_dir: Path) -> list[str]:
-    """The upsampler stages of a model folder, in cascade order (as unclip.models.upsampler_stages, which is
-    not imported here: it pulls in transformers and diffusers, seconds of start-up for a process that loads no
-    model)."""
-    stages = []
-    for stage in ("super_res", "super_res_2"):
-        if not all((model_dir / f"{stage}_{part}").is_dir() for part in ("first", "last", "scheduler")):
-            break
-        stages.append(stage)
-    return stages
-
-
 class StackError(RuntimeError):
     """A process of the stack failed to start (the message names it and says why)."""
+
+
+class InvalidModel(StackError):
+    """The --model reference names no usable model folder (exit status 2)."""
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -153,9 +145,12 @@ class Stack:
 
         Raises StackError (after stopping whatever had started) when a process fails or the timeout passes.
         """
-        model_dir = Path(self.model)
-        if not model_dir.is_dir():
-            raise StackError(f"model folder {self.model} does not exist")
+        from unclip.models import ModelLoadError, resolve_model_dir, upsampler_stages
+
+        try:  # an s3:// model is fetched into the local cache once, here, not by every stage at once
+            model_dir = resolve_model_dir(self.model)
+        except ModelLoadError as error:
+            raise InvalidModel(str(error)) from error
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="unclip-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +161,7 @@ class Stack:
             self._process("decoder", "services.decoder", *model, "--stage", "decoder"),
             *[
                 self._process(stage, "services.decoder", *model, "--stage", stage)
-                for stage in _upsampler_stages(model_dir)
+                for stage in upsampler_stages(model_dir)
             ],
             self._process(
                 "safety",
@@ -266,7 +261,7 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
         address = stack.start(timeout=timeout)
     except StackError as error:
         print(f"unclip up: {error}", file=sys.stderr, flush=True)
-        return 1
+        return 2 if isinstance(error, InvalidModel) else 1
     for process in stack.processes:
         print(f"  {process.name:<13} {process.address}   log {process.log_path}", flush=True)
     print(f"orchestrator listening on {address}", flush=True)

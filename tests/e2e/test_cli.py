@@ -146,6 +146,11 @@ def test_up_names_the_stage_that_fails_and_leaves_nothing(stack_model_dir, tmp_p
     assert processes_mentioning(str(tmp_path)) == []
 
 
+def test_up_with_a_missing_model_says_so(tmp_path):
+    done = unclip("up", "--model", str(tmp_path / "nowhere"), "--port", "0", cwd=tmp_path)
+    assert done.returncode == 2 and "nowhere" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize(
     "args", [["generate", "x", "--seed", "-1"], ["generate", "x", "--super-res-steps", "a"]]
 )
