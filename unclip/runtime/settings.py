@@ -49,7 +49,7 @@ SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
         Setting(
-            "model", "UNCLIP_MODEL", None, str, "model folder in the Karlo layout (later s3://bucket/prefix)"
+            "model", "UNCLIP_MODEL", None, str, "model folder in the Karlo layout, or s3://bucket/prefix (fetched into the local cache)"
         ),
         Setting("host", "UNCLIP_HOST", "0.0.0.0", str, "address to listen on"),
         Setting("port", "UNCLIP_PORT", None, int, "port to listen on (0 picks a free one and prints it)"),
@@ -58,7 +58,7 @@ SETTINGS: dict[str, Setting] = {
             "UNCLIP_STAGE",
             "decoder",
             str,
-            "services.decoder stage: decoder | super_res | super_res_2",
+            "services.decoder stage: decoder, super_res or super_res_2",
         ),
         Setting("device", "UNCLIP_DEVICE", "cpu", str, "torch device of the model stages"),
         Setting("torch_threads", "UNCLIP_TORCH_THREADS", 1, int, "torch.set_num_threads in model stages"),
