@@ -48,9 +48,7 @@ class Setting:
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
-        Setting(
-            "model", "UNCLIP_MODEL", None, str, "model folder in the Karlo layout, or s3://bucket/prefix (fetched into the local cache)"
-        ),
+        Setting("model", "UNCLIP_MODEL", None, str, "model folder (Karlo layout) or s3://bucket/prefix"),
         Setting("host", "UNCLIP_HOST", "0.0.0.0", str, "address to listen on"),
         Setting("port", "UNCLIP_PORT", None, int, "port to listen on (0 picks a free one and prints it)"),
         Setting(
