@@ -37,11 +37,15 @@ class InvalidModel(StackError):
     """The --model reference names no usable model folder (exit status 2)."""
 
 
+try:  # resolved here, in the parent: the child, between fork and exec, should only make the call
+    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the stack's own signal handling still stops the children
+    _prctl = None
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: the stack's own signal handling still stops the children
-        pass
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 @dataclass
