@@ -32,9 +32,10 @@ def _wired(main: Path) -> bool:
 
 
 WIRED = all(
-    _wired(ROOT / "services" / s / "__main__.py")
-    for s in ("orchestrator", "encoder", "prior", "decoder", "safety")
+    _wired(ROOT / "services" / s / "__main__.py") for s in ("orchestrator", "encoder", "prior", "decoder")
 )
+# The safety service is wired by its own owner; until then it is left out of the checks (and its test skips).
+SAFETY_WIRED = _wired(ROOT / "services" / "safety" / "__main__.py")
 pytestmark = pytest.mark.skipif(
     not WIRED, reason="services not yet wired to unclip.runtime.telemetry/metrics"
 )
@@ -141,19 +142,26 @@ def stack(tmp_path_factory):
                 proc.stdout.close()
 
 
-def _generate(address: str, prompt: str = "a red circle", **kw):
+def _generate(address: str, prompt: str = "a red circle", traceparent: str | None = None, **kw):
     params = orchestrator_pb2.SamplingParams(
         prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=[2]
     )
     with create_channel(address) as channel:
         stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
         return stub.Generate(
-            orchestrator_pb2.GenerateRequest(prompt=prompt, n=1, seed=1, params=params, **kw), timeout=300
+            orchestrator_pb2.GenerateRequest(prompt=prompt, n=1, seed=1, params=params, **kw),
+            timeout=300,
+            metadata=[("traceparent", traceparent)] if traceparent else None,
         )
+
+
+def _instrumented(metrics_ports: dict[str, int]) -> dict[str, int]:
+    return {name: port for name, port in metrics_ports.items() if name != "safety" or SAFETY_WIRED}
 
 
 def test_every_service_serves_metrics_that_move_under_load(stack):
     addresses, metrics_ports, _, _ = stack
+    metrics_ports = _instrumented(metrics_ports)
     before = {name: _scrape(port) for name, port in metrics_ports.items()}
     for _ in range(2):
         _generate(addresses["orchestrator"])
@@ -182,20 +190,37 @@ def test_every_service_serves_metrics_that_move_under_load(stack):
 
 def test_one_connected_trace_per_request_across_every_stage(stack):
     addresses, _, _, receiver = stack
-    _generate(addresses["orchestrator"], prompt="a blue square")
+    # The request carries its own W3C trace context: its trace is found by id among earlier requests' traces.
+    trace_id = os.urandom(16).hex()
+    _generate(
+        addresses["orchestrator"],
+        prompt="a blue square",
+        traceparent=f"00-{trace_id}-{os.urandom(8).hex()}-01",
+    )
     time.sleep(1.0)  # the batch processors export every 100 ms
-    traces: dict[str, list] = {}
-    for span in receiver.spans:
-        traces.setdefault(span.trace_id, []).append(span)
-    generate = [t for t in traces.values() if any(s.name.endswith("ImageService/Generate") for s in t)]
-    assert generate
-    spans = generate[-1]
-    assert {"orchestrator", "encoder", "prior", "decoder", "super_res", "safety"} <= {
-        s.service for s in spans
-    }
+    spans = [s for s in receiver.spans if s.trace_id == trace_id]
+    assert any(s.name.endswith("ImageService/Generate") for s in spans)
+    # The orchestrator's client spans cover its safety calls; the safety server's own spans once it is wired.
+    services = {"orchestrator", "encoder", "prior", "decoder", "super_res"} | (
+        {"safety"} if SAFETY_WIRED else set()
+    )
+    assert services <= {s.service for s in spans}
+    safety_calls = [s for s in spans if s.service == "orchestrator" and "/unclip.v1.Safety/" in s.name]
+    assert len(safety_calls) >= 2  # the prompt before any model work, the images before answering
     ids = {s.span_id for s in spans}
     roots = [s for s in spans if s.parent_span_id not in ids]
-    assert len(roots) == 1 and roots[0].service == "orchestrator"
+    # One root: the orchestrator's server span, child of the client's (remote) span.
+    assert len(roots) == 1 and roots[0].service == "orchestrator" and roots[0].name.endswith("/Generate")
     for stage in ("encoder", "prior", "decoder", "super_res"):
         names = {s.name for s in spans if s.service == stage}
         assert {f"{stage}.queue", f"{stage}.compute"} <= names, (stage, names)
+
+
+@pytest.mark.skipif(not SAFETY_WIRED, reason="services/safety/__main__.py not yet wired (instrument_process)")
+def test_safety_service_is_instrumented(stack):
+    addresses, metrics_ports, _, receiver = stack
+    _generate(addresses["orchestrator"], prompt="a green triangle")
+    samples = _scrape(metrics_ports["safety"])
+    assert _total(samples, "unclip_requests_total", service="safety", outcome="ok") >= 2
+    time.sleep(1.0)
+    assert any(s.service == "safety" for s in receiver.spans)
