@@ -314,3 +314,23 @@ def test_store_images_returns_working_presigned_urls(s3):
             assert response.read() == png
     with pytest.raises(ValueError, match="^UNCLIP_IMAGES_URL must look like s3://"):
         storage.store_images(pngs, "/tmp/images", public)
+
+
+def test_unclip_models_push_and_pull_from_a_shell(s3, tiny_model, tmp_path):
+    """As a user types them: `unclip models push DIR URL`, then `unclip models pull URL`."""
+    unclip = Path(sys.executable).with_name("unclip")
+    env = _storage_env(s3.config, tmp_path / "cache")
+    url = f"s3://{_unique_bucket()}/models/tiny"
+    push = subprocess.run(
+        [str(unclip), "models", "push", str(tiny_model), url], env=env, capture_output=True, text=True
+    )
+    assert push.returncode == 0, push.stderr
+    pull = subprocess.run([str(unclip), "models", "pull", url], env=env, capture_output=True, text=True)
+    assert pull.returncode == 0, pull.stderr
+    path = Path(json.loads(pull.stdout)["path"])
+    assert path.is_relative_to(tmp_path / "cache")
+    manifest = storage.read_manifest(s3.client(), url.split("/")[2], "models/tiny")[0]
+    assert storage.verify_model_dir(path, manifest) == []
+    wrong = {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    refused = subprocess.run([str(unclip), "models", "pull", url], env=wrong, capture_output=True, text=True)
+    assert refused.returncode == 1 and "refused the credentials" in refused.stderr
