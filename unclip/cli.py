@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("args", nargs=argparse.REMAINDER, help="as `python -m unclip.storage`")
     models.set_defaults(func=cmd_models)
 
+    from unclip.audit_cli import add_parser as add_audit_parser
+
+    add_audit_parser(commands)  # `unclip audit`: print and filter the safety audit log
+
     demo = commands.add_parser("demo", help="start the stack on the bundled model and draw 4 pictures")
     demo.add_argument(
         "--model", default=None, help="model folder (default: models/shapes-toy, else tiny random)"

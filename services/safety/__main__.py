@@ -22,6 +22,7 @@ from services.safety.engine import SafetyEngine
 from services.safety.servicer import SafetyServicer
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
 from unclip.runtime.settings import DEFAULT_PORTS, add_arguments, env_default
+from unclip.runtime.telemetry import instrument_process
 from unclip.v1 import safety_pb2, safety_pb2_grpc
 
 log = logging.getLogger("services.safety")
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("safety")
     torch.set_num_threads(args.torch_threads)  # model-backed filters share the machine (UNCLIP_TORCH_THREADS)
+    # Traces (one per request, across every stage) and the metrics endpoint, as every service has them.
+    _service_metrics, interceptors = instrument_process("safety", args.metrics_port)
     servicer = SafetyServicer()
     holder: dict[str, SafetyEngine] = {}
 
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGHUP, on_sighup)
     name = safety_pb2.DESCRIPTOR.services_by_name["Safety"].full_name
-    status = serve("safety", args, register=register, service_names=[name], load=load)
+    status = serve(
+        "safety", args, register=register, service_names=[name], load=load, interceptors=interceptors
+    )
     engine = holder.get("engine")
     if engine is not None:
         engine.close()
