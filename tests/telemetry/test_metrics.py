@@ -260,3 +260,12 @@ def test_unknown_exporter_is_refused(monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER must be otlp, console or none"):
         telemetry._exporter_from_env()
+
+
+def test_metrics_port_in_use_is_a_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}.*UNCLIP_METRICS_PORT"):
+            metrics.start_metrics_server(port, addr="127.0.0.1")

@@ -263,5 +263,11 @@ def start_metrics_server(
     """Serves /metrics over HTTP on `port` (0: disabled, returns None); returns the port."""
     if not port:
         return None
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr=addr, registry=registry)
+    except OSError as error:  # fail loudly: a stage without metrics would be invisible to its autoscaler
+        raise OSError(
+            f"cannot serve metrics on {addr}:{port}: {error.strerror or error} "
+            "(set --metrics-port / UNCLIP_METRICS_PORT to a free port, or 0 to disable)"
+        ) from error
     return server.server_port
