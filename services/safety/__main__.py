@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -39,30 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env_default("safety_policy") or DEFAULT_POLICY,
         help="moderation policy file (YAML) [env UNCLIP_SAFETY_POLICY, default policies/default.yaml]",
     )
-    parser.add_argument(
-        "--audit-dir",
-        default=os.environ.get("UNCLIP_AUDIT_DIR") or "runs/audit",
-        help="directory of the audit log's JSONL segments [env UNCLIP_AUDIT_DIR, default runs/audit]",
-    )
-    parser.add_argument(
-        "--audit-segment-bytes",
-        type=int,
-        default=int(os.environ.get("UNCLIP_AUDIT_SEGMENT_BYTES") or 64 * 1024 * 1024),
-        help="rotate the audit segment after this many bytes [env UNCLIP_AUDIT_SEGMENT_BYTES]",
-    )
-    parser.add_argument(
-        "--audit-ship",
-        default=os.environ.get("UNCLIP_AUDIT_SHIP") or "",
-        help="module:function called with each closed audit segment's path, off the request path, e.g. an S3 "
-        "upload [env UNCLIP_AUDIT_SHIP]",
-    )
-    parser.add_argument(
-        "--policy-poll-seconds",
-        type=float,
-        default=float(os.environ.get("UNCLIP_POLICY_POLL_SECONDS") or 1.0),
-        help="how often the policy file is checked for changes (0: only on SIGHUP) "
-        "[env UNCLIP_POLICY_POLL_SECONDS]",
-    )
+    add_arguments(parser, ["audit_dir", "audit_segment_bytes", "audit_ship", "policy_poll_seconds"])
     return parser.parse_args(argv)
 
 

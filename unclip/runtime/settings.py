@@ -102,6 +102,29 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "safety_policy", "UNCLIP_SAFETY_POLICY", None, str, "moderation policy file of the safety service"
         ),
+        Setting("audit_dir", "UNCLIP_AUDIT_DIR", "runs/audit", str, "safety: directory of the audit log"),
+        Setting(
+            "audit_segment_bytes",
+            "UNCLIP_AUDIT_SEGMENT_BYTES",
+            64 * 1024 * 1024,
+            int,
+            "safety: rotate the audit segment after this many bytes",
+        ),
+        Setting(
+            "audit_ship",
+            "UNCLIP_AUDIT_SHIP",
+            "",
+            str,
+            "safety: module:function called with each closed audit segment, off the request path "
+            "(e.g. unclip.storage:ship_audit_segment)",
+        ),
+        Setting(
+            "policy_poll_seconds",
+            "UNCLIP_POLICY_POLL_SECONDS",
+            1.0,
+            float,
+            "safety: how often the policy file is checked for changes (0: only on SIGHUP)",
+        ),
         Setting(
             "stage_timeout_seconds",
             "UNCLIP_STAGE_TIMEOUT_SECONDS",
