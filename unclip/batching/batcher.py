@@ -1,0 +1,283 @@
+"""Step-level (iteration-level) batching for a denoising stage.
+
+Requests wait in a bounded queue; one worker thread owns the running batch and, between two denoising steps,
+lets waiting requests join (up to ``max_batch_size`` images), drops the ones that finished, were cancelled or
+ran past their deadline, and steps everyone left in as few forward passes as their parameters allow. A new
+request therefore waits at most one step of the running batch, not the whole of a running request (continuous
+batching, as LLM servers do it). When the stage is idle, the first request waits up to ``max_queue_delay_s``
+for company before the first step (Triton's dynamic batcher ``max_queue_delay``).
+
+Deterministic requests (per request, or every request when the deployment says so) step alone: their forward
+passes hold no other request's rows, so their output is the engine's bit for bit.
+
+Torch-free and grpc-free: the stage (``unclip.batching.stages``) does the math, the servicer maps the errors
+(``QueueFull`` -> RESOURCE_EXHAUSTED with a retry hint, ``Cancelled`` -> CANCELLED / DEADLINE_EXCEEDED).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatcherConfig:
+    max_batch_size: int = (
+        8  # images per forward pass (before guidance doubles them); bigger requests run alone
+    )
+    max_queue_delay_s: float = 0.002  # how long an idle stage waits for more requests before its first step
+    max_queue_size: int = 16  # requests waiting to join; one more is refused with QueueFull
+    deterministic: bool = False  # True: every request steps alone (bit-exact with the engine, no batching)
+
+
+class QueueFull(Exception):
+    """The stage's queue is full: the caller should retry after ``retry_after_s`` (possibly elsewhere)."""
+
+    def __init__(self, stage: str, waiting: int, retry_after_s: float):
+        super().__init__(
+            f"{stage} is at capacity ({waiting} requests waiting); retry in {retry_after_s:.1f} s"
+        )
+        self.stage = stage
+        self.waiting = waiting
+        self.retry_after_s = retry_after_s
+
+
+class Cancelled(Exception):
+    """The request left the batch because its caller cancelled it or its deadline passed."""
+
+    def __init__(self, message: str, *, deadline: bool = False, steps_done: int = 0):
+        super().__init__(message)
+        self.deadline = (
+            deadline  # True: the deadline passed (DEADLINE_EXCEEDED), else cancelled by the caller
+        )
+        self.steps_done = steps_done  # the stage's step counter when the request left the batch
+
+
+class Ticket:
+    """One request inside a batcher: wait on ``result()``, stop it with ``cancel()``."""
+
+    def __init__(self, task: Any, deterministic: bool, deadline: float | None, is_cancelled, on_step):
+        self.task = task
+        self.deterministic = deterministic
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.is_cancelled = is_cancelled  # Callable[[], bool] | None: polled between steps
+        self.on_step = on_step  # Callable[[int, int], None] | None: after every step; may raise to stop
+        self.queue_position = 0  # requests ahead of it when it was accepted (0: joins at the next step)
+        self.enqueued_at = time.monotonic()
+        self.started_at: float | None = None  # when it joined the running batch
+        self.finished_at: float | None = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _stop_reason(self, now: float) -> Cancelled | None:
+        steps = getattr(self.task, "steps_done", 0)
+        if self._cancel.is_set() or (self.is_cancelled is not None and self.is_cancelled()):
+            return Cancelled(f"cancelled by the caller after {steps} steps", steps_done=steps)
+        if self.deadline is not None and now >= self.deadline:
+            return Cancelled(f"deadline exceeded after {steps} steps", deadline=True, steps_done=steps)
+        return None
+
+    def _settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self.finished_at = time.monotonic()
+        self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The stage's output; raises what stopped it (Cancelled, or the stage's own error)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the batcher did not answer in time")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    @property
+    def queue_seconds(self) -> float:
+        end = self.started_at if self.started_at is not None else (self.finished_at or time.monotonic())
+        return end - self.enqueued_at
+
+
+class StepBatcher:
+    """Runs a stage's tasks step by step on one worker thread (see the module docstring).
+
+    ``stage`` has ``key(task)`` (tasks with equal keys can share a forward pass), ``step(tasks)`` (one step of
+    each, in one forward pass) and ``finish(task)`` (the output once ``task.done``); tasks have ``rows``.
+    """
+
+    def __init__(self, stage: Any, config: BatcherConfig | None = None, on_batch: Callable | None = None):
+        self.stage = stage
+        self.config = config or BatcherConfig()
+        self.on_batch = on_batch  # Callable[[int], None] | None: images in each forward pass (metrics)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Ticket] = collections.deque()
+        self._running: list[Ticket] = []
+        self._closed = False
+        self._step_seconds = 0.05  # running average of one iteration, for retry hints
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{stage.name}", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side ---------------------------------------------------------------------------------
+
+    def check_capacity(self) -> None:
+        """Raises QueueFull now if a request would be refused (call before costly preparation)."""
+        with self._cond:
+            self._raise_if_full()
+
+    def _raise_if_full(self) -> None:
+        waiting = len(self._queue)
+        if self._closed:
+            raise QueueFull(self.stage.name, waiting, 1.0)
+        if waiting >= self.config.max_queue_size:
+            # By then about one batch leaves per request length; hint the time the queue needs to move.
+            retry = max(0.1, min(30.0, self._step_seconds * max(1, waiting // self.config.max_batch_size)))
+            raise QueueFull(self.stage.name, waiting, retry)
+
+    def submit(
+        self,
+        task: Any,
+        *,
+        deterministic: bool = False,
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Ticket:
+        """Queues a task; raises QueueFull when the queue is full. deadline: a time.monotonic() value."""
+        ticket = Ticket(task, deterministic or self.config.deterministic, deadline, is_cancelled, on_step)
+        with self._cond:
+            self._raise_if_full()
+            ticket.queue_position = len(self._queue)
+            self._queue.append(ticket)
+            self._cond.notify_all()
+        return ticket
+
+    def run(self, task: Any, **kwargs: Any) -> Any:
+        """submit() and wait for the output (cancellation is polled by the worker through is_cancelled)."""
+        return self.submit(task, **kwargs).result()
+
+    def call(self, start: Callable[[], Any], **kwargs: Any) -> Any:
+        """Refuses at once when full, else prepares the task (``start()``: checks, conditioning, initial
+        noise) in the caller's thread, then runs it: the queue never holds work it would refuse."""
+        self.check_capacity()
+        return self.run(start(), **kwargs)
+
+    def stats(self) -> tuple[int, int]:
+        """(requests waiting, requests running)."""
+        with self._cond:
+            return len(self._queue), len(self._running)
+
+    def close(self) -> None:
+        """Stops the worker; queued and running requests fail with Cancelled."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    # ---- the worker ----------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Moves queued tickets into the running batch while they fit (called with the lock held)."""
+        rows = sum(t.task.rows for t in self._running)
+        while self._queue:
+            ticket = self._queue[0]
+            if self._running and rows + ticket.task.rows > self.config.max_batch_size:
+                break  # FIFO: a big request is not overtaken by small ones behind it
+            self._queue.popleft()
+            ticket.started_at = time.monotonic()
+            self._running.append(ticket)
+            rows += ticket.task.rows
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while not self._running and not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return False
+            if not self._running:  # idle: give concurrent arrivals max_queue_delay to share the first step
+                until = time.monotonic() + self.config.max_queue_delay_s
+                while (
+                    sum(t.task.rows for t in self._queue) < self.config.max_batch_size
+                    and (left := until - time.monotonic()) > 0
+                ):
+                    self._cond.wait(left)
+            self._drop_stopped_queued()
+            self._admit()
+            return True
+
+    def _drop_stopped_queued(self) -> None:
+        now = time.monotonic()
+        for ticket in list(self._queue):
+            reason = ticket._stop_reason(now)
+            if reason is not None:
+                self._queue.remove(ticket)
+                ticket._settle(error=reason)
+
+    def _groups(self) -> list[list[Ticket]]:
+        """Running tickets by shared forward pass: deterministic ones alone, the rest by the stage's key."""
+        groups: dict[Any, list[Ticket]] = {}
+        alone: list[list[Ticket]] = []
+        for ticket in self._running:
+            if ticket.deterministic:
+                alone.append([ticket])
+            else:
+                groups.setdefault(self.stage.key(ticket.task), []).append(ticket)
+        return list(groups.values()) + alone
+
+    def _loop(self) -> None:
+        while self._wait_for_work():
+            began = time.monotonic()
+            # Leave the batch before the step: cancelled and expired requests free their rows at once.
+            for ticket in list(self._running):
+                reason = ticket._stop_reason(began)
+                if reason is not None:
+                    self._remove(ticket, error=reason)
+            for group in self._groups():
+                self._step(group)
+            with self._cond:
+                elapsed = time.monotonic() - began
+                self._step_seconds = 0.8 * self._step_seconds + 0.2 * elapsed
+        with self._cond:  # closed: nobody will step what is left
+            for ticket in [*self._queue, *self._running]:
+                ticket._settle(error=Cancelled("the stage is shutting down"))
+            self._queue.clear()
+            self._running.clear()
+
+    def _step(self, group: list[Ticket]) -> None:
+        tasks = [ticket.task for ticket in group]
+        try:
+            self.stage.step(tasks)
+        except Exception as error:  # a failing forward pass fails its group, not the stage
+            log.exception("%s step failed for %d requests", self.stage.name, len(group))
+            for ticket in group:
+                self._remove(ticket, error=error)
+            return
+        if self.on_batch is not None:
+            self.on_batch(sum(task.rows for task in tasks))
+        for ticket in group:
+            task = ticket.task
+            try:
+                if ticket.on_step is not None:
+                    ticket.on_step(task.steps_done, task.total)
+                if task.done:
+                    self._remove(ticket, result=self.stage.finish(task))
+            except Exception as error:  # on_step raised to stop it, or finish failed
+                self._remove(ticket, error=error)
+
+    def _remove(self, ticket: Ticket, result: Any = None, error: BaseException | None = None) -> None:
+        with self._cond:
+            if ticket in self._running:
+                self._running.remove(ticket)
+        ticket._settle(result=result, error=error)
