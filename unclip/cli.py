@@ -63,6 +63,7 @@ def _common(args: argparse.Namespace) -> dict:
         if not -(2**31) <= fields[name] < 2**31:
             raise UsageError(f"{name} is out of range: {fields[name]}")
     fields["output_format"] = orchestrator_pb2.OUTPUT_FORMAT_PNG
+    fields["deterministic"] = args.deterministic
     return fields
 
 
@@ -73,13 +74,66 @@ def _read(path: str, field: str) -> bytes:
         raise UsageError(f"{field}: cannot read {path}: {error.strerror}") from error
 
 
+class ProgressBar:
+    """GenerateStream's events on stderr: a bar redrawn in place on a terminal, one line per stage else."""
+
+    WIDTH = 24
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = None
+
+    def _line(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __call__(self, event) -> None:
+        import time
+
+        kind = event.WhichOneof("event")
+        if self.started is None:
+            self.started = time.monotonic()
+        elapsed = time.monotonic() - self.started
+        if kind == "accepted":
+            self._line(f"accepted ({event.accepted.queue_position} requests ahead)")
+        elif kind == "stage_started":
+            ahead = event.stage_started.queue_position
+            self._line(
+                f"{event.stage_started.stage}: started" + (f" ({ahead} queued ahead)" if ahead else "")
+            )
+        elif kind == "step" and self.tty:
+            step = event.step
+            done = int(self.WIDTH * step.step / max(1, step.total))
+            bar = "#" * done + "." * (self.WIDTH - done)
+            self._line(f"{step.stage:<12} [{bar}] {step.step}/{step.total}  {elapsed:5.1f}s")
+        elif kind == "stage_finished" and not self.tty:
+            self._line(f"{event.stage_finished.stage}: done in {event.stage_finished.seconds:.2f}s")
+        elif kind == "result":
+            self._line(f"done in {elapsed:.1f}s")
+            if self.tty:
+                self.stream.write("\n")
+
+
 def _call(args: argparse.Namespace, method: str, request, prefix: str) -> int:
     from unclip.runtime.server import create_channel
     from unclip.v1 import orchestrator_pb2_grpc
 
     with create_channel(args.addr) as channel:
         stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
-        response = getattr(stub, method)(request, timeout=args.timeout, wait_for_ready=args.wait)
+        if method == "Generate" and args.progress:
+            progress, response = ProgressBar(), None
+            for event in stub.GenerateStream(request, timeout=args.timeout, wait_for_ready=args.wait):
+                progress(event)
+                if event.HasField("result"):
+                    response = event.result
+            if response is None:
+                raise RuntimeError("the progress stream ended without the images")
+        else:
+            response = getattr(stub, method)(request, timeout=args.timeout, wait_for_ready=args.wait)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"seed {response.seed}  size {response.size}  request {response.request_id}", file=sys.stderr)
@@ -131,6 +185,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         log_dir=Path(args.log_dir) if args.log_dir else None,
         safety_policy=args.safety_policy,
         grace_seconds=args.grace_seconds,
+        replicas=args.replicas,
     )
     return run_until_signalled(stack, timeout=args.start_timeout)
 
@@ -211,6 +266,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _replicas(value: str) -> dict[str, int]:
+    from unclip.stack import parse_replicas
+
+    try:
+        return parse_replicas(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 # ---- argument parsing --------------------------------------------------------------------------------------
 
 
@@ -241,6 +305,11 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     parser.add_argument("--wait", action="store_true", help="wait for the orchestrator to come up")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="no cross-request batching: bit-exact with the request run alone (slower under load)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,11 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--grace-seconds", type=float, default=30.0, help="drain time when stopping")
     up.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every stage")
+    up.add_argument(
+        "--replicas",
+        type=_replicas,
+        default={},
+        help="processes per stage, e.g. decoder=2,upsampler=2 (stages: encoder, prior, decoder, upsampler "
+        "(every upsampler stage), super_res, super_res_2, safety); the orchestrator fails over between them",
+    )
     up.set_defaults(func=cmd_up)
 
     generate = commands.add_parser("generate", help="text -> images")
     generate.add_argument("prompt")
     _add_request_options(generate)
+    generate.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (plain Generate call instead of GenerateStream)",
+    )
     generate.set_defaults(func=cmd_generate)
 
     vary = commands.add_parser("vary", help="variations of an image")
@@ -330,6 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             print(f"unclip {args.command}: invalid input: {details}", file=sys.stderr)
             return EXIT_INVALID
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            from unclip.runtime.errors import retry_after
+
+            hint = retry_after(error)
+            when = f"; retry in {hint:.1f} s" if hint is not None else ""
+            print(f"unclip {args.command}: busy: {details}{when}", file=sys.stderr)
+            return EXIT_ERROR
         print(f"unclip {args.command}: {code.name}: {details}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

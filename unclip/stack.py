@@ -108,6 +108,8 @@ class Stack:
     safety_policy: str | None = None  # policy file for the safety service
     grace_seconds: float = 30.0  # how long in-flight calls get when stopping
     extra_env: dict[str, str] = field(default_factory=dict)
+    # processes per stage ("decoder": 2, "super_res": 2, ...; see parse_replicas); 1 when absent
+    replicas: dict[str, int] = field(default_factory=dict)
     interrupted: list[int] = field(default_factory=list)  # a signal arrived: abandon starting
     processes: list[Process] = field(default_factory=list)
 
@@ -142,7 +144,7 @@ class Stack:
         ]
         argv += args
         assert self.log_dir is not None
-        return Process(name=name, argv=argv, log_path=self.log_dir / f"{name}.log")
+        return Process(name=name, argv=argv, log_path=self.log_dir / f"{name.replace('#', '-')}.log")
 
     def start(self, timeout: float = 300.0) -> str:
         """Starts everything and waits until all say SERVING; returns the orchestrator's address.
@@ -159,15 +161,23 @@ class Stack:
             self.log_dir = Path(tempfile.mkdtemp(prefix="unclip-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         model = ["--model", str(model_dir)]
+        upsamplers = upsampler_stages(model_dir)
+        # (a count for an upsampler stage this model lacks, e.g. super_res_2, is ignored)
+
+        def replicated(name: str, module: str, *args: str) -> list[Process]:
+            count = self.replicas.get(name, 1)
+            return [self._process(name if i == 0 else f"{name}#{i + 1}", module, *args) for i in range(count)]
+
         stages = [
-            self._process("encoder", "services.encoder", *model),
-            self._process("prior", "services.prior", *model),
-            self._process("decoder", "services.decoder", *model, "--stage", "decoder"),
+            *replicated("encoder", "services.encoder", *model),
+            *replicated("prior", "services.prior", *model),
+            *replicated("decoder", "services.decoder", *model, "--stage", "decoder"),
             *[
-                self._process(stage, "services.decoder", *model, "--stage", stage)
-                for stage in upsampler_stages(model_dir)
+                process
+                for stage in upsamplers
+                for process in replicated(stage, "services.decoder", *model, "--stage", stage)
             ],
-            self._process(
+            *replicated(
                 "safety",
                 "services.safety",
                 "--audit-dir",
@@ -183,16 +193,17 @@ class Stack:
                 process.start(env)
             self._wait(stages, deadline, need_serving=False)  # every port known
 
-            by_name = {p.name: p.address for p in stages}
-            upsamplers = [p.address for p in stages if p.name.startswith("super_res")]
+            def targets(stage: str) -> str:  # every replica of a stage, "|"-separated
+                return "|".join(p.address for p in stages if p.name.split("#")[0] == stage)
+
             orchestrator = self._process(
                 "orchestrator",
                 "services.orchestrator",
-                "--encoder-addr", by_name["encoder"],
-                "--prior-addr", by_name["prior"],
-                "--decoder-addr", by_name["decoder"],
-                "--upsampler-addrs", ",".join(upsamplers),
-                "--safety-addr", by_name["safety"],
+                "--encoder-addr", targets("encoder"),
+                "--prior-addr", targets("prior"),
+                "--decoder-addr", targets("decoder"),
+                "--upsampler-addrs", ",".join(targets(stage) for stage in upsamplers),
+                "--safety-addr", targets("safety"),
                 port=self.port,
             )  # fmt: skip
             self.processes.append(orchestrator)
@@ -248,6 +259,29 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def parse_replicas(value: str) -> dict[str, int]:
+    """`decoder=2,upsampler=2` -> {"decoder": 2, "super_res": 2, "super_res_2": 2}: "upsampler" stands for
+    every upsampler stage. ValueError naming the bad part."""
+    counts: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, _, number = part.partition("=")
+        name = name.strip()
+        if name not in ("encoder", "prior", "decoder", "upsampler", "super_res", "super_res_2", "safety"):
+            raise ValueError(f"replicas: unknown stage {name!r} in {part!r}")
+        try:
+            count = int(number)
+        except ValueError:
+            raise ValueError(f"replicas: {part!r} must be STAGE=N") from None
+        if not 1 <= count <= 8:
+            raise ValueError(f"replicas: {name} must have 1..8 replicas, got {count}")
+        if name == "upsampler":
+            counts.setdefault("super_res", count)
+            counts.setdefault("super_res_2", count)
+        else:
+            counts[name] = count
+    return counts
 
 
 def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:

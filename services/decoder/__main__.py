@@ -13,14 +13,16 @@ import torch
 
 from services.decoder.servicer import DEFAULT_STEPS, DecoderServicer, UpsamplerServicer
 from unclip.runtime import settings
-from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.runtime.server import BATCHING_SETTINGS, SERVER_SETTINGS, batcher_config, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
 from unclip.v1 import decoder_pb2, decoder_pb2_grpc
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.decoder", description=__doc__)
-    settings.add_arguments(parser, ["model", "stage", "device", "torch_threads", *SERVER_SETTINGS])
+    settings.add_arguments(
+        parser, ["model", "stage", "device", "torch_threads", *BATCHING_SETTINGS, *SERVER_SETTINGS]
+    )
     args = parser.parse_args(argv)
     if not args.model:
         parser.error("--model (or UNCLIP_MODEL) is required")
@@ -31,15 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.stage)
     torch.set_num_threads(args.torch_threads)
     service_metrics, interceptors = instrument_process(args.stage, args.metrics_port)
+    config = batcher_config(args)
 
     if args.stage == "decoder":
-        servicer = DecoderServicer(args.stage, str(args.model), service_metrics)
+        servicer = DecoderServicer(args.stage, str(args.model), service_metrics, config)
         service = "Decoder"
 
         def register(server) -> None:
             decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
     else:
-        servicer = UpsamplerServicer(args.stage, str(args.model), service_metrics)
+        servicer = UpsamplerServicer(args.stage, str(args.model), service_metrics, config)
         service = "Upsampler"
 
         def register(server) -> None:
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 engine = UpsamplerEngine.from_pretrained(args.model, stage=args.stage, device=args.device)
             if hasattr(engine, "warmup"):
                 engine.warmup()
-        servicer.slot.engine = engine
+        servicer.slot.attach(engine)
 
     return serve(
         args.stage,

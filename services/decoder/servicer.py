@@ -8,8 +8,10 @@ from __future__ import annotations
 import grpc
 import torch
 
+from unclip.batching.batcher import BatcherConfig
 from unclip.rng import MAX_IMAGES
-from unclip.runtime.errors import grpc_errors, step_callback_for
+from unclip.runtime.errors import grpc_errors, grpc_stream_errors
+from unclip.runtime.progress import stream_progress
 from unclip.runtime.slots import EngineSlot
 from unclip.runtime.tensors import (
     decode_generators,
@@ -59,10 +61,10 @@ def stage_info(stage: str, engine, model_id: str) -> decoder_pb2.StageInfo:
 class _Stage:
     name = "decoder"
 
-    def __init__(self, stage: str, model_id: str, metrics=None) -> None:
+    def __init__(self, stage: str, model_id: str, metrics=None, config: BatcherConfig | None = None) -> None:
         self.stage = stage
         self.model_id = model_id
-        self.slot = EngineSlot(stage, metrics)  # __main__ sets slot.engine once loaded
+        self.slot = EngineSlot(stage, metrics, config)  # __main__ attaches the engine once loaded
 
     @grpc_errors
     def GetStageInfo(self, request: decoder_pb2.StageInfoRequest, context: grpc.ServicerContext):
@@ -72,7 +74,19 @@ class _Stage:
 class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
     @grpc_errors
     def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.ServicerContext):
-        engine = self.slot.get()
+        return self._decode(request, context)
+
+    @grpc_stream_errors
+    def DecodeStream(self, request: decoder_pb2.DecodeRequest, context: grpc.ServicerContext):
+        self.slot.get()
+        yield from stream_progress(
+            lambda on_accepted, on_step: self._decode(request, context, on_accepted, on_step),
+            lambda progress: decoder_pb2.ImagesEvent(progress=progress),
+            lambda output: decoder_pb2.ImagesEvent(output=output),
+        )
+
+    def _decode(self, request, context, on_accepted=None, on_step=None) -> decoder_pb2.ImagesOutput:
+        self.slot.get()
         cfg = request.do_classifier_free_guidance
         image_embeds = from_field(
             request, "image_embeds", dtype=torch.float32, shape=[None, None], finite=True
@@ -85,8 +99,10 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
         check_guidance(request.guidance_scale, "guidance_scale")
         generators = decode_generators(request.generators, n)
         inpaint = decode_inpaint(request, n)
-        with self.slot.call("Decode", n):
-            output = engine.decode(
+        output = self.slot.run(
+            "Decode",
+            n,
+            lambda: self.slot.stage.start(
                 image_embeds,
                 text_embeds,
                 hidden,
@@ -96,8 +112,11 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
                 guidance_scale=request.guidance_scale,
                 do_classifier_free_guidance=cfg,
                 inpaint=inpaint,
-                step_callback=step_callback_for(context),
-            )
+            ),
+            context,
+            on_step=on_step,
+            on_accepted=on_accepted,
+        )
         return decoder_pb2.ImagesOutput(
             images=to_proto(output.images), generators=encode_generators(output.generators)
         )
@@ -106,6 +125,18 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
 class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
     @grpc_errors
     def Upsample(self, request: decoder_pb2.UpsampleRequest, context: grpc.ServicerContext):
+        return self._upsample(request, context)
+
+    @grpc_stream_errors
+    def UpsampleStream(self, request: decoder_pb2.UpsampleRequest, context: grpc.ServicerContext):
+        self.slot.get()
+        yield from stream_progress(
+            lambda on_accepted, on_step: self._upsample(request, context, on_accepted, on_step),
+            lambda progress: decoder_pb2.ImagesEvent(progress=progress),
+            lambda output: decoder_pb2.ImagesEvent(output=output),
+        )
+
+    def _upsample(self, request, context, on_accepted=None, on_step=None) -> decoder_pb2.ImagesOutput:
         engine = self.slot.get()
         size = engine.input_size
         images = from_field(request, "images", dtype=torch.float32, shape=[None, 3, size, size], finite=True)
@@ -115,14 +146,16 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
         check_steps(request.num_inference_steps, "num_inference_steps")
         generators = decode_generators(request.generators, n)
         inpaint = decode_inpaint(request, n)
-        with self.slot.call("Upsample", n):
-            output = engine.upsample(
-                images,
-                generators,
-                num_inference_steps=request.num_inference_steps,
-                inpaint=inpaint,
-                step_callback=step_callback_for(context),
-            )
+        output = self.slot.run(
+            "Upsample",
+            n,
+            lambda: self.slot.stage.start(
+                images, generators, num_inference_steps=request.num_inference_steps, inpaint=inpaint
+            ),
+            context,
+            on_step=on_step,
+            on_accepted=on_accepted,
+        )
         return decoder_pb2.ImagesOutput(
             images=to_proto(output.images), generators=encode_generators(output.generators)
         )

@@ -27,14 +27,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.orchestrator", description=__doc__)
     settings.add_arguments(
         parser,
-        [*ADDRESS_SETTINGS, "stage_timeout_seconds", *SERVER_SETTINGS],
+        [
+            *ADDRESS_SETTINGS,
+            "stage_timeout_seconds",
+            "max_inflight",
+            "max_inflight_per_caller",
+            *SERVER_SETTINGS,
+        ],
         port=settings.DEFAULT_PORTS["orchestrator"],
     )
     args = parser.parse_args(argv)
     configure_logging("orchestrator")
     service_metrics, interceptors = instrument_process("orchestrator", args.metrics_port)
     upsamplers = [a.strip() for a in args.upsampler_addrs.split(",") if a.strip()]
-    servicer = ImageServicer(args.stage_timeout_seconds)
+    if args.max_inflight < 1 or args.max_inflight_per_caller < 1:
+        parser.error("--max-inflight and --max-inflight-per-caller must be at least 1")
+    # Threads for every admitted request, plus room to refuse the excess at once rather than queue it.
+    args.max_workers = max(args.max_workers, 2 * args.max_inflight + 8)
+    servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
 
     def load() -> None:
         stages = Stages.connect(

@@ -15,10 +15,21 @@ from typing import Any
 
 import grpc
 
-from unclip.runtime.errors import StatusError
+from services.orchestrator.replicas import RETRYABLE, Replicas, ReplicatedMethod, parse_targets
+from unclip.runtime.errors import StatusError, resource_exhausted, retry_after
 from unclip.runtime.server import create_channel, health_status
 from unclip.runtime.telemetry import instrument_channel
-from unclip.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2_grpc, prior_pb2_grpc, safety_pb2_grpc
+from unclip.v1 import (
+    decoder_pb2,
+    decoder_pb2_grpc,
+    encoder_pb2_grpc,
+    orchestrator_pb2,
+    prior_pb2_grpc,
+    safety_pb2_grpc,
+)
+
+# The denoising stages' methods and their streaming twins (progress events, then the same output).
+STREAMING = {"Sample": "SampleStream", "Decode": "DecodeStream", "Upsample": "UpsampleStream"}
 
 # The upsampler stages' names in cascade order (their metrics label before GetStageInfo has answered).
 UPSAMPLER_STAGES = ["super_res", "super_res_2", "super_res_3", "super_res_4"]
@@ -36,12 +47,12 @@ class StageInfo:
 class Stages:
     """Stubs for every stage the orchestrator chains, and their addresses (for messages)."""
 
-    encoder: encoder_pb2_grpc.EncoderStub
-    prior: prior_pb2_grpc.PriorStub
-    decoder: decoder_pb2_grpc.DecoderStub
-    upsamplers: list[decoder_pb2_grpc.UpsamplerStub]  # cascade order
-    safety: safety_pb2_grpc.SafetyStub
-    addresses: dict[str, str]  # stage name -> target
+    encoder: Replicas  # each: stub-like, `stages.encoder.EncodeText` works on any replica
+    prior: Replicas
+    decoder: Replicas
+    upsamplers: list[Replicas]  # cascade order
+    safety: Replicas
+    addresses: dict[str, str]  # stage name (or "decoder[1]" for a second replica) -> target
 
     @classmethod
     def connect(
@@ -55,25 +66,35 @@ class Stages:
         max_message_bytes: int,
         metrics: Any = None,
     ) -> Stages:
-        """Channels to every stage; with `metrics` (ServiceMetrics) every call is traced and timed."""
+        """Channels to every replica of every stage (each argument: one target, or replicas separated by
+        `|` or `,`; `upsamplers`: one such entry per cascade stage); with `metrics` (ServiceMetrics) every
+        call is traced and timed."""
 
-        def channel(target: str, stage: str) -> grpc.Channel:
-            plain = create_channel(target, max_message_bytes=max_message_bytes)
-            if metrics is None:
-                return plain
-            return instrument_channel(plain, metrics.client_interceptor(stage))
+        def replicas(value: str, stage: str, stub_class: type) -> Replicas:
+            def channel(target: str) -> grpc.Channel:
+                plain = create_channel(target, max_message_bytes=max_message_bytes)
+                if metrics is None:
+                    return plain
+                return instrument_channel(plain, metrics.client_interceptor(stage))
 
-        addresses = {"encoder": encoder, "prior": prior, "decoder": decoder, "safety": safety}
-        addresses.update({f"upsampler[{i}]": a for i, a in enumerate(upsamplers)})
+            return Replicas(stage, parse_targets(value), stub_class, channel)
+
+        addresses: dict[str, str] = {}
+        for name, value in [("encoder", encoder), ("prior", prior), ("decoder", decoder), ("safety", safety)]:
+            for i, target in enumerate(parse_targets(value)):
+                addresses[name if i == 0 else f"{name}[{i}]"] = target
+        for i, value in enumerate(upsamplers):
+            for j, target in enumerate(parse_targets(value)):
+                addresses[f"upsampler[{i}]" if j == 0 else f"upsampler[{i}][{j}]"] = target
         return cls(
-            encoder=encoder_pb2_grpc.EncoderStub(channel(encoder, "encoder")),
-            prior=prior_pb2_grpc.PriorStub(channel(prior, "prior")),
-            decoder=decoder_pb2_grpc.DecoderStub(channel(decoder, "decoder")),
+            encoder=replicas(encoder, "encoder", encoder_pb2_grpc.EncoderStub),
+            prior=replicas(prior, "prior", prior_pb2_grpc.PriorStub),
+            decoder=replicas(decoder, "decoder", decoder_pb2_grpc.DecoderStub),
             upsamplers=[
-                decoder_pb2_grpc.UpsamplerStub(channel(a, UPSAMPLER_STAGES[i]))
+                replicas(a, UPSAMPLER_STAGES[i], decoder_pb2_grpc.UpsamplerStub)
                 for i, a in enumerate(upsamplers)
             ],
-            safety=safety_pb2_grpc.SafetyStub(channel(safety, "safety")),
+            safety=replicas(safety, "safety", safety_pb2_grpc.SafetyStub),
             addresses=addresses,
         )
 
@@ -114,6 +135,9 @@ class Calls:
         self._lock = threading.Lock()
         self._in_flight: set[grpc.Future] = set()
         self._cancelled = False
+        self.metadata: tuple[tuple[str, str], ...] = ()  # sent with every stage call (e.g. deterministic)
+        # GenerateStream: receives each GenerateEvent (stage started/finished, denoising steps) as it happens.
+        self.on_event: Callable[[orchestrator_pb2.GenerateEvent], None] | None = None
         if context is not None:
             context.add_callback(self._cancel_all)  # runs when the client's call ends, however it ends
 
@@ -133,23 +157,88 @@ class Calls:
         return remaining
 
     def __call__(self, method: Callable[..., Any], request: Any, stage: str) -> Any:
-        """Calls one stage method (a stub's multi-callable) with the request's deadline."""
+        """Calls one stage method with the request's deadline; on UNAVAILABLE or RESOURCE_EXHAUSTED retries
+        on the stage's other replicas (stage calls are idempotent: the request carries the generators)."""
+        streaming = (
+            self.on_event is not None and isinstance(method, ReplicatedMethod) and method.name in STREAMING
+        )
+        if streaming:
+            method = ReplicatedMethod(method.stage, STREAMING[method.name])
+        attempts = method.attempts() if isinstance(method, ReplicatedMethod) else [("", method)]
+        hints: list[float] = []
+        started = time.monotonic()
+        if self.on_event is not None and not streaming:
+            self.on_event(
+                orchestrator_pb2.GenerateEvent(stage_started=orchestrator_pb2.StageEvent(stage=stage))
+            )
+        for attempt, (target, multicallable) in enumerate(attempts):
+            try:
+                if streaming:
+                    output = self._stream_once(multicallable, request, stage)
+                else:
+                    output = self._call_once(multicallable, request)
+                if self.on_event is not None:
+                    finished = orchestrator_pb2.StageEvent(stage=stage, seconds=time.monotonic() - started)
+                    self.on_event(orchestrator_pb2.GenerateEvent(stage_finished=finished))
+                return output
+            except grpc.RpcError as error:
+                code = error.code()
+                last = attempt + 1 == len(attempts)
+                if code in RETRYABLE and not self._cancelled:
+                    if isinstance(method, ReplicatedMethod):
+                        method.stage.failed(target)
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        hints.append(retry_after(error) or 1.0)
+                    if not last:
+                        continue
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise resource_exhausted(
+                            f"the {stage} stage is at capacity; retry later", min(hints)
+                        ) from error
+                self._raise(error, stage)
+        raise AssertionError("unreachable")
+
+    def _call_once(self, method: Callable[..., Any], request: Any) -> Any:
         with self._lock:
             if self._cancelled:
                 raise StatusError(grpc.StatusCode.CANCELLED, "the caller cancelled")
-            future = method.future(request, timeout=self.timeout())
+            future = method.future(request, timeout=self.timeout(), metadata=self.metadata or None)
             self._in_flight.add(future)
         try:
             return future.result()
-        except grpc.RpcError as error:
-            code = error.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:  # the orchestrator validates first: name the stage
-                raise ValueError(f"{error.details()} (rejected by the {stage} stage)") from error
-            if code == grpc.StatusCode.CANCELLED and self._cancelled:
-                raise StatusError(code, "the caller cancelled") from error
-            raise StatusError(code, f"{stage} stage: {code.name}: {error.details()}") from error
         except grpc.FutureCancelledError as error:
             raise StatusError(grpc.StatusCode.CANCELLED, "the caller cancelled") from error
         finally:
             with self._lock:
                 self._in_flight.discard(future)
+
+    def _stream_once(self, method: Callable[..., Any], request: Any, stage: str) -> Any:
+        """A stage's streaming twin: progress events go to on_event; returns the final output."""
+        with self._lock:
+            if self._cancelled:
+                raise StatusError(grpc.StatusCode.CANCELLED, "the caller cancelled")
+            call = method(request, timeout=self.timeout(), metadata=self.metadata or None)
+            self._in_flight.add(call)
+        try:
+            for event in call:
+                if event.HasField("output"):
+                    return event.output
+                progress = event.progress
+                if progress.step == 0:  # accepted by the stage: it starts (or queues) now
+                    started = orchestrator_pb2.StageEvent(stage=stage, queue_position=progress.queue_position)
+                    self.on_event(orchestrator_pb2.GenerateEvent(stage_started=started))
+                else:
+                    step = orchestrator_pb2.StepEvent(stage=stage, step=progress.step, total=progress.total)
+                    self.on_event(orchestrator_pb2.GenerateEvent(step=step))
+            raise StatusError(grpc.StatusCode.INTERNAL, f"{stage} stage: the stream ended without an output")
+        finally:
+            with self._lock:
+                self._in_flight.discard(call)
+
+    def _raise(self, error: grpc.RpcError, stage: str) -> None:
+        code = error.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:  # the orchestrator validates first: name the stage
+            raise ValueError(f"{error.details()} (rejected by the {stage} stage)") from error
+        if code == grpc.StatusCode.CANCELLED and self._cancelled:
+            raise StatusError(code, "the caller cancelled") from error
+        raise StatusError(code, f"{stage} stage: {code.name}: {error.details()}") from error

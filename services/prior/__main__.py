@@ -9,7 +9,7 @@ import torch
 
 from services.prior.servicer import PriorServicer
 from unclip.runtime import settings
-from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.runtime.server import BATCHING_SETTINGS, SERVER_SETTINGS, batcher_config, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
 from unclip.v1 import prior_pb2, prior_pb2_grpc
 
@@ -17,7 +17,9 @@ from unclip.v1 import prior_pb2, prior_pb2_grpc
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.prior", description=__doc__)
     settings.add_arguments(
-        parser, ["model", "device", "torch_threads", *SERVER_SETTINGS], port=settings.DEFAULT_PORTS["prior"]
+        parser,
+        ["model", "device", "torch_threads", *BATCHING_SETTINGS, *SERVER_SETTINGS],
+        port=settings.DEFAULT_PORTS["prior"],
     )
     args = parser.parse_args(argv)
     if not args.model:
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("prior")
     torch.set_num_threads(args.torch_threads)
     service_metrics, interceptors = instrument_process("prior", args.metrics_port)
-    servicer = PriorServicer(service_metrics)
+    servicer = PriorServicer(service_metrics, batcher_config(args))
 
     def load() -> None:
         from services.prior.engine import PriorEngine
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = PriorEngine.from_pretrained(args.model, device=args.device)
             if hasattr(engine, "warmup"):
                 engine.warmup()
-        servicer.slot.engine = engine
+        servicer.slot.attach(engine)
 
     return serve(
         "prior",

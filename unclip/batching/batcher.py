@@ -74,6 +74,7 @@ class Ticket:
         self.started_at: float | None = None  # when it joined the running batch
         self.finished_at: float | None = None
         self._cancel = threading.Event()
+        self._started = threading.Event()  # joined the running batch (or finished without joining)
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
@@ -82,17 +83,23 @@ class Ticket:
         self._cancel.set()
 
     def _stop_reason(self, now: float) -> Cancelled | None:
-        steps = getattr(self.task, "steps_done", 0)
+        # The message keeps the engines' step_callback wording ("... at step i/N"): logs and tests read it.
+        steps, total = getattr(self.task, "steps_done", 0), getattr(self.task, "total", 0)
         if self._cancel.is_set() or (self.is_cancelled is not None and self.is_cancelled()):
-            return Cancelled(f"cancelled by the caller after {steps} steps", steps_done=steps)
+            return Cancelled(f"cancelled by the caller at step {steps}/{total}", steps_done=steps)
         if self.deadline is not None and now >= self.deadline:
-            return Cancelled(f"deadline exceeded after {steps} steps", deadline=True, steps_done=steps)
+            return Cancelled(f"deadline exceeded at step {steps}/{total}", deadline=True, steps_done=steps)
         return None
 
     def _settle(self, result: Any = None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
         self.finished_at = time.monotonic()
+        self._started.set()
         self._done.set()
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Blocks until the request joined the running batch (or left the queue otherwise)."""
+        return self._started.wait(timeout)
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -197,6 +204,7 @@ class StepBatcher:
                 break  # FIFO: a big request is not overtaken by small ones behind it
             self._queue.popleft()
             ticket.started_at = time.monotonic()
+            ticket._started.set()
             self._running.append(ticket)
             rows += ticket.task.rows
 

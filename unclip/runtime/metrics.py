@@ -63,6 +63,12 @@ REQUESTS_RUNNING = Gauge("unclip_requests_running", "Requests the engine is work
 BATCH_SIZE = Histogram(
     "unclip_batch_size", "Images per engine call.", ["service", "method"], buckets=BATCH_BUCKETS
 )
+FORWARD_PASS_IMAGES = Histogram(
+    "unclip_forward_pass_images",
+    "Step-level batching: images (before guidance doubles them) in each denoising forward pass.",
+    ["service"],
+    buckets=BATCH_BUCKETS,
+)
 MODEL_LOAD_SECONDS = Gauge(
     "unclip_model_load_seconds", "Seconds the weights took to load (and warm up) at start.", ["service"]
 )
@@ -229,6 +235,10 @@ class ServiceMetrics:
         finally:
             if lock is not None:
                 lock.release()
+
+    def forward_pass(self, images: int) -> None:
+        """Step-level batching: one denoising forward pass over `images` images of one or more requests."""
+        FORWARD_PASS_IMAGES.labels(self.service).observe(images)
 
     @contextlib.contextmanager
     def model_load(self) -> Iterator[None]:

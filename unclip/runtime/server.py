@@ -41,6 +41,28 @@ SERVER_SETTINGS = [
 ]
 
 
+# The flags of the model stages' queues and step-level batching (unclip.batching).
+BATCHING_SETTINGS = ["max_batch_size", "max_queue_delay_ms", "max_queue_size", "deterministic"]
+
+
+def batcher_config(args: argparse.Namespace):
+    """The BatcherConfig of a model stage from its BATCHING_SETTINGS flags; also raises `max_workers` so
+    every request the queue may hold has a server thread to wait on (else gRPC queues them unbounded)."""
+    from unclip.batching.batcher import BatcherConfig
+
+    for name in ("max_batch_size", "max_queue_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    config = BatcherConfig(
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_s=max(0.0, args.max_queue_delay_ms) / 1000,
+        max_queue_size=args.max_queue_size,
+        deterministic=args.deterministic,
+    )
+    args.max_workers = max(args.max_workers, args.max_batch_size + args.max_queue_size + 4)
+    return config
+
+
 def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),

@@ -32,6 +32,14 @@ DEFAULT_PORTS = {
 }
 
 
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def _float_or_none(value: str) -> float | None:
     return None if value in ("", "none") else float(value)
 
@@ -131,6 +139,48 @@ SETTINGS: dict[str, Setting] = {
             600.0,
             float,
             "orchestrator: deadline of one stage call when the client set none",
+        ),
+        Setting(
+            "max_batch_size",
+            "UNCLIP_MAX_BATCH_SIZE",
+            8,
+            int,
+            "prior/decoder/upsamplers: images stepped together in one forward pass (step-level batching)",
+        ),
+        Setting(
+            "max_queue_delay_ms",
+            "UNCLIP_MAX_QUEUE_DELAY_MS",
+            2.0,
+            float,
+            "prior/decoder/upsamplers: how long an idle stage waits for company before its first step",
+        ),
+        Setting(
+            "max_queue_size",
+            "UNCLIP_MAX_QUEUE_SIZE",
+            16,
+            int,
+            "model stages: requests waiting for the engine; more are refused with RESOURCE_EXHAUSTED",
+        ),
+        Setting(
+            "deterministic",
+            "UNCLIP_DETERMINISTIC",
+            False,
+            _bool,
+            "model stages: no cross-request batching, outputs bit-exact with one request alone",
+        ),
+        Setting(
+            "max_inflight",
+            "UNCLIP_MAX_INFLIGHT",
+            16,
+            int,
+            "orchestrator: requests in progress; more are refused at once with RESOURCE_EXHAUSTED",
+        ),
+        Setting(
+            "max_inflight_per_caller",
+            "UNCLIP_MAX_INFLIGHT_PER_CALLER",
+            4,
+            int,
+            "orchestrator: requests in progress per caller (the request's user, else its peer)",
         ),
         Setting("addr", "UNCLIP_ADDR", "127.0.0.1:50051", str, "the CLI's orchestrator address"),
         Setting("metrics_port", "UNCLIP_METRICS_PORT", 9464, int, "Prometheus HTTP port (0 disables)"),

@@ -1,27 +1,55 @@
-"""The engine a model servicer wraps: UNAVAILABLE until loaded, then one request at a time on it.
+"""The engine a model servicer wraps: UNAVAILABLE until loaded, then either one request at a time (the
+encoder: `call()`) or step-level batching (prior, decoder, upsamplers: `run()`, see unclip.batching).
 
-Requests beyond the one computing wait on the lock; that wait is the queue the metrics report (and an
-autoscaler reads). Dynamic batching (issue 6) replaces the lock with a batcher behind the same `call()`.
+Both bound the queue: a request beyond `max_queue_size` waiting ones is refused at once with
+RESOURCE_EXHAUSTED and a retry hint, so memory stays bounded and accepted requests keep their latency. The
+wait is what the metrics report as the queue (and what an autoscaler reads).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-from unclip.runtime.errors import StatusError
+from unclip.batching.batcher import BatcherConfig, Cancelled, QueueFull, StepBatcher
+from unclip.runtime.errors import RequestCancelled, StatusError, resource_exhausted
+
+# Metadata key of a per-request "deterministic" switch: "1" steps the request alone (bit-exact).
+DETERMINISTIC_KEY = "x-unclip-deterministic"
+
+
+def wants_deterministic(context: grpc.ServicerContext) -> bool:
+    return any(k == DETERMINISTIC_KEY and v == "1" for k, v in context.invocation_metadata() or ())
 
 
 class EngineSlot:
-    def __init__(self, name: str, metrics: Any = None):
+    def __init__(self, name: str, metrics: Any = None, config: BatcherConfig | None = None):
         self.name = name  # the stage, for messages
         self.metrics = metrics  # unclip.runtime.metrics.ServiceMetrics, or None (no metrics)
-        self.engine: Any = None  # set by __main__ once weights are loaded and warmed up
+        self.config = config or BatcherConfig()
+        self.engine: Any = None  # set by attach() once weights are loaded and warmed up
+        self.stage: Any = None  # the step-wise view of the engine (unclip.batching.stages), if batched
+        self.batcher: StepBatcher | None = None
         self.lock = threading.Lock()
+        self._waiting = 0  # call(): requests waiting for the lock
+        self._count_lock = threading.Lock()
+
+    def attach(self, engine: Any, batched: bool = True) -> None:
+        """Makes the loaded engine available; `batched` puts a step-level batcher in front of it."""
+        if batched:
+            from unclip.batching.stages import stage_for
+
+            self.stage = stage_for(engine)
+            on_batch = None
+            if self.metrics is not None:
+                on_batch = self.metrics.forward_pass
+            self.batcher = StepBatcher(self.stage, self.config, on_batch=on_batch)
+        self.engine = engine
 
     def get(self) -> Any:
         if self.engine is None:
@@ -31,9 +59,65 @@ class EngineSlot:
     @contextlib.contextmanager
     def call(self, method: str, batch_size: int) -> Iterator[None]:
         """Holds the engine for one request of `batch_size` images (queue and compute time measured)."""
-        if self.metrics is None:
-            with self.lock:
+        with self._count_lock:
+            if self._waiting >= self.config.max_queue_size:
+                raise resource_exhausted(
+                    f"{self.name} is at capacity ({self._waiting} requests waiting)", retry_after_s=0.5
+                )
+            self._waiting += 1
+        holding = False
+        try:
+            hold = (
+                self.lock if self.metrics is None else self.metrics.engine_call(method, batch_size, self.lock)
+            )
+            with hold:
+                with self._count_lock:
+                    self._waiting -= 1
+                holding = True
                 yield
-        else:
-            with self.metrics.engine_call(method, batch_size, self.lock):
-                yield
+        finally:
+            if not holding:
+                with self._count_lock:
+                    self._waiting -= 1
+
+    def run(
+        self,
+        method: str,
+        batch_size: int,
+        start: Callable[[], Any],
+        context: grpc.ServicerContext,
+        on_step: Callable[[int, int], None] | None = None,
+        on_accepted: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """Runs one request through the step-level batcher: refused at once when the queue is full,
+        prepared (`start()`), then stepped with the others until done, cancelled or past its deadline.
+        on_accepted(queue_position, total_steps) once queued; on_step(step, total) after each step."""
+        batcher = self.batcher
+        if batcher is None:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"{self.name} is loading its weights")
+        try:
+            batcher.check_capacity()
+            task = start()
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e6 else None
+            ticket = batcher.submit(
+                task,
+                deterministic=wants_deterministic(context),
+                deadline=deadline,
+                is_cancelled=lambda: not context.is_active(),
+                on_step=on_step,
+            )
+            context.add_callback(ticket.cancel)  # the call ended (client gone): leave the batch now
+            if on_accepted is not None:
+                on_accepted(ticket.queue_position, task.total)
+            if self.metrics is None:
+                return ticket.result()
+            with self.metrics.queued(method):
+                ticket.wait_started()
+            with self.metrics.compute(method, batch_size):
+                return ticket.result()
+        except QueueFull as error:
+            raise resource_exhausted(str(error), error.retry_after_s) from error
+        except Cancelled as error:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if error.deadline else grpc.StatusCode.CANCELLED
+            raise RequestCancelled(str(error), code) from error

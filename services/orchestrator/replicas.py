@@ -1,0 +1,92 @@
+"""Several replicas of one stage, with failover.
+
+A stage's target is a list of addresses (`host:port|host:port` or `host:port,host:port`; each gets its own
+channel, tried round-robin) or one `dns:///name:port` (gRPC's round_robin policy spreads calls over every
+address the name resolves to). A call that fails with UNAVAILABLE (the replica is gone, draining after
+SIGTERM, or died mid-call) or RESOURCE_EXHAUSTED (its queue is full) is retried on another replica while the
+deadline allows: stage calls are idempotent, since the request carries every image's generator state, so a
+retry draws exactly the same noise. A replica that failed is tried last for a few seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+# Codes after which another replica may succeed.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Seconds a failed replica goes to the back of the line.
+PENALTY_SECONDS = 3.0
+# Attempts through one dns:/// channel (gRPC picks the replica): enough to get past one dead address.
+DNS_ATTEMPTS = 3
+
+
+def parse_targets(value: str) -> list[str]:
+    """`a:1|a:2` or `a:1,a:2` -> ["a:1", "a:2"]; a `dns:///` target stays one entry."""
+    return [t.strip() for t in value.replace("|", ",").split(",") if t.strip()]
+
+
+class ReplicatedMethod:
+    """One RPC method of a stage, callable on any of its replicas (a stub-method look-alike)."""
+
+    def __init__(self, stage: Replicas, name: str):
+        self.stage = stage
+        self.name = name
+
+    def attempts(self) -> list[tuple[str, Any]]:
+        """(target, multi-callable) pairs in the order to try them."""
+        return [(target, getattr(stub, self.name)) for target, stub in self.stage.order()]
+
+    def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
+        """A blocking call with failover (used outside requests, e.g. GetStageInfo at start)."""
+        error: grpc.RpcError | None = None
+        for target, method in self.attempts():
+            try:
+                return method(request, timeout=timeout, metadata=metadata)
+            except grpc.RpcError as failed:
+                if failed.code() not in RETRYABLE:
+                    raise
+                self.stage.failed(target)
+                error = failed
+        assert error is not None
+        raise error
+
+
+class Replicas:
+    """Stubs of one stage on each of its replicas; `replicas.Decode` is a ReplicatedMethod."""
+
+    def __init__(self, stage: str, targets: list[str], stub_class: type, channel: Callable[[str], Any]):
+        if not targets:
+            raise ValueError(f"{stage} needs at least one address")
+        self.stage = stage
+        self.targets = targets
+        self.stubs = [(target, stub_class(channel(target))) for target in targets]
+        self._next = itertools.count()
+        self._down: dict[str, float] = {}  # target -> until when it is tried last
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> ReplicatedMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return ReplicatedMethod(self, name)
+
+    def order(self) -> list[tuple[str, Any]]:
+        """Round-robin from the next replica; those that failed recently go last."""
+        with self._lock:
+            start = next(self._next) % len(self.stubs)
+            now = time.monotonic()
+            down = {t for t, until in self._down.items() if until > now}
+        rotated = self.stubs[start:] + self.stubs[:start]
+        ordered = [s for s in rotated if s[0] not in down] + [s for s in rotated if s[0] in down]
+        if len(ordered) == 1 and ordered[0][0].startswith("dns:"):
+            return ordered * DNS_ATTEMPTS
+        return ordered
+
+    def failed(self, target: str) -> None:
+        with self._lock:
+            self._down[target] = time.monotonic() + PENALTY_SECONDS
