@@ -54,3 +54,12 @@ k8s-render: tools
 	@for o in dev gpu gpu-hpa gpu-cascade; do \
 		.tools/bin/kubectl kustomize k8s/overlays/$$o > /dev/null && echo "k8s/overlays/$$o renders"; \
 	done
+
+# Trains the bundled "shapes" toy model from scratch on the CPU (≤ 3 h on 2 cores) into models/shapes-toy.
+# Resumable: checkpoints and loss logs go to runs/toy-model/; rerun after an interruption to continue.
+# The shipped weights came from the same code on one GPU: `training/gpu_run.sh` (see models/shapes-toy/MODEL_CARD.md).
+TOY_OUT ?= models/shapes-toy
+toy-model: install
+	$(PY) -m training.train --preset cpu --device cpu --out $(TOY_OUT) --work runs/toy-model
+
+.PHONY: toy-model
