@@ -83,6 +83,7 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
             lambda on_accepted, on_step: self._decode(request, context, on_accepted, on_step),
             lambda progress: decoder_pb2.ImagesEvent(progress=progress),
             lambda output: decoder_pb2.ImagesEvent(output=output),
+            name="DecodeStream",
         )
 
     def _decode(self, request, context, on_accepted=None, on_step=None) -> decoder_pb2.ImagesOutput:
@@ -134,6 +135,7 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
             lambda on_accepted, on_step: self._upsample(request, context, on_accepted, on_step),
             lambda progress: decoder_pb2.ImagesEvent(progress=progress),
             lambda output: decoder_pb2.ImagesEvent(output=output),
+            name="UpsampleStream",
         )
 
     def _upsample(self, request, context, on_accepted=None, on_step=None) -> decoder_pb2.ImagesOutput:

@@ -7,6 +7,7 @@ for.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import propagate
 
 from services.orchestrator.replicas import RETRYABLE, Replicas, ReplicatedMethod, parse_targets
 from unclip.runtime.errors import StatusError, resource_exhausted, retry_after
@@ -27,6 +29,8 @@ from unclip.v1 import (
     prior_pb2_grpc,
     safety_pb2_grpc,
 )
+
+log = logging.getLogger(__name__)
 
 # The denoising stages' methods and their streaming twins (progress events, then the same output).
 STREAMING = {"Sample": "SampleStream", "Decode": "DecodeStream", "Upsample": "UpsampleStream"}
@@ -77,7 +81,10 @@ class Stages:
                     return plain
                 return instrument_channel(plain, metrics.client_interceptor(stage))
 
-            return Replicas(stage, parse_targets(value), stub_class, channel)
+            def plain(target: str) -> grpc.Channel:
+                return create_channel(target, max_message_bytes=max_message_bytes)
+
+            return Replicas(stage, parse_targets(value), stub_class, channel, plain)
 
         addresses: dict[str, str] = {}
         for name, value in [("encoder", encoder), ("prior", prior), ("decoder", decoder), ("safety", safety)]:
@@ -190,6 +197,9 @@ class Calls:
                     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         hints.append(retry_after(error) or 1.0)
                     if not last:
+                        log.warning(
+                            "%s stage: %s from %s, retrying on another replica", stage, code.name, target
+                        )
                         continue
                     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         raise resource_exhausted(
@@ -217,7 +227,11 @@ class Calls:
         with self._lock:
             if self._cancelled:
                 raise StatusError(grpc.StatusCode.CANCELLED, "the caller cancelled")
-            call = method(request, timeout=self.timeout(), metadata=self.metadata or None)
+            # The plain channel carries no tracing interceptor: send the trace context ourselves.
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            metadata = tuple(self.metadata) + tuple(carrier.items())
+            call = method(request, timeout=self.timeout(), metadata=metadata or None)
             self._in_flight.add(call)
         try:
             for event in call:

@@ -39,8 +39,13 @@ class ReplicatedMethod:
         self.name = name
 
     def attempts(self) -> list[tuple[str, Any]]:
-        """(target, multi-callable) pairs in the order to try them."""
-        return [(target, getattr(stub, self.name)) for target, stub in self.stage.order()]
+        """(target, multi-callable) pairs in the order to try them. Streaming methods use the plain channel:
+        the tracing interceptor hides a stream's cancel() (the caller propagates the trace itself)."""
+        plain = self.name.endswith("Stream")
+        return [
+            (target, getattr(plain_stub if plain else stub, self.name))
+            for target, stub, plain_stub in self.stage.order()
+        ]
 
     def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
         """A blocking call with failover (used outside requests, e.g. GetStageInfo at start)."""
@@ -60,12 +65,23 @@ class ReplicatedMethod:
 class Replicas:
     """Stubs of one stage on each of its replicas; `replicas.Decode` is a ReplicatedMethod."""
 
-    def __init__(self, stage: str, targets: list[str], stub_class: type, channel: Callable[[str], Any]):
+    def __init__(
+        self,
+        stage: str,
+        targets: list[str],
+        stub_class: type,
+        channel: Callable[[str], Any],
+        plain_channel: Callable[[str], Any] | None = None,
+    ):
         if not targets:
             raise ValueError(f"{stage} needs at least one address")
         self.stage = stage
         self.targets = targets
-        self.stubs = [(target, stub_class(channel(target))) for target in targets]
+        plain_channel = plain_channel or channel
+        # (target, stub on the instrumented channel, stub on a plain channel)
+        self.stubs = [
+            (target, stub_class(channel(target)), stub_class(plain_channel(target))) for target in targets
+        ]
         self._next = itertools.count()
         self._down: dict[str, float] = {}  # target -> until when it is tried last
         self._lock = threading.Lock()
@@ -75,7 +91,7 @@ class Replicas:
             raise AttributeError(name)
         return ReplicatedMethod(self, name)
 
-    def order(self) -> list[tuple[str, Any]]:
+    def order(self) -> list[tuple[str, Any, Any]]:
         """Round-robin from the next replica; those that failed recently go last."""
         with self._lock:
             start = next(self._next) % len(self.stubs)

@@ -31,6 +31,7 @@ class PriorServicer(prior_pb2_grpc.PriorServicer):
             lambda on_accepted, on_step: self._sample(request, context, on_accepted, on_step),
             lambda progress: prior_pb2.PriorEvent(progress=progress),
             lambda output: prior_pb2.PriorEvent(output=output),
+            name="SampleStream",
         )
 
     def _sample(self, request, context, on_accepted=None, on_step=None) -> prior_pb2.PriorResponse:

@@ -119,10 +119,10 @@ def test_concurrent_requests_match_alone_and_deterministic_is_bit_exact(stack, s
             got = _pixels(replies[seed])
             if deterministic:
                 assert (got == alone[seed]).all(), seed
-            else:  # pixels in [0, 1]; measured ~7e-4 here; tests/unit's batch-vs-alone bound is 1/255
+            else:  # pixels in [0, 1]: measured 1.6e-6 .. 3.2e-3 here (tests/batching explains the spread)
                 drift = abs(got - alone[seed]).max()
                 print(f"stack batch-vs-alone drift, seed {seed}: {drift:.2e}")
-                assert drift <= 1 / 255, seed
+                assert drift <= 2 / 255, seed
 
 
 def test_cancel_mid_denoise_stops_within_one_step(stack, stub):

@@ -8,18 +8,23 @@ the status the unary method would answer (the caller wraps the method in `grpc_s
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from unclip.runtime.errors import RequestCancelled
 from unclip.v1 import progress_pb2
+
+log = logging.getLogger(__name__)
 
 
 def stream_progress(
     work: Callable[[Callable[[int, int], None], Callable[[int, int], None]], Any],
     progress_event: Callable[[progress_pb2.StageProgress], Any],
     output_event: Callable[[Any], Any],
+    name: str = "stream",
 ) -> Iterator[Any]:
     events: queue.Queue = queue.Queue()  # bounded by the steps of one request
 
@@ -33,6 +38,9 @@ def stream_progress(
         try:
             events.put(("output", work(on_accepted, on_step)))
         except BaseException as error:  # re-raised on the handler's thread, mapped to a status there
+            if isinstance(error, RequestCancelled):
+                # Logged here: once the caller is gone, gRPC stops iterating the handler, which never sees it.
+                log.info("%s stopped: %s", name, error)
             events.put(("error", error))
 
     threading.Thread(target=run, name="stream-work", daemon=True).start()
