@@ -1,0 +1,83 @@
+"""Soak: steady load on the stack for a long time, sampling every service's resident memory; it should stay
+flat (bounded queues, nothing kept per request). Issue 6's reliability item 5 (a benchmark, not in CI).
+
+    python -m benchmarks.soak [--model DIR] [--minutes 30] [--clients 4] [--steps 25,25,7]
+
+Prints one JSON line per sample: minute, requests done, failures, RSS (MB) per process; and at the end the
+growth of each process between the first and the last third of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import grpc
+
+from benchmarks.common import emit, environment, generate_request, model_dir, start_stack, stub
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--steps", default="25,25,7")
+    parser.add_argument("--sample-seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    steps = tuple(int(s) for s in args.steps.split(","))
+    model = model_dir(args.model)
+    emit({"benchmark": "soak", **environment(), "model": str(model), "clients": args.clients})
+    stack = start_stack(model)
+    done, failed, lock = [0], [0], threading.Lock()
+    stop_at = time.monotonic() + 60 * args.minutes
+    try:
+        client = stub(stack.address)
+
+        def worker(index: int) -> None:
+            seed = 10_000 * index
+            while time.monotonic() < stop_at:
+                try:
+                    client.Generate(generate_request("a red circle", 1, seed, steps), timeout=600)
+                    with lock:
+                        done[0] += 1
+                except grpc.RpcError:
+                    with lock:
+                        failed[0] += 1
+                seed += 1
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        samples = []
+        began = time.monotonic()
+        while time.monotonic() < stop_at:
+            time.sleep(args.sample_seconds)
+            sample = {p.name: round(rss_mb(p.popen.pid), 1) for p in stack.processes if p.alive()}
+            samples.append(sample)
+            emit({"minute": round((time.monotonic() - began) / 60, 2), "done": done[0], "failed": failed[0],
+                  "rss_mb": sample})  # fmt: skip
+        for thread in threads:
+            thread.join()
+        third = max(1, len(samples) // 3)
+        first, last = samples[:third], samples[-third:]
+        growth = {
+            name: round(sum(s[name] for s in last) / len(last) - sum(s[name] for s in first) / len(first), 1)
+            for name in samples[0]
+        }
+        emit({"rss_growth_mb_first_to_last_third": growth, "done": done[0], "failed": failed[0]})
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()
