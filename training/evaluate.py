@@ -185,12 +185,14 @@ class Stack:
         return buf.getvalue()
 
     def generate(self, prompts: list[str], n: int, seed: int) -> list[list[Image.Image]]:
-        return [
-            self._pngs(
-                self.stub.Generate(self.pb.GenerateRequest(prompt=p, n=n, seed=seed + k * n), timeout=600)
-            )
-            for k, p in enumerate(prompts)
-        ]
+        out = []
+        for k, p in enumerate(prompts):
+            images: list[Image.Image] = []
+            for first in range(0, n, 10):  # a request holds at most 10; image i of seed s is seed s + i
+                req = self.pb.GenerateRequest(prompt=p, n=min(10, n - first), seed=seed + k * n + first)
+                images += self._pngs(self.stub.Generate(req, timeout=600))
+            out.append(images)
+        return out
 
     def variation(self, images: list[Image.Image], n: int, seed: int) -> list[list[Image.Image]]:
         return [
@@ -370,9 +372,11 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     cases = fully_specified_prompts(args.prompts, rng)
     images = backend.generate([c.prompt for c in cases], 2, args.seed)
-    result = dict(backend=backend.name, text_to_image=score_text_to_image(cases, images))
-    print(json.dumps(result, indent=1), flush=True)
-    if args.save_grid:
+    result: dict = dict(backend=backend.name)
+    if cases:
+        result["text_to_image"] = score_text_to_image(cases, images)
+        print(json.dumps(result, indent=1), flush=True)
+    if args.save_grid and images:
         flat = [im for ims in images[:16] for im in ims][:32]
         sheet = Image.new("RGB", (128 * 8, 128 * 4))
         for i, im in enumerate(flat):
@@ -381,7 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["grid_prompts"] = [c.prompt for c in cases[:16]]
     if args.variations:
         result["variations"] = score_variations(backend, args.variations, rng, args.seed)
+        print(json.dumps(result["variations"]), flush=True)
     result["diversity"] = score_diversity(backend, args.seed, args.draws)
+    print(json.dumps(result["diversity"]), flush=True)
     if args.edits:
         from training.edits import score_edits
 
