@@ -148,7 +148,9 @@ def train_prior(args, preset: Preset, sz: C.ModelSizes) -> None:
         embeds = torch.cat(
             [
                 vision(
-                    pixel_values=clip_pixels(render(sample_scenes(512), sz.clip_image_size, dev))
+                    pixel_values=clip_pixels(
+                        render(sample_scenes(min(preset.prior_batch, 512)), sz.clip_image_size, dev)
+                    )
                 ).image_embeds
                 for _ in range(8)
             ]
