@@ -26,7 +26,7 @@ PROTOS := $(wildcard protos/unclip/v1/*.proto)
 # Stubs (and mypy stubs) land in unclip/v1/, importable as `unclip.v1.<name>_pb2`.
 unclip/v1/__init__.py: $(PROTOS) $(VENV)/.installed
 	mkdir -p unclip/v1
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
 		--mypy_out=. --mypy_grpc_out=. $(PROTOS)
 	touch $@
 
