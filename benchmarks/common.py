@@ -18,6 +18,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Both sides compute with one torch thread (the stages' default, UNCLIP_TORCH_THREADS=1).
+os.environ.setdefault("UNCLIP_TORCH_THREADS", "1")
 
 
 def model_dir(path: str | None) -> Path:
@@ -132,6 +134,7 @@ def environment() -> dict:
         commit = "?"
     import torch
 
+    torch.set_num_threads(int(os.environ["UNCLIP_TORCH_THREADS"]))
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": commit,

@@ -13,6 +13,8 @@ import threading
 import time
 from collections import defaultdict
 
+import grpc
+
 from benchmarks.common import (
     emit,
     environment,
@@ -25,6 +27,7 @@ from benchmarks.common import (
     start_stack,
     stub,
 )
+from unclip.runtime.errors import retry_after
 
 PROMPT = "a red circle above a blue square"
 
@@ -55,10 +58,22 @@ def sweep_point(client, clients: int, seconds: float, steps) -> dict:
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
+    refused = [0]
+
     def worker(index: int) -> None:
         seed = 1000 * index
         while time.perf_counter() < stop_at:
-            latency, split = one_streamed(client, generate_request(PROMPT, 1, seed, steps))
+            request = generate_request(PROMPT, 1, seed, steps)
+            request.user = f"client{index}"  # one caller each: the per-caller limit must not throttle them
+            try:
+                latency, split = one_streamed(client, request)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                with lock:
+                    refused[0] += 1
+                time.sleep(retry_after(error) or 0.5)
+                continue
             seed += 1
             with lock:
                 latencies.append(latency)
@@ -78,6 +93,7 @@ def sweep_point(client, clients: int, seconds: float, steps) -> dict:
         "p50_s": round(percentile(latencies, 50), 4),
         "p99_s": round(percentile(latencies, 99), 4),
         "requests": len(latencies),
+        "refused": refused[0],
         "queue_compute_s": {
             stage: [round(median([p[0] for p in pairs]), 4), round(median([p[1] for p in pairs]), 4)]
             for stage, pairs in splits.items()
