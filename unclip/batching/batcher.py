@@ -73,6 +73,7 @@ class Ticket:
         self.enqueued_at = time.monotonic()
         self.started_at: float | None = None  # when it joined the running batch
         self.finished_at: float | None = None
+        self.cancelled_at_step: int | None = None  # the task's step counter when cancel() was called
         self._cancel = threading.Event()
         self._started = threading.Event()  # joined the running batch (or finished without joining)
         self._done = threading.Event()
@@ -80,13 +81,17 @@ class Ticket:
         self._error: BaseException | None = None
 
     def cancel(self) -> None:
+        if not self._cancel.is_set():
+            self.cancelled_at_step = getattr(self.task, "steps_done", 0)
         self._cancel.set()
 
     def _stop_reason(self, now: float) -> Cancelled | None:
         # The message keeps the engines' step_callback wording ("... at step i/N"): logs and tests read it.
         steps, total = getattr(self.task, "steps_done", 0), getattr(self.task, "total", 0)
         if self._cancel.is_set() or (self.is_cancelled is not None and self.is_cancelled()):
-            return Cancelled(f"cancelled by the caller at step {steps}/{total}", steps_done=steps)
+            arrived = steps if self.cancelled_at_step is None else self.cancelled_at_step
+            message = f"cancelled by the caller at step {steps}/{total} (cancel arrived at step {arrived})"
+            return Cancelled(message, steps_done=steps)
         if self.deadline is not None and now >= self.deadline:
             return Cancelled(f"deadline exceeded at step {steps}/{total}", deadline=True, steps_done=steps)
         return None
