@@ -137,6 +137,38 @@ class EncoderEngine:
             truncated=truncated,
         )
 
+    @torch.no_grad()
+    def encode_text_batch(
+        self, requests: list[list[str]], do_classifier_free_guidance: bool
+    ) -> list[EncoderOutput]:
+        """encode_text for several requests in one forward pass (dynamic batching): their prompts as one
+        batch, then as many "" prompts as a second batch, as encode_text does for one request. A single
+        request gives exactly encode_text's result; several share kernels, so rounding can differ slightly."""
+        for prompts in requests:
+            self._check_prompts(prompts)
+        merged = [p for prompts in requests for p in prompts]
+        with self._tokenizer_lock:
+            lengths = [len(ids) for ids in self.tokenizer(merged, verbose=False).input_ids]
+        text_embeds, hidden_states, text_mask = self._encode(merged)
+        if do_classifier_free_guidance:
+            uncond = self._encode([""] * len(merged))
+        outputs, start = [], 0
+        for prompts in requests:
+            rows = slice(start, start + len(prompts))
+            start += len(prompts)
+            parts = [text_embeds[rows], hidden_states[rows], text_mask[rows]]
+            if do_classifier_free_guidance:  # [unconditional; conditional], rows [0, n) unconditional
+                parts = [torch.cat([u[rows], c]) for u, c in zip(uncond, parts, strict=True)]
+            outputs.append(
+                EncoderOutput(
+                    text_embeds=parts[0].float().cpu(),
+                    text_encoder_hidden_states=parts[1].float().cpu(),
+                    text_mask=parts[2].cpu(),
+                    truncated=[length > self.max_tokens for length in lengths[rows]],
+                )
+            )
+        return outputs
+
     # images
 
     @torch.no_grad()

@@ -1,0 +1,107 @@
+"""Request-level dynamic batching (Triton's dynamic batcher) for stages without denoising steps: the encoder.
+
+Requests wait in a bounded queue; the worker takes the oldest, waits up to ``max_queue_delay_s`` for more with
+the same key (parameters that can share a forward pass), up to ``max_batch_size`` items, and runs them in one
+call of ``run_batch(payloads) -> outputs``. A deterministic request runs alone. Torch-free and grpc-free.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from unclip.batching.batcher import BatcherConfig, Cancelled, QueueFull
+
+log = logging.getLogger(__name__)
+
+
+class _Item:
+    def __init__(self, payload: Any, key: Hashable, size: int, deterministic: bool):
+        self.payload, self.key, self.size, self.deterministic = payload, key, size, deterministic
+        self.started = threading.Event()
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class DynamicBatcher:
+    """``run(payload, key=, size=, deterministic=)`` blocks until the batch holding it has run."""
+
+    def __init__(self, name: str, run_batch: Callable[[list[Any]], list[Any]], config: BatcherConfig):
+        self.name = name
+        self.run_batch = run_batch
+        self.config = config
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"dynamic-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, payload: Any, *, key: Hashable, size: int = 1, deterministic: bool = False) -> _Item:
+        item = _Item(payload, key, size, deterministic or self.config.deterministic)
+        with self._cond:
+            if self._closed or len(self._queue) >= self.config.max_queue_size:
+                raise QueueFull(self.name, len(self._queue), 0.1)
+            self._queue.append(item)
+            self._cond.notify_all()
+        return item
+
+    def run(self, payload: Any, **kwargs: Any) -> Any:
+        item = self.submit(payload, **kwargs)
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def _take(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                for item in self._queue:
+                    item.error = Cancelled("the stage is shutting down")
+                    item.done.set()
+                return None
+            first = self._queue.popleft()
+            batch = [first]
+            if first.deterministic:
+                return batch
+            until = time.monotonic() + self.config.max_queue_delay_s
+            while True:
+                size = sum(item.size for item in batch)
+                for item in list(self._queue):  # same key, in arrival order, while they fit
+                    if item.key == first.key and not item.deterministic:
+                        if size + item.size > self.config.max_batch_size:
+                            break
+                        self._queue.remove(item)
+                        batch.append(item)
+                        size += item.size
+                left = until - time.monotonic()
+                if size >= self.config.max_batch_size or left <= 0:
+                    return batch
+                self._cond.wait(left)
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            for item in batch:
+                item.started.set()
+            try:
+                outputs = self.run_batch([item.payload for item in batch])
+                for item, output in zip(batch, outputs, strict=True):
+                    item.result = output
+            except Exception as error:  # a failing batch fails its requests, not the stage
+                log.exception("%s batch of %d failed", self.name, len(batch))
+                for item in batch:
+                    item.error = error
+            for item in batch:
+                item.done.set()
