@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -242,8 +243,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         request = orchestrator_pb2.GenerateRequest(prompt=args.prompt, n=4, seed=args.seed)
+        started = time.perf_counter()  # every stage ran a warm-up before reporting SERVING
         with create_channel(address) as channel:
             response = orchestrator_pb2_grpc.ImageServiceStub(channel).Generate(request, timeout=args.timeout)
+        print(
+            f"demo: {len(response.images)} images at {response.size} px in "
+            f"{time.perf_counter() - started:.1f} s (seed {response.seed})",
+            file=sys.stderr,
+        )
     finally:
         stack.stop()
     out = Path(args.out)
