@@ -10,11 +10,13 @@ import argparse
 import sys
 
 from services.orchestrator.clients import Stages
+from services.orchestrator.outputs import ImageStore
 from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.servicer import ImageServicer
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
+from unclip.storage import StorageError
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 # How long to wait at start for the stages to say SERVING before giving up.
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             "stage_timeout_seconds",
             "max_inflight",
             "max_inflight_per_caller",
+            "images_url",
             *SERVER_SETTINGS,
         ],
         port=settings.DEFAULT_PORTS["orchestrator"],
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-inflight and --max-inflight-per-caller must be at least 1")
     # Threads for every admitted request, plus room to refuse the excess at once rather than queue it.
     args.max_workers = max(args.max_workers, 2 * args.max_inflight + 8)
+    try:  # a bad bucket URL or missing S3 endpoint stops the start, not the first URL request
+        image_store = ImageStore.from_settings(args.images_url)
+    except (ValueError, StorageError) as error:
+        parser.error(str(error))
     servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
 
     def load() -> None:
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics=service_metrics,
         )
         stages.wait_until_serving(STAGES_START_TIMEOUT_SECONDS)
-        servicer.pipeline = Pipeline(stages, stages.cascade(), args.stage_timeout_seconds)
+        servicer.pipeline = Pipeline(stages, stages.cascade(), args.stage_timeout_seconds, image_store)
 
     return serve(
         "orchestrator",

@@ -17,6 +17,7 @@ import grpc
 import torch
 
 from services.orchestrator.clients import Calls, StageInfo, Stages
+from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
@@ -123,11 +124,18 @@ class Request:
 class Pipeline:
     """Runs Generate, CreateVariation and Edit over the stages."""
 
-    def __init__(self, stages: Stages, cascade: list[StageInfo], stage_timeout_seconds: float):
+    def __init__(
+        self,
+        stages: Stages,
+        cascade: list[StageInfo],
+        stage_timeout_seconds: float,
+        image_store: ImageStore | None = None,
+    ):
         self.stages = stages
         self.cascade = cascade  # decoder first, then each upsampler
         self.sizes = [stage.output_size for stage in cascade]  # ascending
         self.stage_timeout_seconds = stage_timeout_seconds
+        self.image_store = image_store  # where OUTPUT_FORMAT_URL images go; None: such requests are refused
 
     # ---- validation shared by the three calls --------------------------------------------------------------
 
@@ -149,6 +157,11 @@ class Pipeline:
             seed = secrets.randbelow(2**63)  # drawn and returned, so the result can be reproduced
         if output_format not in orchestrator_pb2.OutputFormat.values():
             raise ValueError(f"output_format must be one of {list(orchestrator_pb2.OutputFormat.keys())}")
+        if output_format == orchestrator_pb2.OUTPUT_FORMAT_URL and self.image_store is None:
+            raise ValueError(
+                "output_format OUTPUT_FORMAT_URL is not available: this orchestrator has no image bucket "
+                "(UNCLIP_IMAGES_URL is not set); ask for OUTPUT_FORMAT_PNG"
+            )
         return Request(n=n, size=size, seed=seed, output_format=output_format, user=user)
 
     def _upsamplers_for(self, size: int) -> int:
@@ -383,6 +396,12 @@ class Pipeline:
             if r.output_format == orchestrator_pb2.OUTPUT_FORMAT_FLOAT32:
                 image.pixels.CopyFrom(to_proto(pixels[row]))
             response.images.append(image)
+        if r.output_format == orchestrator_pb2.OUTPUT_FORMAT_URL and response.images:
+            # Into the bucket; the caller gets presigned GET URLs instead of the bytes.
+            urls = self.image_store.store([image.png for image in response.images], r.request_id)
+            for image, url in zip(response.images, urls, strict=True):
+                image.url = url
+                image.png = b""
         return response
 
     # ---- the content policy -------------------------------------------------------------------------------
