@@ -44,6 +44,19 @@ def _float_or_none(value: str) -> float | None:
     return None if value in ("", "none") else float(value)
 
 
+class InvalidSetting(argparse.ArgumentTypeError, ValueError):
+    """A bad value whose message argparse (flags) and env_default (variables) both show as is."""
+
+
+DTYPES = ("float32", "float16", "bfloat16")  # as unclip.models.DTYPES (kept import-free: no torch here)
+
+
+def _dtype(value: str) -> str:
+    if value not in DTYPES:
+        raise InvalidSetting(f"UNCLIP_DTYPE / --dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str  # attribute name on the parsed namespace, and the flag (--name with - for _)
@@ -67,6 +80,13 @@ SETTINGS: dict[str, Setting] = {
             "services.decoder stage: decoder, super_res or super_res_2",
         ),
         Setting("device", "UNCLIP_DEVICE", "cpu", str, "torch device of the model stages"),
+        Setting(
+            "dtype",
+            "UNCLIP_DTYPE",
+            "float32",
+            _dtype,
+            "model stages: weights' precision (float32, float16, bfloat16); wire tensors stay float32",
+        ),
         Setting("torch_threads", "UNCLIP_TORCH_THREADS", 1, int, "torch.set_num_threads in model stages"),
         Setting(
             "max_message_bytes",
@@ -181,6 +201,38 @@ SETTINGS: dict[str, Setting] = {
             4,
             int,
             "orchestrator: requests in progress per caller (the request's user, else its peer)",
+        ),
+        Setting(
+            "images_url",
+            "UNCLIP_IMAGES_URL",
+            "",
+            str,
+            "orchestrator: s3://bucket/prefix for OUTPUT_FORMAT_URL images ('' refuses such requests)",
+        ),
+        # Read by unclip.storage straight from the environment (any process that touches S3); listed here
+        # so the table documents them. The credentials are the standard AWS_ACCESS_KEY_ID /
+        # AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN.
+        Setting(
+            "s3_endpoint",
+            "UNCLIP_S3_ENDPOINT",
+            "",
+            str,
+            "S3 API the process talks to: host:port or http(s)://host:port",
+        ),
+        Setting(
+            "s3_public_endpoint",
+            "UNCLIP_S3_PUBLIC_ENDPOINT",
+            "",
+            str,
+            "endpoint presigned URLs are signed for (SigV4 signs the Host); '': UNCLIP_S3_ENDPOINT",
+        ),
+        Setting("s3_region", "UNCLIP_S3_REGION", "us-east-1", str, "S3 region used for signing"),
+        Setting(
+            "model_cache",
+            "UNCLIP_MODEL_CACHE",
+            "",
+            str,
+            "local cache of s3:// models ('': $XDG_CACHE_HOME/unclip/models or ~/.cache/unclip/models)",
         ),
         Setting("addr", "UNCLIP_ADDR", "127.0.0.1:50051", str, "the CLI's orchestrator address"),
         Setting("metrics_port", "UNCLIP_METRICS_PORT", 9464, int, "Prometheus HTTP port (0 disables)"),
