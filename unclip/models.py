@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,65 @@ UPSAMPLER_STAGES = ("super_res", "super_res_2")
 
 class ModelLoadError(RuntimeError):
     """The model folder is missing a component or its components do not fit together."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision (UNCLIP_DTYPE)
+# ----------------------------------------------------------------------------------------------------
+
+DTYPES = ("float32", "float16", "bfloat16")  # the weights' precision a model stage may load
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """ "bfloat16" / torch.bfloat16 -> torch.bfloat16; None -> float32; ValueError naming dtype otherwise."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, name)
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Every floating tensor in `value` (a tensor, tuple, list or model output) cast to `dtype`."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):  # diffusers BaseOutput / transformers ModelOutput: both OrderedDicts
+        for key in list(value.keys()):
+            value[key] = _cast_floats(value[key], dtype)  # their __setitem__ also sets the attribute
+        return value
+    return value
+
+
+class LowPrecision:
+    """A module whose weights are float16/bfloat16 behind a float32 interface.
+
+    Floating inputs are cast to the weights' dtype on the way in and every floating output back to float32
+    on the way out, so the engines' latents, scheduler arithmetic and wire tensors stay float32 (as
+    diffusers' pipelines keep the scheduler state in the latents' dtype, this is the safer half-precision
+    variant) and the batched stages in unclip/batching need no change. Attributes (config, parameters(),
+    post_process_latents, ...) are the module's own.
+    """
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        self.module = module  # the half-precision module
+        self.dtype = dtype  # its weights' dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        args = _cast_floats(args, self.dtype)
+        kwargs = {k: _cast_floats(v, self.dtype) for k, v in kwargs.items()}
+        return _cast_floats(self.module(*args, **kwargs), torch.float32)
+
+    def __getattr__(self, name: str) -> Any:  # only called for names not set in __init__
+        return getattr(self.module, name)
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -84,8 +143,23 @@ def _component_dir(model_dir: Path, folder: str, what: str) -> Path:
     return path
 
 
-def _move(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
-    return module.to(device).eval().requires_grad_(False)
+def _move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """On `device`, in eval mode, frozen; behind a float32 interface (LowPrecision) when not float32."""
+    import torch
+
+    module = module.to(device).eval().requires_grad_(False)
+    if dtype is None or dtype == torch.float32:
+        return module  # unchanged: float32 parity with diffusers' reference pipelines
+    return LowPrecision(module, dtype)
+
+
+def _dtype_kwargs(dtype: torch.dtype | None, library: str) -> dict:
+    """Loads the weights straight into `dtype` (no float32 copy first); nothing for float32 or None."""
+    import torch
+
+    if dtype is None or dtype == torch.float32:
+        return {}
+    return {"torch_dtype" if library == "diffusers" else "dtype": dtype}
 
 
 def load_tokenizer(model_dir: Path) -> CLIPTokenizer:
@@ -94,11 +168,16 @@ def load_tokenizer(model_dir: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(_component_dir(model_dir, "tokenizer", "CLIPTokenizer"))
 
 
-def load_text_encoder(model_dir: Path, device: torch.device | str = "cpu") -> CLIPTextModelWithProjection:
+def load_text_encoder(
+    model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> CLIPTextModelWithProjection:
     from transformers import CLIPTextModelWithProjection
 
     path = _component_dir(model_dir, "text_encoder", "CLIPTextModelWithProjection")
-    return _move(CLIPTextModelWithProjection.from_pretrained(path, local_files_only=True), device)
+    model = CLIPTextModelWithProjection.from_pretrained(
+        path, local_files_only=True, **_dtype_kwargs(dtype, "transformers")
+    )
+    return _move(model, device, dtype)
 
 
 def has_image_encoder(model_dir: Path) -> bool:
@@ -107,16 +186,18 @@ def has_image_encoder(model_dir: Path) -> bool:
 
 
 def load_image_encoder(
-    model_dir: Path, device: torch.device | str = "cpu"
+    model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessorPil]:
     from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
     encoder_path = _component_dir(model_dir, "image_encoder", "CLIPVisionModelWithProjection")
     processor_path = _component_dir(model_dir, "feature_extractor", "CLIPImageProcessor")
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_path, local_files_only=True)
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+        encoder_path, local_files_only=True, **_dtype_kwargs(dtype, "transformers")
+    )
     # The PIL backend always: CLIPImageProcessor would switch to torchvision where it is installed, and the
     # preprocessing (hence variations) would differ between deployments.
-    return _move(image_encoder, device), CLIPImageProcessorPil.from_pretrained(processor_path)
+    return _move(image_encoder, device, dtype), CLIPImageProcessorPil.from_pretrained(processor_path)
 
 
 def load_scheduler(model_dir: Path, folder: str) -> UnCLIPScheduler:
@@ -135,12 +216,16 @@ def tokenizer_max_length(model_dir: Path) -> int:
     return int(value)
 
 
-def load_prior(model_dir: Path, device: torch.device | str = "cpu") -> PriorTransformer:
+def load_prior(
+    model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> PriorTransformer:
     """The prior, checked against the tokenizer: its text positions must equal the tokenizer's length."""
     from diffusers import PriorTransformer
 
     prior = PriorTransformer.from_pretrained(
-        _component_dir(model_dir, "prior", "PriorTransformer"), **_diffusers_kwargs()
+        _component_dir(model_dir, "prior", "PriorTransformer"),
+        **_diffusers_kwargs(),
+        **_dtype_kwargs(dtype, "diffusers"),
     )
     max_length = tokenizer_max_length(model_dir)
     if prior.config.num_embeddings != max_length:
@@ -148,22 +233,32 @@ def load_prior(model_dir: Path, device: torch.device | str = "cpu") -> PriorTran
             f"prior/ num_embeddings ({prior.config.num_embeddings}) must equal the tokenizer's "
             f"model_max_length ({max_length}): the prior attends over exactly one position per text token"
         )
-    return _move(prior, device)
+    return _move(prior, device, dtype)
 
 
-def load_text_proj(model_dir: Path, device: torch.device | str = "cpu") -> UnCLIPTextProjModel:
+def load_text_proj(
+    model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> UnCLIPTextProjModel:
     # UnCLIPTextProjModel only exists in diffusers' deprecated unclip package; diffusers is pinned exactly.
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
     path = _component_dir(model_dir, "text_proj", "UnCLIPTextProjModel")
-    return _move(UnCLIPTextProjModel.from_pretrained(path, **_diffusers_kwargs()), device)
+    model = UnCLIPTextProjModel.from_pretrained(
+        path, **_diffusers_kwargs(), **_dtype_kwargs(dtype, "diffusers")
+    )
+    return _move(model, device, dtype)
 
 
-def load_decoder(model_dir: Path, device: torch.device | str = "cpu") -> UNet2DConditionModel:
+def load_decoder(
+    model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     path = _component_dir(model_dir, "decoder", "UNet2DConditionModel")
-    return _move(UNet2DConditionModel.from_pretrained(path, **_diffusers_kwargs()), device)
+    model = UNet2DConditionModel.from_pretrained(
+        path, **_diffusers_kwargs(), **_dtype_kwargs(dtype, "diffusers")
+    )
+    return _move(model, device, dtype)
 
 
 def upsampler_stages(model_dir: Path) -> list[str]:
@@ -182,7 +277,10 @@ def upsampler_stages(model_dir: Path) -> list[str]:
 
 
 def load_super_res(
-    model_dir: Path, stage: str = "super_res", device: torch.device | str = "cpu"
+    model_dir: Path,
+    stage: str = "super_res",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> tuple[UNet2DModel, UNet2DModel, UnCLIPScheduler]:
     """One upsampler stage: (first UNet for all but the last step, last UNet for the last step, scheduler)."""
     from diffusers import UNet2DModel
@@ -190,15 +288,19 @@ def load_super_res(
     if stage not in UPSAMPLER_STAGES:
         raise ModelLoadError(f"stage must be one of {', '.join(UPSAMPLER_STAGES)}, got {stage!r}")
     first = UNet2DModel.from_pretrained(
-        _component_dir(model_dir, f"{stage}_first", "UNet2DModel"), **_diffusers_kwargs()
+        _component_dir(model_dir, f"{stage}_first", "UNet2DModel"),
+        **_diffusers_kwargs(),
+        **_dtype_kwargs(dtype, "diffusers"),
     )
     last = UNet2DModel.from_pretrained(
-        _component_dir(model_dir, f"{stage}_last", "UNet2DModel"), **_diffusers_kwargs()
+        _component_dir(model_dir, f"{stage}_last", "UNet2DModel"),
+        **_diffusers_kwargs(),
+        **_dtype_kwargs(dtype, "diffusers"),
     )
     scheduler = load_scheduler(model_dir, f"{stage}_scheduler")
     if first.config.sample_size != last.config.sample_size:
         raise ModelLoadError(f"{stage}_first and {stage}_last must have the same sample_size")
-    return _move(first, device), _move(last, device), scheduler
+    return _move(first, device, dtype), _move(last, device, dtype), scheduler
 
 
 def stage_input_size(model_dir: Path, stage: str) -> int:

@@ -21,7 +21,7 @@ from unclip.v1 import decoder_pb2, decoder_pb2_grpc
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.decoder", description=__doc__)
     settings.add_arguments(
-        parser, ["model", "stage", "device", "torch_threads", *BATCHING_SETTINGS, *SERVER_SETTINGS]
+        parser, ["model", "stage", "device", "dtype", "torch_threads", *BATCHING_SETTINGS, *SERVER_SETTINGS]
     )
     args = parser.parse_args(argv)
     if not args.model:
@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
         with service_metrics.model_load():
             if args.stage == "decoder":
-                engine = DecoderEngine.from_pretrained(args.model, device=args.device)
+                engine = DecoderEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
             else:
-                engine = UpsamplerEngine.from_pretrained(args.model, stage=args.stage, device=args.device)
+                engine = UpsamplerEngine.from_pretrained(
+                    args.model, stage=args.stage, device=args.device, dtype=args.dtype
+                )
             if hasattr(engine, "warmup"):
                 engine.warmup()
         servicer.slot.attach(engine)

@@ -67,11 +67,16 @@ class DecoderEngine:
         self.hidden_dim: int = text_proj.encoder_hidden_states_proj.in_features
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> DecoderEngine:
+    def from_pretrained(
+        cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    ) -> DecoderEngine:
+        """`dtype`: the weights' precision (float32, float16 or bfloat16; see models.LowPrecision). Tensors in
+        and out stay float32 whatever it is."""
+        dtype = models.parse_dtype(dtype)
         model_dir = models.resolve_model_dir(model_dir)
         return cls(
-            text_proj=models.load_text_proj(model_dir, device),
-            decoder=models.load_decoder(model_dir, device),
+            text_proj=models.load_text_proj(model_dir, device, dtype),
+            decoder=models.load_decoder(model_dir, device, dtype),
             scheduler=models.load_scheduler(model_dir, "decoder_scheduler"),
             device=device,
         )
@@ -210,10 +215,17 @@ class UpsamplerEngine:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, stage: str = "super_res", device: str | torch.device = "cpu"
+        cls,
+        model_dir: str | Path,
+        stage: str = "super_res",
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
     ) -> UpsamplerEngine:
+        """`dtype`: the weights' precision (float32, float16 or bfloat16; see models.LowPrecision). Tensors in
+        and out stay float32 whatever it is."""
+        dtype = models.parse_dtype(dtype)
         model_dir = models.resolve_model_dir(model_dir)
-        first, last, scheduler = models.load_super_res(model_dir, stage, device)
+        first, last, scheduler = models.load_super_res(model_dir, stage, device, dtype)
         input_size = models.stage_input_size(model_dir, stage)
         return cls(first, last, scheduler, stage=stage, input_size=input_size, device=device)
 

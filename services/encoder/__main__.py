@@ -17,7 +17,9 @@ from unclip.v1 import encoder_pb2, encoder_pb2_grpc
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.encoder", description=__doc__)
     settings.add_arguments(
-        parser, ["model", "device", "torch_threads", *SERVER_SETTINGS], port=settings.DEFAULT_PORTS["encoder"]
+        parser,
+        ["model", "device", "dtype", "torch_threads", *SERVER_SETTINGS],
+        port=settings.DEFAULT_PORTS["encoder"],
     )
     args = parser.parse_args(argv)
     if not args.model:
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         from services.encoder.engine import EncoderEngine
 
         with service_metrics.model_load():
-            engine = EncoderEngine.from_pretrained(args.model, device=args.device)
+            engine = EncoderEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
             if hasattr(engine, "warmup"):
                 engine.warmup()
         servicer.slot.engine = engine

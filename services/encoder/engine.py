@@ -63,14 +63,19 @@ class EncoderEngine:
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> EncoderEngine:
+    def from_pretrained(
+        cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    ) -> EncoderEngine:
+        """`dtype`: the weights' precision (float32, float16 or bfloat16; see models.LowPrecision). Tensors in
+        and out stay float32 whatever it is."""
+        dtype = models.parse_dtype(dtype)
         model_dir = models.resolve_model_dir(model_dir)
         image_encoder = feature_extractor = None
         if models.has_image_encoder(model_dir):
-            image_encoder, feature_extractor = models.load_image_encoder(model_dir, device)
+            image_encoder, feature_extractor = models.load_image_encoder(model_dir, device, dtype)
         return cls(
             tokenizer=models.load_tokenizer(model_dir),
-            text_encoder=models.load_text_encoder(model_dir, device),
+            text_encoder=models.load_text_encoder(model_dir, device, dtype),
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
             device=device,

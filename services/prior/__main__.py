@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.prior", description=__doc__)
     settings.add_arguments(
         parser,
-        ["model", "device", "torch_threads", *BATCHING_SETTINGS, *SERVER_SETTINGS],
+        ["model", "device", "dtype", "torch_threads", *BATCHING_SETTINGS, *SERVER_SETTINGS],
         port=settings.DEFAULT_PORTS["prior"],
     )
     args = parser.parse_args(argv)
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         from services.prior.engine import PriorEngine
 
         with service_metrics.model_load():
-            engine = PriorEngine.from_pretrained(args.model, device=args.device)
+            engine = PriorEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
             if hasattr(engine, "warmup"):
                 engine.warmup()
         servicer.slot.attach(engine)

@@ -49,10 +49,15 @@ class PriorEngine:
         self.num_tokens: int = prior.config.num_embeddings  # L: the tokenizer's model_max_length
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> PriorEngine:
+    def from_pretrained(
+        cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    ) -> PriorEngine:
+        """`dtype`: the weights' precision (float32, float16 or bfloat16; see models.LowPrecision). Tensors in
+        and out stay float32 whatever it is."""
+        dtype = models.parse_dtype(dtype)
         model_dir = models.resolve_model_dir(model_dir)
         return cls(
-            prior=models.load_prior(model_dir, device),
+            prior=models.load_prior(model_dir, device, dtype),
             scheduler=models.load_scheduler(model_dir, "prior_scheduler"),
             device=device,
         )
