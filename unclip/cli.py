@@ -16,7 +16,8 @@ import grpc
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_REFUSED = 0, 1, 2, 3
 DEFAULT_ADDR = "127.0.0.1:50051"
-DEMO_PROMPT = "a red circle above a blue square"
+# Inside the bundled shapes world (one object on a plain background), so the demo shows what the model knows.
+DEMO_PROMPT = "a large yellow star on a blue background"
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-toy"
 
 
