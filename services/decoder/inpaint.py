@@ -81,3 +81,27 @@ class KnownRegion:
         timesteps = torch.full((self.image.shape[0],), int(prev_timestep), dtype=torch.long)
         noisy = scheduler.add_noise(self.image, noise, timesteps)
         return torch.where(self.known, noisy, latents)
+
+    def schedule(self, timesteps: list[int]) -> list[int]:
+        """The timesteps an edit walks, given the plain ones (descending).
+
+        A later entry larger than the one before it is a jump back up (RePaint's resampling): the sampler then
+        re-noises the sample with ``renoise`` instead of calling the model, so the regenerated region gets
+        another chance to agree with the known one. Plain masked sampling: the timesteps unchanged.
+        """
+        return list(timesteps)
+
+    @staticmethod
+    def renoise(
+        latents, scheduler, from_t: int, to_t: int, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """Forward diffusion q(x_to | x_from) for to_t > from_t, with each image's own generator.
+
+        x_to = sqrt(abar_to / abar_from) * x_from + sqrt(1 - abar_to / abar_from) * noise.
+        """
+        if to_t <= from_t:
+            raise ValueError(f"renoise goes up in noise: to_t ({to_t}) must exceed from_t ({from_t})")
+        alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)
+        ratio = (alphas_cumprod[to_t] / alphas_cumprod[from_t]).to(latents.dtype)
+        noise = randn_per_image(latents.shape, generators, latents.device, latents.dtype)
+        return ratio.sqrt() * latents + (1 - ratio).sqrt() * noise
