@@ -9,7 +9,7 @@ import torch
 
 from services.encoder.servicer import EncoderServicer
 from unclip.runtime import settings
-from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
+from unclip.runtime.server import BATCHING_SETTINGS, SERVER_SETTINGS, batcher_config, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
 from unclip.v1 import encoder_pb2, encoder_pb2_grpc
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.encoder", description=__doc__)
     settings.add_arguments(
         parser,
-        ["model", "device", "dtype", "torch_threads", *SERVER_SETTINGS],
+        ["model", "device", "dtype", "torch_threads", *BATCHING_SETTINGS, *SERVER_SETTINGS],
         port=settings.DEFAULT_PORTS["encoder"],
     )
     args = parser.parse_args(argv)
@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("encoder")
     torch.set_num_threads(args.torch_threads)
     service_metrics, interceptors = instrument_process("encoder", args.metrics_port)
-    servicer = EncoderServicer(service_metrics)
+    # Text requests are batched across callers (max_batch_size prompts, max_queue_delay_ms, max_queue_size;
+    # deterministic turns it off), as the other model stages do at step level.
+    servicer = EncoderServicer(service_metrics, batcher_config(args))
 
     def load() -> None:
         from services.encoder.engine import EncoderEngine
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = EncoderEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
             if hasattr(engine, "warmup"):
                 engine.warmup()
-        servicer.slot.engine = engine
+        servicer.attach(engine)
 
     return serve(
         "encoder",

@@ -59,3 +59,187 @@ def test_full_queue_is_refused(engines):
         gate.set()
     finally:
         batcher.close()
+
+
+def test_deployment_deterministic_runs_every_request_alone(engines):
+    batches: list[int] = []
+
+    def run_batch(batch):
+        batches.append(len(batch))
+        return [engines.encoder.encode_text(p, True) for p in batch]
+
+    # --deterministic / UNCLIP_DETERMINISTIC for the whole deployment
+    config = BatcherConfig(max_queue_delay_s=0.2, deterministic=True)
+    batcher = DynamicBatcher("encoder", run_batch, config)
+    try:
+        items = [batcher.submit(["a red circle"], key=True) for _ in range(3)]
+        for item in items:
+            item.wait()
+        assert batches == [1, 1, 1]
+    finally:
+        batcher.close()
+
+
+# --- the encoder service itself (a real process, real gRPC): its batcher is wired to EncodeText ---
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def encoder_service(tiny_model_dir, tmp_path_factory):
+    """`python -m services.encoder` with a 300 ms batching window and room for 3 waiting requests."""
+    import os
+    import sys
+    import time
+
+    from unclip.runtime.server import health_status
+    from unclip.stack import Process
+
+    metrics_port = _free_port()
+    process = Process(
+        name="encoder",
+        argv=[sys.executable, "-m", "services.encoder", "--model", str(tiny_model_dir), "--host", "127.0.0.1",
+              "--port", "0", "--metrics-port", str(metrics_port), "--max-queue-delay-ms", "300",
+              "--max-queue-size", "3"],
+        log_path=tmp_path_factory.mktemp("encoder-service") / "encoder.log",
+    )  # fmt: skip
+    env = {**os.environ, "UNCLIP_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process.start(env)
+    try:
+        deadline = time.monotonic() + 180
+        while not (process.poll_address() and health_status(process.address, timeout=1.0) == "SERVING"):
+            assert process.alive(), process.failure()
+            assert time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.2)
+        yield process.address, metrics_port
+    finally:
+        process.popen.terminate()
+        process.popen.wait(timeout=60)
+
+
+def _forward_passes(metrics_port: int) -> tuple[int, float, int]:
+    """(forward passes, prompts in them, passes of exactly one prompt) from the encoder's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    count = total = single = 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("service") != "encoder":
+                continue
+            if sample.name == "unclip_forward_pass_images_count":
+                count = int(sample.value)
+            elif sample.name == "unclip_forward_pass_images_sum":
+                total = sample.value
+            elif sample.name == "unclip_forward_pass_images_bucket" and sample.labels["le"] == "1.0":
+                single = int(sample.value)
+    return count, total, single
+
+
+def _encode(address: str, requests, deterministic: bool):
+    """The requests at once, each from its own thread; their decoded outputs, in order."""
+    import concurrent.futures
+
+    from unclip.runtime.server import create_channel
+    from unclip.runtime.slots import DETERMINISTIC_KEY
+    from unclip.runtime.tensors import from_proto
+    from unclip.v1 import encoder_pb2, encoder_pb2_grpc
+
+    metadata = ((DETERMINISTIC_KEY, "1"),) if deterministic else None
+    with create_channel(address) as channel:
+        stub = encoder_pb2_grpc.EncoderStub(channel)
+        start = threading.Barrier(len(requests))
+
+        def one(prompts):
+            start.wait()
+            request = encoder_pb2.EncodeTextRequest(prompts=prompts, do_classifier_free_guidance=True)
+            reply = stub.EncodeText(request, timeout=60, metadata=metadata)
+            return (
+                from_proto(reply.text_embeds, "text_embeds"),
+                from_proto(reply.text_encoder_hidden_states, "text_encoder_hidden_states"),
+                from_proto(reply.text_mask, "text_mask"),
+                list(reply.truncated),
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            return list(pool.map(one, requests))
+
+
+def test_encoder_service_batches_concurrent_calls(engines, encoder_service):
+    """Concurrent EncodeText calls share forward passes (the service's own forward-pass histogram shows
+    passes of several prompts) and agree with the engine alone within float rounding; with the deterministic
+    metadata every call runs alone and is bit-exact."""
+    address, metrics_port = encoder_service
+    requests = [["a red circle"], ["a blue square", "a green triangle"], ["x" * 300]]  # different lengths
+    alone = [engines.encoder.encode_text(prompts, True) for prompts in requests]
+
+    # A call alone through the service is exactly the engine's output (same weights, same kernels).
+    ((embeds, hidden, _, _),) = _encode(address, requests[:1], deterministic=False)
+    assert torch.equal(embeds, alone[0].text_embeds)
+    assert torch.equal(hidden, alone[0].text_encoder_hidden_states)
+
+    passes, prompts, single = _forward_passes(metrics_port)
+    got = _encode(address, requests, deterministic=False)
+    passes2, prompts2, single2 = _forward_passes(metrics_port)
+    assert prompts2 - prompts == 4  # every prompt went through once ...
+    assert passes2 - passes < len(requests)  # ... in fewer forward passes than requests
+    assert passes2 - passes - (single2 - single) >= 1  # at least one pass held several prompts
+    drift = 0.0
+    for (embeds, hidden, mask, truncated), ref in zip(got, alone, strict=True):
+        assert truncated == ref.truncated and torch.equal(mask, ref.text_mask)
+        drift = max(drift, (embeds - ref.text_embeds).abs().max().item(),
+                    (hidden - ref.text_encoder_hidden_states).abs().max().item())  # fmt: skip
+    print(f"encoder batched-vs-alone drift: {drift:.2e}")
+    assert drift <= 1e-5
+
+    passes, prompts, single = _forward_passes(metrics_port)
+    got = _encode(address, requests, deterministic=True)
+    passes2, prompts2, single2 = _forward_passes(metrics_port)
+    assert passes2 - passes == len(requests)  # one pass per request: nothing shared
+    for (embeds, hidden, _, _), ref in zip(got, alone, strict=True):
+        assert torch.equal(embeds, ref.text_embeds)
+        assert torch.equal(hidden, ref.text_encoder_hidden_states)
+
+
+def test_encoder_service_full_queue_is_refused_with_a_retry_hint(encoder_service):
+    """A batch waiting for company (300 ms window) holds the worker; deterministic calls cannot join it and
+    queue (room for 3); the next is refused at once with RESOURCE_EXHAUSTED and a retry hint."""
+    import concurrent.futures
+    import time
+
+    import grpc
+
+    from unclip.runtime.errors import retry_after
+    from unclip.runtime.server import create_channel
+    from unclip.runtime.slots import DETERMINISTIC_KEY
+    from unclip.v1 import encoder_pb2, encoder_pb2_grpc
+
+    address, _ = encoder_service
+    request = encoder_pb2.EncodeTextRequest(prompts=["a red circle"], do_classifier_free_guidance=True)
+    with create_channel(address) as channel, concurrent.futures.ThreadPoolExecutor(6) as pool:
+        stub = encoder_pb2_grpc.EncoderStub(channel)
+        opener = pool.submit(stub.EncodeText, request, timeout=60)  # taken by the worker, waits 300 ms
+        time.sleep(0.1)
+
+        def deterministic_call():
+            began = time.monotonic()
+            try:
+                stub.EncodeText(request, timeout=60, metadata=((DETERMINISTIC_KEY, "1"),))
+                return "ok", time.monotonic() - began, None
+            except grpc.RpcError as error:
+                return error.code(), time.monotonic() - began, error
+
+        outcomes = list(pool.map(lambda _: deterministic_call(), range(5)))
+        opener.result()
+    refused = [o for o in outcomes if o[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert [o[0] for o in outcomes].count("ok") >= 3, outcomes
+    assert refused, outcomes
+    assert all(o[1] < 0.25 and retry_after(o[2]) > 0 for o in refused), outcomes  # at once, with a hint

@@ -27,6 +27,13 @@ class _Item:
         self.result: Any = None
         self.error: BaseException | None = None
 
+    def wait(self) -> Any:
+        """Blocks until the batch holding this item has run; its output, or the batch's error raised."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
 
 class DynamicBatcher:
     """``run(payload, key=, size=, deterministic=)`` blocks until the batch holding it has run."""
@@ -51,11 +58,7 @@ class DynamicBatcher:
         return item
 
     def run(self, payload: Any, **kwargs: Any) -> Any:
-        item = self.submit(payload, **kwargs)
-        item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return item.result
+        return self.submit(payload, **kwargs).wait()
 
     def close(self) -> None:
         with self._cond:
