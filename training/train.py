@@ -2,6 +2,8 @@
 
     python -m training.train --out models/shapes-toy --work runs/toy-model --preset cpu   # make toy-model
     python -m training.train --out DIR --work W --preset gpu --device cuda --components clip,prior
+    python -m training.train --out DIR --work W --preset finetune --init-from models/shapes-toy \
+        --components decoder,super_res   # continue from trained weights (DIR must hold that model's CLIP)
 
 Components train in order clip -> (prior, decoder), and super_res independently; prior and decoder read the
 trained CLIP from --out, so they can run as separate processes once clip is done. Every component is
@@ -39,6 +41,9 @@ class Preset:
     super_res_batch: int
     super_res_crop: int  # the upsampler trains on crops of this size (px, at 128 px output)
     budgets: dict[str, float]
+    decoder_small_share: float = 0.5  # share of small objects in the decoder's batches (the world's is 0.5)
+    lr_scale: float = 1.0  # multiplies every peak learning rate (lower when fine-tuning)
+    warmup_steps: int = 200  # linear learning-rate warm-up
 
 
 PRESETS = {
@@ -48,6 +53,21 @@ PRESETS = {
     "gpu": Preset(512, 512, 256, 64, 64, dict(clip=80, prior=240, decoder=240, super_res=330)),
     # Seconds, for tests of the whole path.
     "smoke": Preset(16, 16, 4, 2, 32, dict(clip=3, prior=3, decoder=3, super_res=3)),
+    # Continue trained weights (--init-from) on two CPU cores: small objects oversampled in the decoder (their
+    # shapes are the commonest error), the upsampler on whole 128 px images (64 px crops left lighter squares in
+    # flat backgrounds: a convolution-only net sees different padding and GroupNorm statistics on the full
+    # canvas), lower learning rates.
+    "finetune": Preset(
+        128,
+        128,
+        24,
+        4,
+        128,
+        dict(clip=600, prior=900, decoder=2400, super_res=1800),
+        decoder_small_share=0.75,
+        lr_scale=0.3,
+        warmup_steps=50,
+    ),
 }
 LEARNING_RATES = dict(clip=5e-4, prior=3e-4, decoder=1e-3, super_res=1e-3)
 
@@ -94,6 +114,26 @@ def add_noise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, g: torch.Generator
     a = alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
     noise = torch.randn_like(x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t
+
+
+def oversample_small(scenes, share: float):
+    """Redraws sizes so that a `share` of the scenes are small (their positions uniform, large ones centred)."""
+    if share == 0.5:
+        return scenes  # the world's own distribution, untouched
+    n = len(scenes)
+    small = torch.rand(n) < share
+    scenes.size = torch.where(small, 0, 1)
+    scenes.position = torch.where(small, torch.randint(0, 5, (n,)), 0)
+    return scenes
+
+
+def init_from(module: torch.nn.Module, args, folder: str) -> None:
+    """Loads trained weights from --init-from/<folder> into a freshly built module (fine-tuning)."""
+    if not args.init_from:
+        return
+    trained = type(module).from_pretrained(Path(args.init_from) / folder)
+    module.load_state_dict(trained.state_dict())
+    print(f"initialised {folder} from {args.init_from}", flush=True)
 
 
 def drop_rows(x: torch.Tensor, replacement: torch.Tensor, p: float) -> torch.Tensor:
@@ -144,6 +184,7 @@ def train_prior(args, preset: Preset, sz: C.ModelSizes) -> None:
     out, dev = Path(args.out), args.device
     text, vision = TextEncoder(out, dev), load_image_encoder(out, dev)
     prior = C.build_prior(sz).to(dev)
+    init_from(prior, args, "prior")  # clip_mean / clip_std come with it (the space it was trained in)
     with torch.no_grad():  # embedding statistics: the prior works in normalized space (post_process_latents)
         embeds = torch.cat(
             [
@@ -155,8 +196,9 @@ def train_prior(args, preset: Preset, sz: C.ModelSizes) -> None:
                 for _ in range(8)
             ]
         )
-        prior.clip_mean.copy_(embeds.mean(0, keepdim=True))
-        prior.clip_std.copy_(embeds.std(0, keepdim=True))
+        if not args.init_from:
+            prior.clip_mean.copy_(embeds.mean(0, keepdim=True))
+            prior.clip_std.copy_(embeds.std(0, keepdim=True))
     prior.clip_mean.requires_grad_(False)
     prior.clip_std.requires_grad_(False)
     null = text([""])
@@ -189,13 +231,15 @@ def train_decoder(args, preset: Preset, sz: C.ModelSizes) -> None:
     out, dev = Path(args.out), args.device
     text, vision = TextEncoder(out, dev), load_image_encoder(out, dev)
     parts = torch.nn.ModuleDict(dict(text_proj=C.build_text_proj(sz), decoder=C.build_decoder(sz))).to(dev)
+    init_from(parts["text_proj"], args, "text_proj")
+    init_from(parts["decoder"], args, "decoder")
     null = text([""])
     acp = noise_schedule(dev)
     rng = random.Random(args.seed + 2)
     n_extra = sz.clip_extra_context_tokens
 
     def step(_: int) -> torch.Tensor:
-        scenes = sample_scenes(preset.decoder_batch)
+        scenes = oversample_small(sample_scenes(preset.decoder_batch), preset.decoder_small_share)
         texts, _ = random_captions(scenes, rng)
         x0 = render(scenes, sz.decoder_size, dev)  # [B, 3, 32, 32]
         with torch.no_grad():
@@ -253,6 +297,7 @@ def degrade(low: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor
 def train_super_res(args, preset: Preset, sz: C.ModelSizes) -> None:
     out, dev = Path(args.out), args.device
     unet = C.build_super_res(sz).to(dev)
+    init_from(unet, args, "super_res_first")
     acp = noise_schedule(dev)
     crop = preset.super_res_crop
 
@@ -278,7 +323,8 @@ def _loop_cfg(name: str, args, preset: Preset) -> LoopConfig:
     return LoopConfig(
         name=name,
         budget_s=budget,
-        lr=LEARNING_RATES[name],
+        lr=LEARNING_RATES[name] * preset.lr_scale,
+        warmup_steps=preset.warmup_steps,
         max_steps=args.max_steps,
         ckpt_every_s=min(60.0, max(budget / 5, 1.0)),
         log_every=args.log_every,
@@ -299,12 +345,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per component (smoke tests)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="model folder whose trained weights each component starts from (fine-tuning; clip excluded)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     names = [c.strip() for c in args.components.split(",") if c.strip()]
     unknown = [c for c in names if c not in COMPONENTS]
     if unknown:
         p.error(f"--components: unknown {unknown}; choose from {COMPONENTS}")
+    if args.init_from and "clip" in names:
+        p.error("--init-from: clip cannot be fine-tuned (the prior and decoder live in its embedding space)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
