@@ -1,0 +1,245 @@
+"""Replicas reached through real name resolution, and a replicated second upsampler (issue 6), with real
+processes and real gRPC:
+
+1. `dns:` targets: two decoder replicas share one port on two loopback addresses (127.0.0.1, 127.0.0.2),
+   and one DNS name resolves to both (a small DNS server on loopback, queried by gRPC's c-ares resolver
+   through the target's authority: `dns://127.0.0.1:<dns port>/decoder.unclip.test:<port>`). An
+   orchestrator given only that name spreads decoder calls over both (each replica's own request counter
+   shows it) and loses no request when one replica is SIGKILLed during concurrent load.
+2. The two-upsampler cascade (64 -> 128 px) with two replicas of the second upsampler, started as
+   `unclip up --replicas super_res_2=2` starts them: SIGKILL one during load, no request fails.
+
+One stack (tiny model, two upsampler stages) serves the module; the dns test adds two decoders and an
+orchestrator of its own beside it. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from dns_server import DnsServer  # tests/reliability/dns_server.py (pytest puts this folder on sys.path)
+
+from unclip.runtime.server import create_channel, health_status
+from unclip.stack import Process, Stack, parse_replicas
+from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+pytestmark = pytest.mark.timeout(900)
+
+DNS_NAME = "decoder.unclip.test"
+
+
+def request(seed: int, decoder_steps: int = 30, super_res_steps: int = 2) -> orchestrator_pb2.GenerateRequest:
+    return orchestrator_pb2.GenerateRequest(
+        prompt="a red circle",
+        n=1,
+        seed=seed,
+        user=f"load{seed}",  # distinct callers: the per-caller limit stays out of the way
+        params=orchestrator_pb2.SamplingParams(
+            prior_num_inference_steps=2,
+            decoder_num_inference_steps=decoder_steps,
+            super_res_num_inference_steps=[super_res_steps],  # one value: every upsampler stage
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from unclip.tiny import make_tiny_model
+
+    model = make_tiny_model(
+        tmp_path_factory.mktemp("replicas") / "model", super_res_stages=2, variation=False
+    )
+    stack = Stack(
+        model=str(model),
+        port=0,
+        log_dir=tmp_path_factory.mktemp("replicas-logs"),
+        grace_seconds=30,
+        replicas=parse_replicas("super_res_2=2"),  # what `unclip up --replicas super_res_2=2` passes
+        extra_env={"UNCLIP_TORCH_THREADS": "1"},
+    )
+    stack.start(timeout=300)
+    yield stack
+    stack.stop()
+
+
+def process(stack: Stack, name: str) -> Process:
+    return next(p for p in stack.processes if p.name == name)
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _start(name: str, argv: list[str], log_dir: Path) -> Process:
+    env = {**os.environ, "UNCLIP_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    started = Process(name=name, argv=[sys.executable, "-m", *argv], log_path=log_dir / f"{name}.log")
+    started.start(env)
+    return started
+
+
+def _wait_serving(processes: list[Process], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    for p in processes:
+        while not (p.poll_address() and health_status(p.address, timeout=1.0) == "SERVING"):
+            assert p.alive(), p.failure()
+            assert time.monotonic() < deadline, f"{p.name} not SERVING: {p.log_tail()}"
+            time.sleep(0.2)
+
+
+def _requests_computed(metrics_port: int, service: str) -> int:
+    """Requests the stage's engine worked on (its unclip_batch_size histogram counts one per request)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "unclip_batch_size_count" and sample.labels.get("service") == service
+        )
+    )
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks (100 Hz)
+
+
+def _wait_busy(victim: Process, timeout: float = 60) -> None:
+    """Until the process computes (its CPU time grows): requests are in flight on it."""
+    start, deadline = _cpu_seconds(victim.popen.pid), time.monotonic() + timeout
+    while _cpu_seconds(victim.popen.pid) - start < 0.2:
+        assert time.monotonic() < deadline, f"{victim.name} never got busy"
+        time.sleep(0.05)
+
+
+def _load(stub, seeds, **kwargs):
+    """Concurrent requests; a pool and futures of (seed, "ok" or the error)."""
+
+    def one(seed):
+        try:
+            reply = stub.Generate(request(seed, **kwargs), timeout=300)
+            return seed, "ok" if len(reply.images) == 1 else f"{len(reply.images)} images"
+        except grpc.RpcError as error:
+            return seed, f"{error.code().name}: {error.details()}"
+
+    pool = concurrent.futures.ThreadPoolExecutor(len(seeds))
+    return pool, [pool.submit(one, seed) for seed in seeds]
+
+
+def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, tmp_path):
+    # Two decoder replicas on one port, one per loopback address: a DNS name with both A records reaches both.
+    port = _free_port("127.0.0.2")
+    metrics = {"decoder-a": _free_port(), "decoder-b": _free_port()}
+    decoders = [
+        _start(
+            name,
+            [
+                "services.decoder",
+                "--model",
+                stack.model,
+                "--stage",
+                "decoder",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics[name]),
+            ],
+            tmp_path,
+        )  # fmt: skip
+        for name, host in (("decoder-a", "127.0.0.1"), ("decoder-b", "127.0.0.2"))
+    ]
+    orchestrator = None
+    with DnsServer({DNS_NAME: ["127.0.0.1", "127.0.0.2"]}) as dns:
+        try:
+            _wait_serving(decoders)
+            upsamplers = [
+                "|".join(p.address for p in stack.processes if p.name.split("#")[0] == stage)
+                for stage in ("super_res", "super_res_2")
+            ]
+            target = f"dns://{dns.address}/{DNS_NAME}:{port}"
+            orchestrator = _start(
+                "orchestrator-dns",
+                ["services.orchestrator", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                 "--encoder-addr", process(stack, "encoder").address,
+                 "--prior-addr", process(stack, "prior").address,
+                 "--decoder-addr", target,
+                 "--upsampler-addrs", ",".join(upsamplers),
+                 "--safety-addr", process(stack, "safety").address],
+                tmp_path,
+            )  # fmt: skip
+            _wait_serving([orchestrator])
+            assert (DNS_NAME, 1) in dns.queries  # resolved through the DNS server (A records)
+
+            channel = create_channel(orchestrator.address)
+            stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
+
+            # (a) sequential calls alternate over both replicas (round_robin over the resolved addresses)
+            before = {name: _requests_computed(port_, "decoder") for name, port_ in metrics.items()}
+            for seed in range(6):
+                assert len(stub.Generate(request(seed, decoder_steps=3), timeout=120).images) == 1
+            spread = {
+                name: _requests_computed(port_, "decoder") - before[name] for name, port_ in metrics.items()
+            }
+            assert sum(spread.values()) == 6 and min(spread.values()) >= 2, spread
+
+            # (b) SIGKILL one replica while both have requests in flight: the orchestrator retries through the
+            # same name, gRPC picks the live address, no request fails.
+            victim = decoders[1]
+            pool, futures = _load(stub, seeds=range(100, 106), decoder_steps=60)
+            _wait_busy(victim)
+            victim.popen.kill()
+            outcomes = [f.result(timeout=300) for f in futures]
+            _, more = _load(stub, seeds=range(200, 204), decoder_steps=5)  # after the kill: all to the other
+            outcomes += [f.result(timeout=300) for f in more]
+            pool.shutdown()
+            assert all(outcome == "ok" for _, outcome in outcomes), outcomes
+            log = orchestrator.log_path.read_text()
+            assert f"from {target}, retrying on another replica" in log, log[-3000:]
+            channel.close()
+        finally:
+            for p in [orchestrator, *decoders]:
+                if p is not None and p.alive():
+                    p.popen.terminate()
+                    p.popen.wait(timeout=60)
+
+
+def test_replicated_second_upsampler_survives_a_sigkill(stack):
+    replicas = [p for p in stack.processes if p.name.split("#")[0] == "super_res_2"]
+    assert [p.name for p in replicas] == ["super_res_2", "super_res_2#2"]
+    assert all(p.alive() for p in replicas)
+    orchestrator_log = process(stack, "orchestrator").log_path
+    channel = create_channel(stack.address)
+    stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
+    reply = stub.Generate(request(1, decoder_steps=2), timeout=120)
+    import io
+
+    import PIL.Image
+
+    assert PIL.Image.open(io.BytesIO(reply.images[0].png)).size == (128, 128)  # the cascade: 32 -> 64 -> 128
+
+    victim = replicas[1]
+    # Long second-upsampler work (each call on 128 px) so the kill lands while calls are in flight on it.
+    pool, futures = _load(stub, seeds=range(300, 306), decoder_steps=2, super_res_steps=25)
+    _wait_busy(victim)
+    victim.popen.kill()
+    outcomes = [f.result(timeout=300) for f in futures]
+    pool.shutdown()
+    assert all(outcome == "ok" for _, outcome in outcomes), outcomes
+    log = orchestrator_log.read_text()
+    assert f"from {victim.address}, retrying on another replica" in log, log[-3000:]
+    assert replicas[0].alive()
+    channel.close()
