@@ -2,23 +2,25 @@
 
 Both loops are step for step the decoder and super-res sections of ``UnCLIPPipeline.__call__`` (and of
 ``UnCLIPImageVariationPipeline``): the same batch composition, the same per-image generator draws (initial
-noise,
-then one draw per step inside ``UnCLIPScheduler.step``), the same guidance math, the decoder's ``clamp(-1,
-1)``, the
-bicubic upscale before super-resolution and the ``super_res_first`` / ``super_res_last`` split at the last
-step.
+noise, then one draw per step inside ``UnCLIPScheduler.step``), the same guidance math, the decoder's
+``clamp(-1, 1)``, the bicubic upscale before super-resolution and the ``super_res_first`` /
+``super_res_last`` split at the last step.
+
+Each loop is written once, in steps (``unclip.batching.stages``): ``start`` (checks, conditioning, timesteps,
+initial noise), ``step`` (one denoising step of a group of requests, each at its own timestep, in one forward
+pass) and ``finish``. ``decode`` / ``upsample`` are start, step until done, finish; the step batcher drives
+the same methods for many requests at once.
 
 One service code runs every stage: ``DecoderEngine`` for the decoder, ``UpsamplerEngine`` once per upsampler
-stage
-(``super_res``, ``super_res_2``), each in its own process. A second upsampler stage draws from the
-generators where
-the first left them. Edits (``inpaint``) add masked sampling to every stage; see
-``services/decoder/inpaint.py``.
+stage (``super_res``, ``super_res_2``), each in its own process. A second upsampler stage draws from the
+generators where the first left them. Edits (``inpaint``) add masked sampling to every stage (see
+``services/decoder/inpaint.py``): after each model step the known region is pasted back, and the schedule an
+edit walks (``KnownRegion.schedule``) may jump back up in noise, where the sample is re-noised
+(``KnownRegion.renoise``) instead of calling the model.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,16 @@ import torch.nn.functional as F
 
 from services.decoder.inpaint import InpaintInput, KnownRegion, check_inpaint
 from unclip import models
+from unclip.batching.stages import (
+    Task,
+    cat_halves,
+    denoise,
+    guidance_scale_rows,
+    renoise_jumps,
+    scheduler_step,
+    timestep_rows,
+    timesteps_for,
+)
 from unclip.checks import (
     check_callback,
     check_count,
@@ -54,7 +66,9 @@ class DecoderEngine:
     """UnCLIPTextProjModel + UNet2DConditionModel + its UnCLIPScheduler: image embedding -> small image."""
 
     stage = "decoder"
+    name = "decoder"  # the step-wise stage's name (batcher, metrics)
     default_num_inference_steps = 25  # Karlo's decoder_num_inference_steps
+    known_region = KnownRegion  # an edit's known region at this stage (tests swap in other schedules)
 
     def __init__(self, text_proj, decoder, scheduler, device="cpu"):
         self.text_proj = text_proj
@@ -113,10 +127,39 @@ class DecoderEngine:
         B = 2n with guidance (rows [0, n) unconditional), else n. inpaint: masked sampling for edits.
         step_callback(step, total) runs after every step (step = steps done, 1..total); it may raise to stop.
         """
+        check_callback(step_callback)
+        task = self.start(
+            image_embeds,
+            text_embeds,
+            text_encoder_hidden_states,
+            text_mask,
+            generators,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            do_classifier_free_guidance=do_classifier_free_guidance,
+            inpaint=inpaint,
+        )
+        return denoise(self, task, step_callback)
+
+    # ---- the denoising loop in steps (unclip.batching.stages): start, step until done, finish --------------
+
+    @torch.no_grad()
+    def start(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_encoder_hidden_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        generators: list[torch.Generator],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 8.0,
+        do_classifier_free_guidance: bool = True,
+        inpaint: InpaintInput | None = None,
+    ) -> Task:
+        """``decode``'s checks, conditioning and initial noise: one request, ready to step."""
         do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
         num_inference_steps = check_steps(num_inference_steps)
         guidance_scale = check_guidance(guidance_scale)
-        check_callback(step_callback)
         n = self._check(image_embeds, text_embeds, text_encoder_hidden_states, text_mask, generators, do_cfg)
         check_inpaint(inpaint, n)
         generators = list(generators)
@@ -132,58 +175,83 @@ class DecoderEngine:
         extra_tokens = self.text_proj.clip_extra_context_tokens
         decoder_text_mask = F.pad(text_mask.to(device), (extra_tokens, 0), value=True)  # [B, extra + L]
 
-        # 2. Timesteps (a private scheduler copy: set_timesteps mutates it, and requests may run
-        # concurrently).
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
+        # 2. Timesteps (an edit's known region may walk them with jumps back up: RePaint's resampling)
+        size = self.output_size
+        known = self.known_region.at_size(inpaint, size, device) if inpaint is not None else None
+        timesteps = timesteps_for(self.scheduler, num_inference_steps, known)
 
         # 3. Initial latents: per-image noise [n, C, s, s].
-        channels, size = self.decoder.config.in_channels, self.output_size
+        channels = self.decoder.config.in_channels
         dtype = text_encoder_hidden_states.dtype
         latents = randn_per_image((n, channels, size, size), generators, device, dtype)
-        latents = latents * scheduler.init_noise_sigma
-        known = KnownRegion.at_size(inpaint, size, device) if inpaint is not None else None
+        latents = latents * self.scheduler.init_noise_sigma
 
-        # 4. Denoising loop.
-        for i, t in enumerate(timesteps):
-            # expand the latents if we are doing classifier free guidance
-            latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+        return Task(
+            stage=self.name,
+            rows=n,
+            latents=latents,
+            timesteps=timesteps,
+            generators=generators,
+            image_generators=generators,
+            known=known,
+            extra={
+                "do_cfg": do_cfg,
+                "guidance_scale": guidance_scale,
+                "text_encoder_hidden_states": text_encoder_hidden_states,
+                "additive_clip_time_embeddings": additive_clip_time_embeddings,
+                "decoder_text_mask": decoder_text_mask,
+            },
+        )
 
-            noise_pred = self.decoder(
-                sample=latent_model_input,
-                timestep=t,
-                encoder_hidden_states=text_encoder_hidden_states,
-                class_labels=additive_clip_time_embeddings,
-                attention_mask=decoder_text_mask,
-            ).sample
+    def key(self, task: Task) -> tuple:
+        """Tasks with equal keys share a forward pass: guidance on or off, and the text length."""
+        return (task.extra["do_cfg"], task.extra["text_encoder_hidden_states"].shape[1])
 
-            if do_cfg:
-                # The UNet predicts [noise; variance]: guide the noise, keep the conditional variance.
-                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                noise_pred_uncond, _ = noise_pred_uncond.split(latent_model_input.shape[1], dim=1)
-                noise_pred_text, predicted_variance = noise_pred_text.split(
-                    latent_model_input.shape[1], dim=1
-                )
-                noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-                noise_pred = torch.cat([noise_pred, predicted_variance], dim=1)
+    @torch.no_grad()
+    def step(self, tasks: list[Task]) -> int:
+        """4. One denoising step of every task (same key), each at its own timestep, in one forward pass.
+        Edits at a jump back up are re-noised instead and stay out of the pass. Returns the rows the forward
+        pass held (before guidance doubles them)."""
+        tasks = renoise_jumps(self.scheduler, tasks)
+        if not tasks:
+            return 0
+        do_cfg = tasks[0].extra["do_cfg"]
+        counts = [task.rows for task in tasks]
+        latents = torch.cat([task.latents for task in tasks])  # [B, C, s, s]
 
-            prev_timestep = None if i + 1 == timesteps.shape[0] else timesteps[i + 1]
+        # expand the latents if we are doing classifier free guidance: [uncond of all; cond of all]
+        latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+        t = timestep_rows(tasks, self.device)
 
-            # compute the previous noisy sample x_t -> x_t-1
-            latents = scheduler.step(
-                noise_pred, t, latents, prev_timestep=prev_timestep, generator=generators
-            ).prev_sample
+        noise_pred = self.decoder(
+            sample=latent_model_input,
+            timestep=torch.cat([t] * 2) if do_cfg else t,
+            encoder_hidden_states=cat_halves(
+                [task.extra["text_encoder_hidden_states"] for task in tasks], counts, do_cfg
+            ),
+            class_labels=cat_halves(
+                [task.extra["additive_clip_time_embeddings"] for task in tasks], counts, do_cfg
+            ),
+            attention_mask=cat_halves([task.extra["decoder_text_mask"] for task in tasks], counts, do_cfg),
+        ).sample
 
-            # edits: put the original back into the known region, at the sample's new noise level
-            if known is not None:
-                latents = known.paste(latents, scheduler, prev_timestep, generators)
+        if do_cfg:
+            # The UNet predicts [noise; variance]: guide the noise, keep the conditional variance.
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred_uncond, _ = noise_pred_uncond.split(latent_model_input.shape[1], dim=1)
+            noise_pred_text, predicted_variance = noise_pred_text.split(latent_model_input.shape[1], dim=1)
+            guidance_scale = guidance_scale_rows(tasks, noise_pred_uncond.dim(), self.device)
+            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+            noise_pred = torch.cat([noise_pred, predicted_variance], dim=1)
 
-            if step_callback is not None:
-                step_callback(i + 1, len(timesteps))
+        # compute the previous noisy sample x_t -> x_t-1 (edits: the known region pasted back at its level)
+        scheduler_step(self.scheduler, tasks, noise_pred, latents)
+        return latents.shape[0]
 
-        images = latents.clamp(-1, 1)
-        return DecoderOutput(images=images.float().cpu(), generators=generators)
+    def finish(self, task: Task) -> DecoderOutput:
+        """5. The images, clamped to [-1, 1] as the reference does."""
+        images = task.latents.clamp(-1, 1)
+        return DecoderOutput(images=images.float().cpu(), generators=task.image_generators)
 
     def warmup(self) -> None:
         """A 2-step decode of zeros, so the first request does not pay for lazy init."""
@@ -202,12 +270,14 @@ class UpsamplerEngine:
     <stage>_scheduler. Unconditional apart from the low-resolution image (no guidance)."""
 
     default_num_inference_steps = 7  # Karlo's super_res_num_inference_steps
+    known_region = KnownRegion  # an edit's known region at this stage (tests swap in other schedules)
 
     def __init__(self, first, last, scheduler, stage="super_res", input_size=0, device="cpu"):
         self.first = first
         self.last = last
         self.scheduler = scheduler
         self.stage = stage  # "super_res" or "super_res_2"
+        self.name = stage  # the step-wise stage's name (batcher, metrics)
         self.device = torch.device(device)
         self.output_size: int = first.config.sample_size  # pixels of the images it makes
         # Pixels of the images it takes (the previous stage's output size); 0 = any square size.
@@ -250,29 +320,40 @@ class UpsamplerEngine:
         """Upsamples n images [n, 3, input_size, input_size] in [-1, 1] to [n, 3, output_size, output_size].
 
         The output is clamped to [-1, 1] (the reference clamps when it converts to pixels; the same values),
-        so
-        it can feed the next stage of a cascade. step_callback(step, total) as in ``DecoderEngine.decode``.
+        so it can feed the next stage of a cascade. step_callback(step, total) as in ``DecoderEngine.decode``.
         """
-        num_inference_steps = check_steps(num_inference_steps)
         check_callback(step_callback)
+        task = self.start(images, generators, num_inference_steps=num_inference_steps, inpaint=inpaint)
+        return denoise(self, task, step_callback)
+
+    # ---- the denoising loop in steps (unclip.batching.stages): start, step until done, finish --------------
+
+    @torch.no_grad()
+    def start(
+        self,
+        images: torch.Tensor,
+        generators: list[torch.Generator],
+        num_inference_steps: int = 7,
+        inpaint: InpaintInput | None = None,
+    ) -> Task:
+        """``upsample``'s checks, upscaled image and initial noise: one request, ready to step."""
+        num_inference_steps = check_steps(num_inference_steps)
         n = self._check(images, generators)
         check_inpaint(inpaint, n)
         generators = list(generators)
         device = self.device
 
-        # 1. Timesteps (a private scheduler copy: set_timesteps mutates it, and requests may run
-        # concurrently).
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
+        # 1. Timesteps (an edit's known region may walk them with jumps back up: RePaint's resampling)
+        size = self.output_size
+        known = self.known_region.at_size(inpaint, size, device) if inpaint is not None else None
+        timesteps = timesteps_for(self.scheduler, num_inference_steps, known)
 
         # 2. Initial latents: per-image noise [n, C, S, S], drawn where the previous stage left the
         # generators.
-        channels, size = self.first.config.in_channels // 2, self.output_size
+        channels = self.first.config.in_channels // 2
         images = images.to(device)
         latents = randn_per_image((n, channels, size, size), generators, device, images.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        known = KnownRegion.at_size(inpaint, size, device) if inpaint is not None else None
+        latents = latents * self.scheduler.init_noise_sigma
 
         # 3. The low-resolution image, upscaled once; every step sees it beside the sample.
         if device.type == "mps":  # MPS lacks bicubic interpolation (as the reference)
@@ -282,30 +363,46 @@ class UpsamplerEngine:
                 images, size=[size, size], mode="bicubic", align_corners=False, antialias=True
             )
 
-        # 4. Denoising loop (no classifier-free guidance).
-        for i, t in enumerate(timesteps):
-            unet = self.last if i == timesteps.shape[0] - 1 else self.first
+        return Task(
+            stage=self.name,
+            rows=n,
+            latents=latents,
+            timesteps=timesteps,
+            generators=generators,
+            image_generators=generators,
+            known=known,
+            extra={"image_upscaled": image_upscaled, "input_size": images.shape[-1]},
+        )
 
-            latent_model_input = torch.cat([latents, image_upscaled], dim=1)
+    def key(self, task: Task) -> tuple:
+        """Tasks with equal keys share a forward pass: the UNet their step needs (``last`` at a task's final
+        entry, else ``first``) and the input size."""
+        return (task.last, task.extra["input_size"])
 
-            noise_pred = unet(sample=latent_model_input, timestep=t).sample
+    @torch.no_grad()
+    def step(self, tasks: list[Task]) -> int:
+        """4. One denoising step of every task (same key), each at its own timestep, in one forward pass (no
+        classifier-free guidance). Edits at a jump back up are re-noised instead and stay out of the pass.
+        Returns the rows the forward pass held."""
+        tasks = renoise_jumps(self.scheduler, tasks)
+        if not tasks:
+            return 0
+        unet = self.last if tasks[0].last else self.first
+        latents = torch.cat([task.latents for task in tasks])  # [B, C, S, S]
+        image_upscaled = torch.cat([task.extra["image_upscaled"] for task in tasks])
 
-            prev_timestep = None if i + 1 == timesteps.shape[0] else timesteps[i + 1]
+        latent_model_input = torch.cat([latents, image_upscaled], dim=1)
 
-            # compute the previous noisy sample x_t -> x_t-1
-            latents = scheduler.step(
-                noise_pred, t, latents, prev_timestep=prev_timestep, generator=generators
-            ).prev_sample
+        noise_pred = unet(sample=latent_model_input, timestep=timestep_rows(tasks, self.device)).sample
 
-            # edits: put the original back into the known region, at the sample's new noise level
-            if known is not None:
-                latents = known.paste(latents, scheduler, prev_timestep, generators)
+        # compute the previous noisy sample x_t -> x_t-1 (edits: the known region pasted back at its level)
+        scheduler_step(self.scheduler, tasks, noise_pred, latents)
+        return latents.shape[0]
 
-            if step_callback is not None:
-                step_callback(i + 1, len(timesteps))
-
-        images = latents.clamp(-1, 1)
-        return DecoderOutput(images=images.float().cpu(), generators=generators)
+    def finish(self, task: Task) -> DecoderOutput:
+        """5. The images, clamped to [-1, 1] (so they can feed the next stage)."""
+        images = task.latents.clamp(-1, 1)
+        return DecoderOutput(images=images.float().cpu(), generators=task.image_generators)
 
     def warmup(self) -> None:
         """A 2-step upsample of a gray image, so the first request does not pay for lazy init."""

@@ -3,11 +3,15 @@
 One denoising loop, step for step as ``UnCLIPPipeline.__call__``'s prior section: the same batch composition
 ([unconditional; conditional] rows with guidance), the same per-image generator draws (initial noise, then one
 draw per step inside ``UnCLIPScheduler.step``), the same guidance math and ``post_process_latents``.
+
+The loop is written once, in steps (``unclip.batching.stages``): ``start`` (1.-3.: checks, conditioning,
+timesteps, initial noise), ``step`` (4.: one denoising step of a group of requests, each at its own
+timestep, in one forward pass) and ``finish`` (5.: post-processing, rerank). ``sample`` is start, step until
+done, finish; the step batcher drives the same three methods for many requests at once.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +19,15 @@ from pathlib import Path
 import torch
 
 from unclip import models
+from unclip.batching.stages import (
+    Task,
+    cat_halves,
+    denoise,
+    guidance_scale_rows,
+    scheduler_step,
+    timestep_rows,
+    timesteps_for,
+)
 from unclip.checks import (
     check_callback,
     check_count,
@@ -37,7 +50,9 @@ class PriorOutput:
 
 
 class PriorEngine:
-    """PriorTransformer + its UnCLIPScheduler."""
+    """PriorTransformer + its UnCLIPScheduler. Also the prior's step-wise stage (start/key/step/finish)."""
+
+    name = "prior"  # the stage's name (batcher, metrics)
 
     def __init__(self, prior, scheduler, device="cpu"):
         self.prior = prior
@@ -90,10 +105,37 @@ class PriorEngine:
 
         text_embeds [B, D], text_encoder_hidden_states [B, L, H], text_mask bool [B, L]: the encoder's output,
         B = 2n with guidance (rows [0, n) unconditional), else n. num_candidates k > 1 reranks: k embeddings
-        are
-        drawn per image and the one with the highest dot product with the image's text embedding is kept.
+        are drawn per image and the one with the highest dot product with the image's text embedding is kept.
         step_callback(step, total) runs after every step (step = steps done, 1..total); it may raise to stop.
         """
+        check_callback(step_callback)
+        task = self.start(
+            text_embeds,
+            text_encoder_hidden_states,
+            text_mask,
+            generators,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            do_classifier_free_guidance=do_classifier_free_guidance,
+            num_candidates=num_candidates,
+        )
+        return denoise(self, task, step_callback)
+
+    # ---- the denoising loop in steps (unclip.batching.stages): start, step until done, finish --------------
+
+    @torch.no_grad()
+    def start(
+        self,
+        text_embeds: torch.Tensor,
+        text_encoder_hidden_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        generators: list[torch.Generator],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 4.0,
+        do_classifier_free_guidance: bool = True,
+        num_candidates: int = 1,
+    ) -> Task:
+        """``sample``'s checks, conditioning and initial noise: one request, ready to step."""
         do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
         num_inference_steps = check_steps(num_inference_steps)
         guidance_scale = check_guidance(guidance_scale)
@@ -105,13 +147,11 @@ class PriorEngine:
             )
         if num_candidates > 1 and self.text_embed_dim != self.embedding_dim:
             raise ValueError("num_candidates > 1 needs text and image embeddings of the same size (rerank)")
-        check_callback(step_callback)
         n = self._check(text_embeds, text_encoder_hidden_states, text_mask, generators, do_cfg)
         k = max(1, num_candidates)
         device = self.device
 
-        # 1. Conditioning for n * k rows: candidate j of image i is row i * k + j (k = 1: the inputs
-        # unchanged).
+        # 1. Conditioning for n * k rows: candidate j of image i is row i * k + j (k = 1: inputs unchanged).
         text_embeds = text_embeds.to(device)
         text_encoder_hidden_states = text_encoder_hidden_states.to(device)
         text_mask = text_mask.to(device)
@@ -119,73 +159,95 @@ class PriorEngine:
             text_embeds = text_embeds.repeat_interleave(k, dim=0)
             text_encoder_hidden_states = text_encoder_hidden_states.repeat_interleave(k, dim=0)
             text_mask = text_mask.repeat_interleave(k, dim=0)
-        # Row r draws from its candidate's generator. Candidate 0 of image i draws from the image's
-        # generator in
-        # exactly the order k = 1 does (initial noise, then one draw per step); candidate j >= 1 draws from
-        # its
-        # own generator derived from the image generator's state at entry and j (derive_generator), which
-        # leaves
-        # the image's generator untouched. So the image's generator ends where k = 1 leaves it (the decoder's
-        # draws do not depend on k), and candidate 0 is the k = 1 sample: reranking never scores lower.
+        # Row r draws from its candidate's generator. Candidate 0 of image i draws from the image's generator
+        # in exactly the order k = 1 does (initial noise, then one draw per step); candidate j >= 1 draws from
+        # its own generator derived from the image generator's state at entry and j (derive_generator), which
+        # leaves the image's generator untouched. So the image's generator ends where k = 1 leaves it (the
+        # decoder's draws do not depend on k), and candidate 0 is the k = 1 sample: reranking never scores
+        # lower.
         row_generators = [
             generator if j == 0 else derive_generator(generator, j)
             for generator in generators
             for j in range(k)
         ]
 
-        # 2. Timesteps (a private scheduler copy: set_timesteps mutates it, and requests may run
-        # concurrently).
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
+        # 2. Timesteps
+        timesteps = timesteps_for(self.scheduler, num_inference_steps)
 
         # 3. Initial latents: per-image noise [n * k, D].
-        dtype = text_embeds.dtype
-        latents = randn_per_image((n * k, self.embedding_dim), row_generators, device, dtype)
-        latents = latents * scheduler.init_noise_sigma
+        latents = randn_per_image((n * k, self.embedding_dim), row_generators, device, text_embeds.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
 
-        # 4. Denoising loop.
-        for i, t in enumerate(timesteps):
-            # expand the latents if we are doing classifier free guidance
-            latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+        return Task(
+            stage=self.name,
+            rows=n * k,
+            latents=latents,
+            timesteps=timesteps,
+            generators=row_generators,
+            image_generators=list(generators),
+            extra={
+                "do_cfg": do_cfg,
+                "guidance_scale": guidance_scale,
+                "num_candidates": k,
+                "text_embeds": text_embeds,
+                "text_encoder_hidden_states": text_encoder_hidden_states,
+                "text_mask": text_mask,
+            },
+        )
 
-            predicted_image_embedding = self.prior(
-                latent_model_input,
-                timestep=t,
-                proj_embedding=text_embeds,
-                encoder_hidden_states=text_encoder_hidden_states,
-                attention_mask=text_mask,
-            ).predicted_image_embedding
+    def key(self, task: Task) -> tuple:
+        """Tasks with equal keys share a forward pass: guidance on or off."""
+        return (task.extra["do_cfg"],)
 
-            if do_cfg:
-                predicted_uncond, predicted_text = predicted_image_embedding.chunk(2)
-                predicted_image_embedding = predicted_uncond + guidance_scale * (
-                    predicted_text - predicted_uncond
-                )
+    @torch.no_grad()
+    def step(self, tasks: list[Task]) -> int:
+        """4. One denoising step of every task (same key), each at its own timestep, in one forward pass.
+        Returns the rows the forward pass held (before guidance doubles them)."""
+        do_cfg = tasks[0].extra["do_cfg"]
+        counts = [task.rows for task in tasks]
+        latents = torch.cat([task.latents for task in tasks])  # [B, D]
 
-            prev_timestep = None if i + 1 == timesteps.shape[0] else timesteps[i + 1]
+        # expand the latents if we are doing classifier free guidance: [uncond of all; cond of all]
+        latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+        t = timestep_rows(tasks, self.device)
 
-            latents = scheduler.step(
-                predicted_image_embedding,
-                timestep=t,
-                sample=latents,
-                generator=row_generators,
-                prev_timestep=prev_timestep,
-            ).prev_sample
+        predicted_image_embedding = self.prior(
+            latent_model_input,
+            timestep=torch.cat([t] * 2) if do_cfg else t,
+            proj_embedding=cat_halves([task.extra["text_embeds"] for task in tasks], counts, do_cfg),
+            encoder_hidden_states=cat_halves(
+                [task.extra["text_encoder_hidden_states"] for task in tasks], counts, do_cfg
+            ),
+            attention_mask=cat_halves([task.extra["text_mask"] for task in tasks], counts, do_cfg),
+        ).predicted_image_embedding
 
-            if step_callback is not None:
-                step_callback(i + 1, len(timesteps))
+        if do_cfg:
+            predicted_uncond, predicted_text = predicted_image_embedding.chunk(2)
+            guidance_scale = guidance_scale_rows(tasks, predicted_uncond.dim(), self.device)
+            predicted_image_embedding = predicted_uncond + guidance_scale * (
+                predicted_text - predicted_uncond
+            )
 
-        image_embeds = self.prior.post_process_latents(latents)  # [n * k, D]
+        # x_t -> x_t-1, each row with its own generator
+        scheduler_step(self.scheduler, tasks, predicted_image_embedding, latents)
+        return latents.shape[0]
 
-        # 5. Rerank (DALL-E 2 §2.2): keep the candidate with the highest dot product with the text embedding.
+    @torch.no_grad()
+    def finish(self, task: Task) -> PriorOutput:
+        """5. The image embeddings, reranked (DALL-E 2 §2.2) when k > 1 candidates were drawn per image."""
+        k = task.extra["num_candidates"]
+        image_embeds = self.prior.post_process_latents(task.latents)  # [n * k, D]
+
+        # keep the candidate with the highest dot product with the (conditional) text embedding
         if k > 1:
-            cond_text_embeds = text_embeds[n * k :] if do_cfg else text_embeds  # [n * k, D]
+            n = task.rows // k
+            text_embeds = task.extra["text_embeds"]
+            cond_text_embeds = text_embeds[n * k :] if task.extra["do_cfg"] else text_embeds  # [n * k, D]
             scores = (image_embeds * cond_text_embeds).sum(dim=-1).view(n, k)
             best = scores.argmax(dim=1)  # [n]
-            image_embeds = image_embeds.view(n, k, -1)[torch.arange(n, device=device), best]
+            image_embeds = image_embeds.view(n, k, -1)[torch.arange(n, device=image_embeds.device), best]
 
-        return PriorOutput(image_embeds=image_embeds.float().cpu(), generators=list(generators))
+        return PriorOutput(image_embeds=image_embeds.float().cpu(), generators=task.image_generators)
 
     def warmup(self) -> None:
         """A 2-step sample with zero conditioning, so the first request does not pay for lazy init."""

@@ -55,11 +55,13 @@ def batched_step(
         predicted_variance = None
 
     # 1. alphas and betas, one per row. Each is the 0-dim value step() computes, stacked (same float32 ops).
+    # Computed on the CPU whatever the sample's device: add_noise (edits) moves the shared scheduler's
+    # alphas_cumprod to the sample's device, and these few scalars are cheapest where the schedule lives.
     alphas_cumprod, betas, alphas, one = (
-        scheduler.alphas_cumprod,
-        scheduler.betas,
-        scheduler.alphas,
-        scheduler.one,
+        scheduler.alphas_cumprod.cpu(),
+        scheduler.betas.cpu(),
+        scheduler.alphas.cpu(),
+        scheduler.one.cpu(),
     )
     t_index = torch.tensor(t_list, dtype=torch.long)
     alpha_prod_t = alphas_cumprod[t_index]  # [B]
