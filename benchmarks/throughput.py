@@ -1,9 +1,13 @@
 """Throughput sweep: C concurrent clients (1, 2, 4, 8, 16) against the stack, each sending requests back to
 back for a fixed time; images/s, p50 and p99 latency, and per stage the split between queue time (accepted by
 the stage -> its first denoising step) and compute time (first step -> stage finished), from GenerateStream's
-events. The in-process pipeline called sequentially is the baseline.
+events; stages without denoising steps (safety, encoder) report their total time. The baselines, in the same
+run: the in-process pipeline called sequentially (one image per call), and at each batch size of
+`--baseline-batches` (n images per call) with its best; every sweep point gives the stack's images/s divided
+by both (issue 6, benchmark 2: >= 1.8x sequential on the tiny model, >= 1.0x the best batch on the toy model).
 
     python -m benchmarks.throughput [--model DIR] [--clients 1,2,4,8,16] [--seconds 20] [--steps 25,25,7]
+        [--baseline-batches 1,2,4,8] [--replicas decoder=2]
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ from unclip.runtime.errors import retry_after
 PROMPT = "a red circle above a blue square"
 
 
-def one_streamed(client, request) -> tuple[float, dict[str, list[float]]]:
-    """(latency, {stage: [queue_s, compute_s]}) of one streamed request."""
+def one_streamed(client, request) -> tuple[float, dict[str, list[float]], dict[str, float]]:
+    """(latency, {stage: [queue_s, compute_s]}, {stage without steps: total_s}) of one streamed request."""
     began = time.perf_counter()
     accepted_at: dict[str, float] = {}
     first_step: dict[str, float] = {}
     split: dict[str, list[float]] = {}
+    totals: dict[str, float] = {}
     for event in client.GenerateStream(request, timeout=600):
         now = time.perf_counter()
         kind = event.WhichOneof("event")
@@ -49,12 +54,15 @@ def one_streamed(client, request) -> tuple[float, dict[str, list[float]]]:
             stage = event.stage_finished.stage
             if stage in first_step:
                 split[stage] = [first_step[stage] - accepted_at[stage], now - first_step[stage]]
-    return time.perf_counter() - began, split
+            elif stage in accepted_at:
+                totals[stage] = now - accepted_at[stage]
+    return time.perf_counter() - began, split, totals
 
 
 def sweep_point(client, clients: int, seconds: float, steps) -> dict:
     latencies: list[float] = []
     splits: dict[str, list[list[float]]] = defaultdict(list)
+    stage_totals: dict[str, list[float]] = defaultdict(list)
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
@@ -66,7 +74,7 @@ def sweep_point(client, clients: int, seconds: float, steps) -> dict:
             request = generate_request(PROMPT, 1, seed, steps)
             request.user = f"client{index}"  # one caller each: the per-caller limit must not throttle them
             try:
-                latency, split = one_streamed(client, request)
+                latency, split, totals = one_streamed(client, request)
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
@@ -79,6 +87,8 @@ def sweep_point(client, clients: int, seconds: float, steps) -> dict:
                 latencies.append(latency)
                 for stage, pair in split.items():
                     splits[stage].append(pair)
+                for stage, total in totals.items():
+                    stage_totals[stage].append(total)
 
     began = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
@@ -98,6 +108,7 @@ def sweep_point(client, clients: int, seconds: float, steps) -> dict:
             stage: [round(median([p[0] for p in pairs]), 4), round(median([p[1] for p in pairs]), 4)]
             for stage, pairs in splits.items()
         },
+        "stage_total_s": {stage: round(median(values), 4) for stage, values in stage_totals.items()},
     }
 
 
@@ -108,19 +119,27 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--steps", default="25,25,7")
     parser.add_argument("--replicas", default="", help="as unclip up --replicas")
+    parser.add_argument("--baseline-batches", default="1,2,4,8", help="images per in-process call")
     args = parser.parse_args()
     steps = tuple(int(s) for s in args.steps.split(","))
     model = model_dir(args.model)
     emit({"benchmark": "throughput", **environment(), "model": str(model), "steps": steps})
 
-    # Baseline: the in-process pipeline, one request after another, for the same time.
+    # Baselines: the in-process pipeline, one call after another for the same time, n images per call.
     pipe = reference_pipeline(model)
     run_reference(pipe, PROMPT, 1, 0, steps)
-    count, began = 0, time.perf_counter()
-    while time.perf_counter() - began < args.seconds:
-        run_reference(pipe, PROMPT, 1, count, steps)
-        count += 1
-    emit({"in_process_sequential_images_per_s": round(count / (time.perf_counter() - began), 3)})
+    baseline: dict[int, float] = {}
+    for n in sorted({1, *(int(b) for b in args.baseline_batches.split(","))}):
+        count, began = 0, time.perf_counter()
+        while time.perf_counter() - began < args.seconds or count == 0:
+            run_reference(pipe, PROMPT, n, count * n, steps)
+            count += 1
+        baseline[n] = round(count * n / (time.perf_counter() - began), 3)
+        emit({"in_process_batch": n, "images_per_s": baseline[n]})
+    sequential = baseline[1]
+    best_batch = max(baseline, key=baseline.get)
+    emit({"in_process_sequential_images_per_s": sequential, "in_process_best_batch": best_batch,
+          "in_process_best_images_per_s": baseline[best_batch]})  # fmt: skip
     del pipe
 
     from unclip.stack import parse_replicas
@@ -130,7 +149,10 @@ def main() -> None:
         client = stub(stack.address)
         one_streamed(client, generate_request(PROMPT, 1, 0, steps))  # warm
         for clients in (int(c) for c in args.clients.split(",")):
-            emit(sweep_point(client, clients, args.seconds, steps))
+            point = sweep_point(client, clients, args.seconds, steps)
+            point["vs_in_process_sequential"] = round(point["images_per_s"] / sequential, 3)
+            point["vs_in_process_best_batch"] = round(point["images_per_s"] / baseline[best_batch], 3)
+            emit(point)
     finally:
         stack.stop()
 
