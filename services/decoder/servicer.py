@@ -8,10 +8,10 @@ from __future__ import annotations
 import grpc
 import torch
 
+from services.stage_methods import unary_and_stream
 from unclip.batching.batcher import BatcherConfig
 from unclip.rng import MAX_IMAGES
-from unclip.runtime.errors import grpc_errors, grpc_stream_errors
-from unclip.runtime.progress import stream_progress
+from unclip.runtime.errors import grpc_errors
 from unclip.runtime.slots import EngineSlot
 from unclip.runtime.tensors import (
     decode_generators,
@@ -72,20 +72,6 @@ class _Stage:
 
 
 class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
-    @grpc_errors
-    def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.ServicerContext):
-        return self._decode(request, context)
-
-    @grpc_stream_errors
-    def DecodeStream(self, request: decoder_pb2.DecodeRequest, context: grpc.ServicerContext):
-        self.slot.get()
-        yield from stream_progress(
-            lambda on_accepted, on_step: self._decode(request, context, on_accepted, on_step),
-            lambda progress: decoder_pb2.ImagesEvent(progress=progress),
-            lambda output: decoder_pb2.ImagesEvent(output=output),
-            name="DecodeStream",
-        )
-
     def _decode(self, request, context, on_accepted=None, on_step=None) -> decoder_pb2.ImagesOutput:
         self.slot.get()
         cfg = request.do_classifier_free_guidance
@@ -122,22 +108,11 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
             images=to_proto(output.images), generators=encode_generators(output.generators)
         )
 
+    # the unary call and its streaming twin (progress events, then the same output)
+    Decode, DecodeStream = unary_and_stream(_decode, decoder_pb2.ImagesEvent, "Decode")
+
 
 class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
-    @grpc_errors
-    def Upsample(self, request: decoder_pb2.UpsampleRequest, context: grpc.ServicerContext):
-        return self._upsample(request, context)
-
-    @grpc_stream_errors
-    def UpsampleStream(self, request: decoder_pb2.UpsampleRequest, context: grpc.ServicerContext):
-        self.slot.get()
-        yield from stream_progress(
-            lambda on_accepted, on_step: self._upsample(request, context, on_accepted, on_step),
-            lambda progress: decoder_pb2.ImagesEvent(progress=progress),
-            lambda output: decoder_pb2.ImagesEvent(output=output),
-            name="UpsampleStream",
-        )
-
     def _upsample(self, request, context, on_accepted=None, on_step=None) -> decoder_pb2.ImagesOutput:
         engine = self.slot.get()
         size = engine.input_size
@@ -161,3 +136,6 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
         return decoder_pb2.ImagesOutput(
             images=to_proto(output.images), generators=encode_generators(output.generators)
         )
+
+    # the unary call and its streaming twin (progress events, then the same output)
+    Upsample, UpsampleStream = unary_and_stream(_upsample, decoder_pb2.ImagesEvent, "Upsample")

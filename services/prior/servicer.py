@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import grpc
-
+from services.stage_methods import unary_and_stream
 from unclip.batching.batcher import BatcherConfig
-from unclip.runtime.errors import grpc_errors, grpc_stream_errors
-from unclip.runtime.progress import stream_progress
 from unclip.runtime.slots import EngineSlot
 from unclip.runtime.tensors import decode_generators, decode_text_condition, encode_generators, to_proto
 from unclip.runtime.validation import check_guidance, check_steps
@@ -19,20 +16,6 @@ MAX_CANDIDATES = 16
 class PriorServicer(prior_pb2_grpc.PriorServicer):
     def __init__(self, metrics=None, config: BatcherConfig | None = None) -> None:
         self.slot = EngineSlot("prior", metrics, config)  # __main__ attaches the engine once loaded
-
-    @grpc_errors
-    def Sample(self, request: prior_pb2.PriorRequest, context: grpc.ServicerContext):
-        return self._sample(request, context)
-
-    @grpc_stream_errors
-    def SampleStream(self, request: prior_pb2.PriorRequest, context: grpc.ServicerContext):
-        self.slot.get()
-        yield from stream_progress(
-            lambda on_accepted, on_step: self._sample(request, context, on_accepted, on_step),
-            lambda progress: prior_pb2.PriorEvent(progress=progress),
-            lambda output: prior_pb2.PriorEvent(output=output),
-            name="SampleStream",
-        )
 
     def _sample(self, request, context, on_accepted=None, on_step=None) -> prior_pb2.PriorResponse:
         self.slot.get()
@@ -63,3 +46,6 @@ class PriorServicer(prior_pb2_grpc.PriorServicer):
         return prior_pb2.PriorResponse(
             image_embeds=to_proto(output.image_embeds), generators=encode_generators(output.generators)
         )
+
+    # the unary call and its streaming twin (progress events, then the same response)
+    Sample, SampleStream = unary_and_stream(_sample, prior_pb2.PriorEvent, "Sample")
