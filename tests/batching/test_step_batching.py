@@ -270,3 +270,16 @@ def test_bad_input_is_raised_before_queueing(engines):
     kwargs = decode_kwargs(engines, 1, seed=80, steps=1)
     with pytest.raises(ValueError, match="^num_inference_steps"):
         stage.start(**kwargs)
+
+
+def test_each_engine_is_its_own_stage(engines):
+    """One denoising loop per stage: the batcher steps the engine itself (start/key/step/finish), the loop the
+    engine's own call runs; anything else is refused."""
+    for engine, name in [
+        (engines.prior, "prior"),
+        (engines.decoder, "decoder"),
+        (engines.upsampler, "super_res"),
+    ]:
+        assert stage_for(engine) is engine and engine.name == name
+    with pytest.raises(ValueError, match="^engine must be"):
+        stage_for(engines.encoder)
