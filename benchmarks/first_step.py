@@ -9,7 +9,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import emit, environment, generate_request, median, model_dir, start_stack, stub
+from benchmarks.common import (
+    emit,
+    environment,
+    generate_request,
+    median,
+    model_dir,
+    own_session,
+    start_stack,
+    stub,
+)
 
 PROMPT = "a red circle above a blue square"
 
@@ -19,6 +28,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    own_session()  # the in-process side competes for the CPU on the stack's terms
     model = model_dir(args.model)
     emit({"benchmark": "first_step", **environment(), "model": str(model)})
 

@@ -4,8 +4,10 @@ Requests wait in a bounded queue; one worker thread owns the running batch and, 
 lets waiting requests join (up to ``max_batch_size`` images), drops the ones that finished, were cancelled or
 ran past their deadline, and steps everyone left in as few forward passes as their parameters allow. A new
 request therefore waits at most one step of the running batch, not the whole of a running request (continuous
-batching, as LLM servers do it). When the stage is idle, the first request waits up to ``max_queue_delay_s``
-for company before the first step (Triton's dynamic batcher ``max_queue_delay``).
+batching, as LLM servers do it). When the stage is idle, the first request may wait up to
+``first_step_delay_s`` (else ``max_queue_delay_s``) for company before the first step (Triton's dynamic
+batcher ``max_queue_delay``); the services start at once (UNCLIP_STEP_QUEUE_DELAY_MS=0): a request arriving
+a moment later joins at the next step anyway, so the wait would only delay every lone request.
 
 Deterministic requests (per request, or every request when the deployment says so) step alone: their forward
 passes hold no other request's rows, so their output is the engine's bit for bit.
@@ -33,6 +35,10 @@ class BatcherConfig:
         8  # images per forward pass (before guidance doubles them); bigger requests run alone
     )
     max_queue_delay_s: float = 0.002  # how long an idle stage waits for more requests before its first step
+    # When set, replaces max_queue_delay_s before the first step (the services set it from
+    # UNCLIP_STEP_QUEUE_DELAY_MS, default 0: with step-level batching a later arrival joins at the next
+    # step, so waiting only delays a lone request; max_queue_delay_s stays the request-level delay).
+    first_step_delay_s: float | None = None
     max_queue_size: int = 16  # requests waiting to join; one more is refused with QueueFull
     deterministic: bool = False  # True: every request steps alone (bit-exact with the engine, no batching)
 
@@ -139,6 +145,8 @@ class StepBatcher:
         self._running: list[Ticket] = []
         self._closed = False
         self._step_seconds = 0.05  # running average of one iteration, for retry hints
+        delay = self.config.first_step_delay_s
+        self._first_step_delay = self.config.max_queue_delay_s if delay is None else delay
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{stage.name}", daemon=True)
         self._thread.start()
 
@@ -219,8 +227,9 @@ class StepBatcher:
                 self._cond.wait()
             if self._closed:
                 return False
-            if not self._running:  # idle: give concurrent arrivals max_queue_delay to share the first step
-                until = time.monotonic() + self.config.max_queue_delay_s
+            if not self._running and self._first_step_delay > 0:
+                # idle: give concurrent arrivals the delay to share the first step
+                until = time.monotonic() + self._first_step_delay
                 while (
                     sum(t.task.rows for t in self._queue) < self.config.max_batch_size
                     and (left := until - time.monotonic()) > 0

@@ -42,7 +42,13 @@ SERVER_SETTINGS = [
 
 
 # The flags of the model stages' queues and step-level batching (unclip.batching).
-BATCHING_SETTINGS = ["max_batch_size", "max_queue_delay_ms", "max_queue_size", "deterministic"]
+BATCHING_SETTINGS = [
+    "max_batch_size",
+    "max_queue_delay_ms",
+    "step_queue_delay_ms",
+    "max_queue_size",
+    "deterministic",
+]
 
 
 def batcher_config(args: argparse.Namespace):
@@ -56,6 +62,7 @@ def batcher_config(args: argparse.Namespace):
     config = BatcherConfig(
         max_batch_size=args.max_batch_size,
         max_queue_delay_s=max(0.0, args.max_queue_delay_ms) / 1000,
+        first_step_delay_s=max(0.0, args.step_queue_delay_ms) / 1000,
         max_queue_size=args.max_queue_size,
         deterministic=args.deterministic,
     )

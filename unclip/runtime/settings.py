@@ -88,6 +88,22 @@ SETTINGS: dict[str, Setting] = {
             "model stages: weights' precision (float32, float16, bfloat16); wire tensors stay float32",
         ),
         Setting("torch_threads", "UNCLIP_TORCH_THREADS", 1, int, "torch.set_num_threads in model stages"),
+        # Compute options of the UNets, read by unclip.models when a stage loads (benchmarks/compute.py
+        # measures each; BENCHMARKS.md "Service overhead — H2" has the numbers behind the defaults).
+        Setting(
+            "channels_last",
+            "UNCLIP_CHANNELS_LAST",
+            False,
+            _bool,
+            "decoder/upsamplers (variable only, read at load): channels-last UNets (not bit-exact)",
+        ),
+        Setting(
+            "compile",
+            "UNCLIP_COMPILE",
+            False,
+            _bool,
+            "decoder/upsamplers (variable only, read at load): torch.compile the UNets (not bit-exact)",
+        ),
         Setting(
             "max_message_bytes",
             "UNCLIP_MAX_MESSAGE_BYTES",
@@ -172,7 +188,15 @@ SETTINGS: dict[str, Setting] = {
             "UNCLIP_MAX_QUEUE_DELAY_MS",
             2.0,
             float,
-            "prior/decoder/upsamplers: how long an idle stage waits for company before its first step",
+            "encoder: how long the oldest text request waits for others to share its forward pass",
+        ),
+        Setting(
+            "step_queue_delay_ms",
+            "UNCLIP_STEP_QUEUE_DELAY_MS",
+            0.0,
+            float,
+            "prior/decoder/upsamplers: how long an idle stage waits for company before its first step "
+            "(0: at once; later arrivals join at the next step)",
         ),
         Setting(
             "max_queue_size",
