@@ -143,14 +143,35 @@ def _component_dir(model_dir: Path, folder: str, what: str) -> Path:
     return path
 
 
-def _move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
-    """On `device`, in eval mode, frozen; behind a float32 interface (LowPrecision) when not float32."""
+def _move(
+    module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None, unet: bool = False
+) -> Any:
+    """On `device`, in eval mode, frozen; behind a float32 interface (LowPrecision) when not float32.
+    `unet`: the decoder's and upsamplers' UNets also take the compute options (`_tune_unet`)."""
     import torch
 
     module = module.to(device).eval().requires_grad_(False)
+    if unet:
+        module = _tune_unet(module)
     if dtype is None or dtype == torch.float32:
         return module  # unchanged: float32 parity with diffusers' reference pipelines
     return LowPrecision(module, dtype)
+
+
+def _tune_unet(module: torch.nn.Module) -> Any:
+    """The UNet with the compute options the environment asks for (UNCLIP_CHANNELS_LAST, UNCLIP_COMPILE;
+    both off by default: neither is bit-exact with diffusers' reference, see BENCHMARKS.md for what each
+    gains on CPU). Tensors in and out keep their layout: a channels-last UNet takes the engines' contiguous
+    latents and answers channels-last outputs, which the element-wise scheduler maths accept as they are."""
+    import torch
+
+    from unclip.runtime.settings import env_default
+
+    if env_default("channels_last"):
+        module = module.to(memory_format=torch.channels_last)
+    if env_default("compile"):
+        module = torch.compile(module)
+    return module
 
 
 def _dtype_kwargs(dtype: torch.dtype | None, library: str) -> dict:
@@ -258,7 +279,7 @@ def load_decoder(
     model = UNet2DConditionModel.from_pretrained(
         path, **_diffusers_kwargs(), **_dtype_kwargs(dtype, "diffusers")
     )
-    return _move(model, device, dtype)
+    return _move(model, device, dtype, unet=True)
 
 
 def upsampler_stages(model_dir: Path) -> list[str]:
@@ -300,7 +321,7 @@ def load_super_res(
     scheduler = load_scheduler(model_dir, f"{stage}_scheduler")
     if first.config.sample_size != last.config.sample_size:
         raise ModelLoadError(f"{stage}_first and {stage}_last must have the same sample_size")
-    return _move(first, device, dtype), _move(last, device, dtype), scheduler
+    return _move(first, device, dtype, unet=True), _move(last, device, dtype, unet=True), scheduler
 
 
 def stage_input_size(model_dir: Path, stage: str) -> int:
