@@ -25,6 +25,7 @@ from benchmarks.common import (
     generate_request,
     median,
     model_dir,
+    own_session,
     percentile,
     reference_pipeline,
     run_reference,
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--replicas", default="", help="as unclip up --replicas")
     parser.add_argument("--baseline-batches", default="1,2,4,8", help="images per in-process call")
     args = parser.parse_args()
+    own_session()  # the in-process side competes for the CPU on the stack's terms (benchmarks.common)
     steps = tuple(int(s) for s in args.steps.split(","))
     model = model_dir(args.model)
     emit({"benchmark": "throughput", **environment(), "model": str(model), "steps": steps})
