@@ -187,7 +187,9 @@ def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, tmp_path):
             channel = create_channel(orchestrator.address)
             stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
 
-            # (a) sequential calls alternate over both replicas (round_robin over the resolved addresses)
+            # (a) sequential calls alternate over both replicas (round_robin over the resolved addresses, once
+            # both connections are up: the first call warms them)
+            assert len(stub.Generate(request(99, decoder_steps=2), timeout=120).images) == 1
             before = {name: _requests_computed(port_, "decoder") for name, port_ in metrics.items()}
             for seed in range(6):
                 assert len(stub.Generate(request(seed, decoder_steps=3), timeout=120).images) == 1
