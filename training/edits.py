@@ -1,9 +1,10 @@
 """The edit measurement: regenerate the right half of a world image with a prompt, check the object is there.
 
 Through the stack this uses the orchestrator's Edit. In-process, the reference pipelines have no inpainting,
-so `inpaint` below runs the same components in one readable loop (RePaint-style: after every step the kept
-region is
-replaced by the source image noised to that step), at the decoder and then at the upsampler.
+so `inpaint` below runs the same components in one readable loop with the stack's own masked-sampling
+algorithm (services/decoder/inpaint.py's KnownRegion): the schedule an edit walks (RePaint-style jumps back up
+at the decoder, re-noised with ``KnownRegion.renoise``), the known region pasted back after every model step
+(``KnownRegion.paste``), at the decoder and then at the upsampler.
 """
 
 from __future__ import annotations
@@ -14,14 +15,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from services.decoder.inpaint import InpaintInput, KnownRegion, UpsamplerKnownRegion
 from training.world import COLOR_NAMES, PALETTE, SHAPES, read_attributes, render, scenes_from_attributes
 
 
-def _noised(known: torch.Tensor, scheduler, t: int, generator) -> torch.Tensor:
-    if t < 0:
-        return known
-    noise = torch.randn(known.shape, generator=generator).to(known.device)
-    return scheduler.add_noise(known, noise, torch.tensor([t]))
+def _walk(sched, known: KnownRegion, steps: int, x: torch.Tensor, generators, model_step) -> torch.Tensor:
+    """Walks known.schedule(...) from x: a model step (then the paste) down, a re-noise up.
+
+    model_step(x, t, prev_timestep) -> the scheduler's prev_sample.
+    """
+    sched.set_timesteps(steps, device=x.device)
+    walk = known.schedule([int(t) for t in sched.timesteps])
+    for i, t in enumerate(walk):
+        prev = None if i + 1 == len(walk) else walk[i + 1]
+        if prev is not None and prev > t:  # a jump back up: forward diffusion, no model call
+            x = known.renoise(x, sched, t, prev, generators)
+            continue
+        x = model_step(x, t, prev)
+        x = known.paste(x, sched, prev, generators)
+    return x
 
 
 @torch.no_grad()
@@ -35,12 +47,17 @@ def inpaint(
     prior_guidance_scale: float = 4.0,
     decoder_guidance_scale: float = 8.0,
     super_res_steps: int = 7,
+    schedule: dict | None = None,
+    upsample: bool = True,
 ) -> torch.Tensor:
-    """One edited image [1, 3, 128, 128] in [-1, 1].
+    """One edited image [1, 3, 128, 128] in [-1, 1] ([1, 3, 32, 32], the decoder's, if not upsample).
 
-    image: [1, 3, 128, 128] in [-1, 1]; mask: [1, 1, 128, 128], 1 = keep.
+    image: [1, 3, 128, 128] in [-1, 1]; mask: [1, 1, 128, 128], 1 = keep. schedule: KnownRegion overrides at
+    the decoder (jump_length, resample_jumps, resample_until); default: KnownRegion's defaults, as the stack.
     """
     dev = image.device
+    edit = InpaintInput(image=image, mask=mask)
+    gens = [generator]
     # 1. encode the prompt and "" (the unconditional branch), as UnCLIPPipeline does
     tok = c["tokenizer"](
         ["", prompt],
@@ -70,7 +87,7 @@ def inpaint(
             u + prior_guidance_scale * (cnd - u), t, x, generator=generator, prev_timestep=prev
         ).prev_sample
     image_embeds = c["prior"].post_process_latents(x)
-    # 3. decoder at 32 px, the kept region pinned to the source image
+    # 3. decoder at 32 px, the known region pasted back, resampled (RePaint jumps)
     enc, additive = c["text_proj"](
         image_embeddings=image_embeds,
         prompt_embeds=emb,
@@ -79,53 +96,45 @@ def inpaint(
     )
     dmask = F.pad(mask_t, (c["text_proj"].clip_extra_context_tokens, 0), value=True)
     size = c["decoder"].config.sample_size
-    known = F.interpolate(image, size=(size, size), mode="area")
-    keep = (F.interpolate(mask, size=(size, size), mode="area") > 0.5).float()
     sched = c["decoder_scheduler"]
-    sched.set_timesteps(steps, device=dev)
-    ts = sched.timesteps
-    x = torch.randn((1, 3, size, size), generator=generator).to(dev)
-    for i, t in enumerate(ts):
+
+    def decoder_step(x, t, prev):
         pred = c["decoder"](
             torch.cat([x] * 2), t, encoder_hidden_states=enc, class_labels=additive, attention_mask=dmask
         ).sample
         u, cnd = pred.chunk(2)
         u, _ = u.split(3, dim=1)
         cnd, var = cnd.split(3, dim=1)
-        prev = None if i + 1 == len(ts) else ts[i + 1]
-        x = sched.step(
-            torch.cat([u + decoder_guidance_scale * (cnd - u), var], 1),
-            t,
-            x,
-            prev_timestep=prev,
-            generator=generator,
-        ).prev_sample
-        x = keep * _noised(known, sched, -1 if prev is None else int(prev), generator) + (1 - keep) * x
-    small = x.clamp(-1, 1)
-    # 4. upsampler, the kept region pinned likewise
+        guided = torch.cat([u + decoder_guidance_scale * (cnd - u), var], 1)
+        return sched.step(guided, t, x, prev_timestep=prev, generator=generator).prev_sample
+
+    known = KnownRegion.at_size(edit, size, dev, **(schedule or {}))
+    x = torch.randn((1, 3, size, size), generator=generator).to(dev)
+    small = _walk(sched, known, steps, x, gens, decoder_step).clamp(-1, 1)
+    if not upsample:
+        return small
+    # 4. upsampler, the known region pasted back likewise (plain schedule)
     sched = c["super_res_scheduler"]
-    sched.set_timesteps(super_res_steps, device=dev)
-    ts = sched.timesteps
     big = c["super_res_first"].config.sample_size
     up = F.interpolate(small, size=(big, big), mode="bicubic", align_corners=False, antialias=True)
-    x = torch.randn((1, 3, big, big), generator=generator).to(dev)
-    for i, t in enumerate(ts):
-        unet = c["super_res_last"] if i == len(ts) - 1 else c["super_res_first"]
+    sched.set_timesteps(super_res_steps, device=dev)
+    last_t = int(sched.timesteps[-1])
+
+    def super_res_step(x, t, prev):
+        unet = c["super_res_last"] if t == last_t else c["super_res_first"]
         pred = unet(torch.cat([x, up], 1), t).sample
-        prev = None if i + 1 == len(ts) else ts[i + 1]
-        x = sched.step(pred, t, x, prev_timestep=prev, generator=generator).prev_sample
-        x = mask * _noised(image, sched, -1 if prev is None else int(prev), generator) + (1 - mask) * x
-    return x.clamp(-1, 1)
+        return sched.step(pred, t, x, prev_timestep=prev, generator=generator).prev_sample
+
+    known = UpsamplerKnownRegion.at_size(edit, big, dev)
+    x = torch.randn((1, 3, big, big), generator=generator).to(dev)
+    return _walk(sched, known, super_res_steps, x, gens, super_res_step).clamp(-1, 1)
 
 
-def score_edits(
-    backend, model_dir: str, count: int, rng: random.Random, seed: int, device: str = "cpu", steps: int = 25
-) -> dict:
-    """Sources: a small object in the left half; the right half is regenerated with a prompt naming a new
-    object in the top or bottom right on the same background. Success: that object (shape and colour) is read
-    there."""
-    from training.evaluate import load_components, to_pil, to_tensor
+def edit_cases(count: int, rng: random.Random, seed: int):
+    """Sources: a small object in the left half; the right half to be regenerated with a prompt naming a new
+    object in the top or bottom right on the same background.
 
+    Returns (attrs, wants, prompts, sources [count, 3, 128, 128], mask [1, 1, 128, 128], 1 = keep)."""
     attrs, prompts, wants = [], [], []
     for _ in range(count):
         bg = rng.randrange(8)
@@ -145,6 +154,34 @@ def score_edits(
     sources = render(scenes_from_attributes(attrs, torch.Generator().manual_seed(seed)), 128)
     mask = torch.ones(1, 1, 128, 128)
     mask[..., 64:] = 0  # regenerate the right half
+    return attrs, wants, prompts, sources, mask
+
+
+def edit_hit(source_attrs: dict, want: dict, result: torch.Tensor) -> bool:
+    """The prompted object (shape and colour) is read in the regenerated right half of result [3, S, S]."""
+    size = result.shape[-1]
+    canvas = (PALETTE[source_attrs["background"]] * 2 - 1)[:, None, None].expand(3, size, size).clone()
+    canvas[:, :, size // 2 :] = result[:, :, size // 2 :]  # only the regenerated half, on the background
+    got = read_attributes(canvas[None])[0]
+    return got["shape"] == want["shape"] and got["color"] == want["color"]
+
+
+def score_edits(
+    backend,
+    model_dir: str,
+    count: int,
+    rng: random.Random,
+    seed: int,
+    device: str = "cpu",
+    steps: int = 25,
+    schedule: dict | None = None,
+    prior_guidance_scale: float = 4.0,
+) -> dict:
+    """Regenerates the right half of `count` sources (edit_cases) with a prompt; success: the prompted object
+    is read there. schedule: in-process only, KnownRegion overrides at the decoder (default: the stack's)."""
+    from training.evaluate import load_components, to_pil, to_tensor
+
+    attrs, wants, prompts, sources, mask = edit_cases(count, rng, seed)
     if getattr(backend, "edit", None) is not None:
         alpha = Image.fromarray((mask[0, 0].numpy() * 255).astype("uint8"))
         masks = [Image.merge("RGBA", (*im.split(), alpha)) for im in to_pil(sources)]
@@ -161,14 +198,16 @@ def score_edits(
                 torch.Generator("cpu").manual_seed(seed + k),
                 steps=steps,
                 super_res_steps=min(steps, 7),
+                prior_guidance_scale=prior_guidance_scale,
+                schedule=schedule,
             ).cpu()
             for k, p in enumerate(prompts)
         ]
-        how = "in-process RePaint-style loop over the components (the reference pipelines cannot edit)"
-    hits = 0
-    for a, want, res in zip(attrs, wants, results, strict=True):
-        canvas = (PALETTE[a["background"]] * 2 - 1)[:, None, None].expand(3, 128, 128).clone()
-        canvas[:, :, 64:] = res[0, :, :, 64:]  # only the regenerated half, on the background colour
-        got = read_attributes(canvas[None])[0]
-        hits += got["shape"] == want["shape"] and got["color"] == want["color"]
+        walk = KnownRegion.at_size(InpaintInput(sources[:1], mask), 32, "cpu", **(schedule or {}))
+        how = (
+            "in-process loop over the components with the stack's KnownRegion "
+            f"(jump_length {walk.jump_length}, resample_jumps {walk.resample_jumps}, "
+            f"resample_until {walk.resample_until}; the reference pipelines cannot edit)"
+        )
+    hits = sum(edit_hit(a, w, r[0]) for a, w, r in zip(attrs, wants, results, strict=True))
     return dict(edits=count, prompted_object_in_region=round(hits / count, 4), via=how)

@@ -165,12 +165,20 @@ class InProcess:
 class Stack:
     """The running stack: the orchestrator's ImageService over gRPC."""
 
-    def __init__(self, addr: str):
+    def __init__(self, addr: str, sampling: dict | None = None):
         import grpc
 
         from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
         self.pb = orchestrator_pb2
+        sampling = dict(sampling or {})
+        if "super_res_num_inference_steps" in sampling:  # a repeated field: one entry per upsampler stage
+            sampling["super_res_num_inference_steps"] = [sampling["super_res_num_inference_steps"]]
+        # text-to-image and edits; variations have no prior, so they take the stack's defaults but for steps
+        self.params = orchestrator_pb2.SamplingParams(**sampling)
+        self.variation_params = orchestrator_pb2.SamplingParams(
+            **{k: v for k, v in sampling.items() if not k.startswith("prior")}
+        )
         self.stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(addr))
         self.name = f"the stack at {addr}"
 
@@ -189,7 +197,9 @@ class Stack:
         for k, p in enumerate(prompts):
             images: list[Image.Image] = []
             for first in range(0, n, 10):  # a request holds at most 10; image i of seed s is seed s + i
-                req = self.pb.GenerateRequest(prompt=p, n=min(10, n - first), seed=seed + k * n + first)
+                req = self.pb.GenerateRequest(
+                    prompt=p, n=min(10, n - first), seed=seed + k * n + first, params=self.params
+                )
                 images += self._pngs(self.stub.Generate(req, timeout=600))
             out.append(images)
         return out
@@ -198,7 +208,10 @@ class Stack:
         return [
             self._pngs(
                 self.stub.CreateVariation(
-                    self.pb.VariationRequest(image=self._png(im), n=n, seed=seed + k * n), timeout=600
+                    self.pb.VariationRequest(
+                        image=self._png(im), n=n, seed=seed + k * n, params=self.variation_params
+                    ),
+                    timeout=600,
                 )
             )
             for k, im in enumerate(images)
@@ -211,7 +224,12 @@ class Stack:
             self._pngs(
                 self.stub.Edit(
                     self.pb.EditRequest(
-                        image=self._png(im), mask=self._png(m), prompt=p, n=n, seed=seed + k * n
+                        image=self._png(im),
+                        mask=self._png(m),
+                        prompt=p,
+                        n=n,
+                        seed=seed + k * n,
+                        params=self.params,
                     ),
                     timeout=600,
                 )
@@ -400,21 +418,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--draws", type=int, default=16, help="draws per under-specified prompt (diversity)")
     p.add_argument("--quick", action="store_true", help="2 denoising steps per stage (smoke tests only)")
+    p.add_argument(
+        "--prior-guidance-scale",
+        type=float,
+        default=None,
+        help="the prior's guidance for text-to-image and edits (default: the pipeline's / stack's, 4.0)",
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--save-grid", default=None, help="write a contact sheet of some generated images here")
     args = p.parse_args(argv)
     quick = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
+    sampling = dict(quick) if args.quick else {}
+    if args.prior_guidance_scale is not None:
+        sampling["prior_guidance_scale"] = args.prior_guidance_scale
     backend = (
-        Stack(args.addr)
+        Stack(args.addr, sampling)
         if args.addr
-        else InProcess(args.model, args.device, steps=quick if args.quick else None)
+        else InProcess(args.model, args.device, steps=sampling or None)
     )
     rng = random.Random(args.seed)
     t0 = time.time()
     cases = fully_specified_prompts(args.prompts, rng)
     images = backend.generate([c.prompt for c in cases], 2, args.seed)
-    result: dict = dict(backend=backend.name)
+    result: dict = dict(backend=backend.name, sampling=sampling or "defaults")
     if cases:
         result["text_to_image"] = score_text_to_image(cases, images)
         print(json.dumps(result, indent=1), flush=True)
@@ -434,7 +461,14 @@ def main(argv: list[str] | None = None) -> dict:
         from training.edits import score_edits
 
         result["edits"] = score_edits(
-            backend, args.model, args.edits, rng, args.seed, args.device, steps=2 if args.quick else 25
+            backend,
+            args.model,
+            args.edits,
+            rng,
+            args.seed,
+            args.device,
+            steps=2 if args.quick else 25,
+            prior_guidance_scale=sampling.get("prior_guidance_scale", 4.0),
         )
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result, indent=1), flush=True)

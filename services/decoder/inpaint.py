@@ -7,6 +7,15 @@ timestep); after the final step it is replaced by the original itself. The noise
 generator, drawn right after the scheduler step's own draw, so an edit is as reproducible as a generation.
 
 At a resolution below the mask's, a pixel counts as known only if every mask pixel it covers is known.
+
+Resampling (RePaint, Lugmayr et al. 2022): pasting alone lets the regenerated region ignore the known one
+(the model sees the known pixels only through noise, one step at a time), so objects come out cut, misplaced
+or missing. ``KnownRegion.schedule`` therefore walks every stretch of ``jump_length`` steps
+``1 + resample_jumps`` times: at the end of a stretch the sample is re-noised back to its start (``renoise``,
+forward diffusion) and denoised again, each pass pasting the known region anew, so the regenerated region gets
+several chances to agree with it. Jumps happen only in the noisier ``resample_until`` share of the schedule,
+where the layout is decided; the low-noise end only sharpens. The upsamplers condition on the whole (already
+harmonised) low-resolution image, so they walk the plain schedule (``UpsamplerKnownRegion``).
 """
 
 from __future__ import annotations
@@ -58,17 +67,27 @@ def known_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     return unknown == 0
 
 
+# Resampling defaults (the decoder's edits; chosen by measurement on the shapes toy model, training/edits.py).
+JUMP_LENGTH = 5
+RESAMPLE_JUMPS = 2
+RESAMPLE_UNTIL = 0.6
+
+
 @dataclass
 class KnownRegion:
-    """An edit's known region at one stage's resolution."""
+    """An edit's known region at one stage's resolution, and the schedule an edit walks there."""
 
     image: torch.Tensor  # float32 [n, 3, s, s] the original, resized
     known: torch.Tensor  # bool [n, 1, s, s] True = keep the original
+    jump_length: int = JUMP_LENGTH  # steps walked down before a jump back up (RePaint's j); 0: no resampling
+    resample_jumps: int = RESAMPLE_JUMPS  # extra walks of each stretch (RePaint's r - 1); 0: no resampling
+    resample_until: float = RESAMPLE_UNTIL  # jumps only within this share of the schedule, from its noisy end
 
     @classmethod
-    def at_size(cls, inpaint: InpaintInput, size: int, device: torch.device) -> KnownRegion:
+    def at_size(cls, inpaint: InpaintInput, size: int, device: torch.device, **schedule) -> KnownRegion:
+        """schedule: jump_length / resample_jumps / resample_until, overriding the class defaults."""
         image = resize_image(inpaint.image.to(device), size)
-        return cls(image=image, known=known_mask(inpaint.mask.to(device), size))
+        return cls(image=image, known=known_mask(inpaint.mask.to(device), size), **schedule)
 
     def paste(self, latents, scheduler, prev_timestep, generators: list[torch.Generator]) -> torch.Tensor:
         """The sample after a step with its known region replaced (see the module docstring).
@@ -87,9 +106,24 @@ class KnownRegion:
 
         A later entry larger than the one before it is a jump back up (RePaint's resampling): the sampler then
         re-noises the sample with ``renoise`` instead of calling the model, so the regenerated region gets
-        another chance to agree with the known one. Plain masked sampling: the timesteps unchanged.
+        another chance to agree with the known one. With jump_length j and resample_jumps r, after reaching
+        entry i (i a multiple of j, in the first resample_until of the schedule) the walk goes back to entry
+        i - j and down to i again, r times: [.., t_i, t_(i-j), .., t_i, ..]. It always ends at the last plain
+        entry, so the final step (and the paste of the original itself) is unchanged. With jump_length or
+        resample_jumps 0: the timesteps unchanged (plain masked sampling).
         """
-        return list(timesteps)
+        plain = [int(t) for t in timesteps]
+        j, r = self.jump_length, self.resample_jumps
+        if j <= 0 or r <= 0 or len(plain) < 2:
+            return plain
+        last_jump = int(self.resample_until * (len(plain) - 1))  # the deepest entry a jump starts from
+        walk = plain[:1]
+        for i in range(1, len(plain)):
+            walk.append(plain[i])
+            if i % j == 0 and i <= last_jump:
+                for _ in range(r):
+                    walk += plain[i - j : i + 1]  # up to entry i - j (a re-noise), then down to i again
+        return walk
 
     @staticmethod
     def renoise(
@@ -105,3 +139,11 @@ class KnownRegion:
         ratio = (alphas_cumprod[to_t] / alphas_cumprod[from_t]).to(latents.dtype)
         noise = randn_per_image(latents.shape, generators, latents.device, latents.dtype)
         return ratio.sqrt() * latents + (1 - ratio).sqrt() * noise
+
+
+@dataclass
+class UpsamplerKnownRegion(KnownRegion):
+    """The known region at an upsampler: the plain schedule (it sees the harmonised low-res image whole)."""
+
+    jump_length: int = 0
+    resample_jumps: int = 0
