@@ -16,6 +16,10 @@ hits every variant alike:
 Each variant reports wall and CPU seconds (process CPU time: steadier than wall on a shared machine, but
 blind to extra threads' wall gain) as medians, and the largest difference of its output from the baseline's
 (0.0 = bit-exact). Without --model a tiny random model is made.
+
+`--super-res-steps 7,5,4,3 --model models/shapes-toy` instead times the super-res stage at each step count
+and reads the 128 px images back with the shapes world's reader (shape, colours, size, position), against
+the prompts and against the first step count's reading.
 """
 
 from __future__ import annotations
@@ -179,12 +183,92 @@ def _thp_rows(args, model) -> list[dict]:
     return rows
 
 
+def super_res_steps(model, steps: list[int], prompts: int, seed: int = 1234) -> list[dict]:
+    """Fewer super-res steps: time and prompt fidelity per step count on `prompts` fully specified prompts
+    of the bundled shapes world (training.evaluate's prompts, read from pixels by
+    training.world.read_attributes), and how often each reading equals the one at the first step count."""
+    import random
+
+    import torch
+
+    from services.decoder.engine import DecoderEngine, UpsamplerEngine
+    from services.encoder.engine import EncoderEngine
+    from services.prior.engine import PriorEngine
+    from training.evaluate import fully_specified_prompts
+    from training.world import read_attributes
+    from unclip.rng import generators_from_seed
+
+    encoder, prior = EncoderEngine.from_pretrained(model), PriorEngine.from_pretrained(model)
+    decoder, upsampler = DecoderEngine.from_pretrained(model), UpsamplerEngine.from_pretrained(model)
+    cases = fully_specified_prompts(prompts, random.Random(seed))
+    small, generators = [], []
+    for i, case in enumerate(cases):  # the pipeline up to the decoder, once per prompt
+        text = encoder.encode_text([case.prompt], True)
+        cond = (text.text_embeds, text.text_encoder_hidden_states, text.text_mask)
+        out = prior.sample(*cond, generators_from_seed(seed + i, 1))
+        out = decoder.decode(out.image_embeds, *cond, out.generators)
+        small.append(out.images)
+        generators.append([g.get_state() for g in out.generators])
+    readings: dict[int, list[dict]] = {}
+    rows, reference = [], None
+    for count in steps:
+        walls, cpus, images = [], [], []
+        for image, states in zip(small, generators, strict=True):
+            gens = [torch.Generator().set_state(state) for state in states]
+            wall, cpu = time.perf_counter(), time.process_time()
+            images.append(upsampler.upsample(image, gens, num_inference_steps=count).images)
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+        images = torch.cat(images)
+        reference = reference if count != steps[0] else images
+        # pixels in [0, 1]: how far each step count's images are from the first step count's
+        error = ((images - reference) / 2).abs()
+        psnr = -10 * torch.log10(error.pow(2).mean().clamp_min(1e-12))
+        readings[count] = read_attributes(images)
+        got = readings[count]
+        first = readings[steps[0]]
+
+        def share(key: str, got=got) -> float:
+            pairs = [(g[key], c.expected[key]) for g, c in zip(got, cases, strict=True)]
+            pairs = [(a, b) for a, b in pairs if b is not None]
+            return round(sum(a == b for a, b in pairs) / max(1, len(pairs)), 3)
+
+        core = [
+            all(g[k] == c.expected[k] for k in ("shape", "color", "background"))
+            for g, c in zip(got, cases, strict=True)
+        ]
+        rows.append(
+            {
+                "stage": "super_res",
+                "super_res_steps": count,
+                "wall_s": round(median(walls), 4),
+                "cpu_s": round(median(cpus), 4),
+                "shape_color_background": round(sum(core) / len(core), 3),
+                "size_when_given": share("size"),
+                "position_when_given": share("position"),
+                f"mean_abs_pixel_diff_vs_{steps[0]}_steps": round(float(error.mean()), 4),
+                f"psnr_db_vs_{steps[0]}_steps": round(float(psnr), 1),
+                f"same_reading_as_{steps[0]}_steps": round(
+                    sum(a == b for a, b in zip(got, first, strict=True)) / len(got), 3
+                ),
+                "images": len(got),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stages", default="decoder,super_res")
     parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "compile"))
+    parser.add_argument(
+        "--super-res-steps",
+        default="",
+        help="e.g. 7,5,4,3: fidelity and time of the super-res stage at each step count (shapes model)",
+    )
+    parser.add_argument("--prompts", type=int, default=16, help="prompts for --super-res-steps")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.child:
@@ -197,6 +281,11 @@ def main() -> None:
         parser.error(f"--variants: unknown {sorted(unknown)}; choose from {VARIANTS}")
     model = model_dir(args.model)
     emit({"benchmark": "compute", **environment(), "model": str(model)})
+    if args.super_res_steps:
+        counts = [int(v) for v in args.super_res_steps.split(",")]
+        for row in super_res_steps(model, counts, args.prompts):
+            emit(row)
+        return
     in_process = ["baseline"] + [v for v in variants if v not in ("baseline", "thp")]
     inputs = _inputs(model)
     for stage in args.stages.split(","):

@@ -91,6 +91,13 @@ SETTINGS: dict[str, Setting] = {
         # Compute options of the UNets, read by unclip.models when a stage loads (benchmarks/compute.py
         # measures each; BENCHMARKS.md "Service overhead — H2" has the numbers behind the defaults).
         Setting(
+            "inference_mode",
+            "UNCLIP_INFERENCE_MODE",
+            True,
+            _bool,
+            "prior/decoder/upsamplers (variable only): steps run under torch.inference_mode (bit-exact)",
+        ),
+        Setting(
             "channels_last",
             "UNCLIP_CHANNELS_LAST",
             False,
