@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from services.decoder.inpaint import InpaintInput, KnownRegion, check_inpaint
+from services.decoder.inpaint import InpaintInput, KnownRegion, UpsamplerKnownRegion, check_inpaint
 from unclip import models
 from unclip.batching.stages import (
     Task,
@@ -68,7 +68,8 @@ class DecoderEngine:
     stage = "decoder"
     name = "decoder"  # the step-wise stage's name (batcher, metrics)
     default_num_inference_steps = 25  # Karlo's decoder_num_inference_steps
-    known_region = KnownRegion  # an edit's known region at this stage (tests swap in other schedules)
+    # An edit's known region at this stage, RePaint's resampling included; tests swap in other schedules.
+    known_region: type[KnownRegion] = KnownRegion
 
     def __init__(self, text_proj, decoder, scheduler, device="cpu"):
         self.text_proj = text_proj
@@ -270,7 +271,9 @@ class UpsamplerEngine:
     <stage>_scheduler. Unconditional apart from the low-resolution image (no guidance)."""
 
     default_num_inference_steps = 7  # Karlo's super_res_num_inference_steps
-    known_region = KnownRegion  # an edit's known region at this stage (tests swap in other schedules)
+    # An edit's known region at this stage: the plain schedule (the upsampler sees the whole low-resolution
+    # image the decoder's resampling already harmonised); tests swap in other schedules.
+    known_region: type[KnownRegion] = UpsamplerKnownRegion
 
     def __init__(self, first, last, scheduler, stage="super_res", input_size=0, device="cpu"):
         self.first = first

@@ -16,7 +16,7 @@ import torch
 from services.decoder.engine import InpaintInput
 from services.decoder.inpaint import KnownRegion, known_mask
 from unclip.batching.batcher import BatcherConfig, StepBatcher
-from unclip.batching.stages import stage_for
+from unclip.batching.stages import stage_for, timesteps_for
 from unclip.rng import generators_from_seed
 
 STEPS = 4  # plain timesteps [999, 666, 333, 0]
@@ -181,3 +181,31 @@ def test_step_batcher_keeps_renoising_tasks_out_of_the_forward_pass_and_matches_
     finally:
         batcher.close()
     assert torch.equal(exact.images, alone[1].images)
+
+
+def test_engines_walk_inpaints_schedules(engines):
+    """Without a test double: the decoder's edits walk KnownRegion's RePaint schedule (longer than the plain
+    one, counted in progress), the upsampler's UpsamplerKnownRegion's plain one."""
+    steps = 12
+    edit = edit_input(1, 64)
+    decoder_walk = KnownRegion.at_size(edit, 32, torch.device("cpu")).schedule(
+        timesteps_for(engines.decoder.scheduler, steps)
+    )
+    assert len(decoder_walk) > steps  # jumps back up: the walk re-visits entries
+    totals = set()
+    engines.decoder.decode(
+        **decode_kwargs(engines, 1, seed=9, steps=steps, inpaint=edit),
+        step_callback=lambda i, total: totals.add(total),
+    )
+    assert totals == {len(decoder_walk)}
+
+    totals.clear()
+    size = engines.upsampler.input_size
+    engines.upsampler.upsample(
+        torch.zeros(1, 3, size, size),
+        generators_from_seed(9, 1),
+        num_inference_steps=STEPS,
+        inpaint=edit,
+        step_callback=lambda i, total: totals.add(total),
+    )
+    assert totals == {STEPS}
