@@ -7,6 +7,7 @@ add per request.
 Without --model a tiny random model is made (compute is small there, so the difference is the overhead).
 On a shared machine the difference of two multi-second medians is mostly noise in the compute: the script
 also reports the median of the paired differences (each stack run minus the in-process run just before it),
+CPU seconds per request on both sides (the stack's summed over its processes, from /proc) and their ratio,
 and `--breakdown K` traces K more requests through a stack whose processes print their OpenTelemetry spans:
 each request's wall time minus the stages' own compute spans is what the services add, measured inside one
 request (per hop: the stage call's time outside the stage's compute; safety calls count whole).
@@ -15,6 +16,7 @@ request (per hop: the stage call's time outside the stage's compute; safety call
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -60,10 +62,14 @@ def main() -> None:
             run_reference(pipe, PROMPT, n, 0, steps)  # warm both sides
             client.Generate(request, timeout=600)
             # Interleave the two sides so machine load drifts hit both alike.
-            local, served = [], []
+            local, served, local_cpu, served_cpu = [], [], [], []
             for _ in range(args.repeats):
+                cpu = time.process_time()
                 local += timed(lambda n=n: run_reference(pipe, PROMPT, n, 0, steps), 1)
+                local_cpu.append(time.process_time() - cpu)
+                cpu = stack_cpu(stack)
                 served += timed(lambda r=request: client.Generate(r, timeout=600), 1)
+                served_cpu.append(stack_cpu(stack) - cpu)
             ratio = median(served) / median(local)
             emit(
                 {
@@ -75,12 +81,30 @@ def main() -> None:
                     "paired_overhead_ms": round(
                         1000 * median([b - a for a, b in zip(local, served, strict=True)]), 1
                     ),
+                    # CPU seconds per request: the in-process side's own; the stack's every process
+                    # together (10 ms ticks). Load stretches wall times unevenly, CPU far less.
+                    "in_process_cpu_s": round(median(local_cpu), 3),
+                    "stack_cpu_s": round(median(served_cpu), 3),
+                    "cpu_ratio": round(median(served_cpu) / median(local_cpu), 3),
                 }
             )
     finally:
         stack.stop()
     if args.breakdown:
         emit({"breakdown": trace_breakdown(model, steps, args.breakdown)})
+
+
+def stack_cpu(stack) -> float:
+    """CPU seconds (user + system) every process of the stack has used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for process in stack.processes:
+        try:
+            fields = Path(f"/proc/{process.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def trace_breakdown(model: Path, steps: tuple[int, int, int], repeats: int) -> dict:
