@@ -6,7 +6,6 @@ server is SIGKILLed with calls in flight on it. test_replicas.py does the same w
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 import subprocess
 import sys
 import time
@@ -28,14 +27,14 @@ SERVER = """
 import sys, time, grpc
 from unclip.runtime.server import create_server
 host, port = sys.argv[1], int(sys.argv[2])
-server, _ = create_server(f"{host}:{port}")
+server, port = create_server(f"{host}:{port}")
 def who(request, context):
     time.sleep(0.3)
     return host.encode()
 handler = grpc.method_handlers_generic_handler("t.T", {"Who": grpc.unary_unary_rpc_method_handler(who)})
 server.add_generic_rpc_handlers((handler,))
 server.start()
-print("listening", flush=True)
+print("listening", port, flush=True)
 server.wait_for_termination()
 """
 
@@ -46,16 +45,21 @@ class WhoStub:
 
 
 def test_dns_target_spreads_calls_and_fails_over_on_sigkill():
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = s.getsockname()[1]
-    servers = [
-        subprocess.Popen([sys.executable, "-c", SERVER, host, str(port)], stdout=subprocess.PIPE, cwd=ROOT)
-        for host in ("127.0.0.1", "127.0.0.2")
-    ]
+    # The first server takes a free port on 127.0.0.1; the second takes the same port on 127.0.0.2 (nothing
+    # else listens there).
+    def start(host: str, port: int) -> tuple[subprocess.Popen, int]:
+        server = subprocess.Popen(
+            [sys.executable, "-c", SERVER, host, str(port)], stdout=subprocess.PIPE, cwd=ROOT
+        )
+        servers.append(server)
+        line = server.stdout.readline().split()
+        assert line[:1] == [b"listening"], f"the server on {host} did not start"
+        return server, int(line[1])
+
+    servers: list[subprocess.Popen] = []
     try:
-        for server in servers:
-            assert server.stdout.readline().startswith(b"listening")
+        _, port = start("127.0.0.1", 0)
+        victim, _ = start("127.0.0.2", port)
         with DnsServer({"who.unclip.test": ["127.0.0.1", "127.0.0.2"]}) as dns:
             replicas = Replicas(
                 "who", [f"dns://{dns.address}/who.unclip.test:{port}"], WhoStub, create_channel
@@ -76,7 +80,7 @@ def test_dns_target_spreads_calls_and_fails_over_on_sigkill():
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 futures = [pool.submit(one, i) for i in range(64)]
                 time.sleep(0.5)  # 16 calls in flight, half of them on the victim
-                servers[1].kill()
+                victim.kill()
                 results = [f.result(timeout=60) for f in futures]
             failed = [r for r in results if not isinstance(r, bytes)]
             assert not failed, failed

@@ -140,28 +140,25 @@ def _load(stub, seeds, **kwargs):
 
 def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, tmp_path):
     # Two decoder replicas on one port, one per loopback address: a DNS name with both A records reaches both.
-    port = _free_port("127.0.0.2")
+    # The first takes a free port on 127.0.0.1 (announced before it loads its weights); the second the same
+    # port on 127.0.0.2, where nothing else listens.
     metrics = {"decoder-a": _free_port(), "decoder-b": _free_port()}
-    decoders = [
-        _start(
+
+    def decoder(name: str, host: str, port: int) -> Process:
+        return _start(
             name,
-            [
-                "services.decoder",
-                "--model",
-                stack.model,
-                "--stage",
-                "decoder",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--metrics-port",
-                str(metrics[name]),
-            ],
+            ["services.decoder", "--model", stack.model, "--stage", "decoder", "--host", host,
+             "--port", str(port), "--metrics-port", str(metrics[name])],
             tmp_path,
         )  # fmt: skip
-        for name, host in (("decoder-a", "127.0.0.1"), ("decoder-b", "127.0.0.2"))
-    ]
+
+    decoders = [decoder("decoder-a", "127.0.0.1", 0)]
+    deadline = time.monotonic() + 120
+    while decoders[0].poll_address() is None:
+        assert decoders[0].alive() and time.monotonic() < deadline, decoders[0].log_tail()
+        time.sleep(0.1)
+    port = int(decoders[0].address.rsplit(":", 1)[1])
+    decoders.append(decoder("decoder-b", "127.0.0.2", port))
     orchestrator = None
     with DnsServer({DNS_NAME: ["127.0.0.1", "127.0.0.2"]}) as dns:
         try:
