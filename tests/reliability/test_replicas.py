@@ -138,6 +138,24 @@ def _load(stub, seeds, **kwargs):
     return pool, [pool.submit(one, seed) for seed in seeds]
 
 
+def test_replicas_flag():
+    """`unclip up --replicas`: "upsampler" stands for every upsampler stage, a stage may be named alone, and a
+    bad value is a usage error (exit 2) naming the part."""
+    assert parse_replicas("decoder=2,upsampler=3") == {"decoder": 2, "super_res": 3, "super_res_2": 3}
+    assert parse_replicas("super_res_2=2") == {"super_res_2": 2}
+    assert parse_replicas("upsampler=2,super_res_2=4") == {"super_res": 2, "super_res_2": 4}
+    for bad, named in (("super_res_3=2", "super_res_3"), ("decoder=9", "decoder"), ("decoder", "decoder")):
+        with pytest.raises(ValueError, match=named):
+            parse_replicas(bad)
+    import subprocess
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "unclip", "up", "--model", "unused", "--replicas", "super_res_3=2"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 2 and "--replicas" in cli.stderr and "super_res_3" in cli.stderr, cli.stderr
+
+
 def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, tmp_path):
     # Two decoder replicas on one port, one per loopback address: a DNS name with both A records reaches both.
     # The first takes a free port on 127.0.0.1 (announced before it loads its weights); the second the same
