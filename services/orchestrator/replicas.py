@@ -2,10 +2,14 @@
 
 A stage's target is a list of addresses (`host:port|host:port` or `host:port,host:port`; each gets its own
 channel, tried round-robin) or one `dns:///name:port` (gRPC's round_robin policy spreads calls over every
-address the name resolves to). A call that fails with UNAVAILABLE (the replica is gone, draining after
-SIGTERM, or died mid-call) or RESOURCE_EXHAUSTED (its queue is full) is retried on another replica while the
-deadline allows: stage calls are idempotent, since the request carries every image's generator state, so a
-retry draws exactly the same noise. A replica that failed is tried last for a few seconds.
+address the name resolves to; `dns://<dns server>:53/name:port` names the DNS server to ask). With one `dns:`
+target a retry goes through the same channel, whose round_robin skips a replica whose connection dropped
+(tests/reliability/test_dns_failover.py and test_replicas.py check it with real resolution).
+
+A call that fails with UNAVAILABLE (the replica is gone, draining after SIGTERM, or died mid-call) or
+RESOURCE_EXHAUSTED (its queue is full) is retried on another replica while the deadline allows: stage calls
+are idempotent, since the request carries every image's generator state, so a retry draws exactly the same
+noise. A replica that failed is tried last for a few seconds.
 """
 
 from __future__ import annotations
