@@ -280,14 +280,17 @@ class StepBatcher:
     def _step(self, group: list[Ticket]) -> None:
         tasks = [ticket.task for ticket in group]
         try:
-            self.stage.step(tasks)
+            # The rows the forward pass held: edits that only re-noised this iteration stay out of it.
+            rows = self.stage.step(tasks)
         except Exception as error:  # a failing forward pass fails its group, not the stage
             log.exception("%s step failed for %d requests", self.stage.name, len(group))
             for ticket in group:
                 self._remove(ticket, error=error)
             return
-        if self.on_batch is not None:
-            self.on_batch(sum(task.rows for task in tasks))
+        if rows is None:  # a stage that does not say: every task's rows went through
+            rows = sum(task.rows for task in tasks)
+        if self.on_batch is not None and rows:
+            self.on_batch(rows)
         for ticket in group:
             task = ticket.task
             try:

@@ -188,7 +188,7 @@ SETTINGS: dict[str, Setting] = {
             "UNCLIP_MAX_BATCH_SIZE",
             8,
             int,
-            "prior/decoder/upsamplers: images stepped together in one forward pass (step-level batching)",
+            "images (prompts at the encoder) per forward pass; denoising stages batch at step level",
         ),
         Setting(
             "max_queue_delay_ms",
