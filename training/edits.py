@@ -3,8 +3,8 @@
 Through the stack this uses the orchestrator's Edit. In-process, the reference pipelines have no inpainting,
 so `inpaint` below runs the same components in one readable loop with the stack's own masked-sampling
 algorithm (services/decoder/inpaint.py's KnownRegion): the schedule an edit walks (RePaint-style jumps back up
-at the decoder, re-noised with ``KnownRegion.renoise``), the known region pasted back after every model step
-(``KnownRegion.paste``), at the decoder and then at the upsampler.
+at the decoder when resampling is on, re-noised with ``KnownRegion.renoise``), the known region pasted back
+after every model step (``KnownRegion.paste``), at the decoder and then at the upsampler.
 """
 
 from __future__ import annotations
