@@ -53,10 +53,10 @@ PRESETS = {
     "gpu": Preset(512, 512, 256, 64, 64, dict(clip=80, prior=240, decoder=240, super_res=330)),
     # Seconds, for tests of the whole path.
     "smoke": Preset(16, 16, 4, 2, 32, dict(clip=3, prior=3, decoder=3, super_res=3)),
-    # Continue trained weights (--init-from) on two CPU cores: small objects oversampled in the decoder (their
-    # shapes are the commonest error), the upsampler on whole 128 px images (64 px crops left lighter squares in
-    # flat backgrounds: a convolution-only net sees different padding and GroupNorm statistics on the full
-    # canvas), lower learning rates.
+    # Continue trained weights (--init-from) on two CPU cores: small objects oversampled in the decoder
+    # (their shapes are its commonest error), the upsampler on whole 128 px images (64 px crops left lighter
+    # squares in flat backgrounds: a convolution-only net sees other padding and GroupNorm statistics on the
+    # full canvas), lower learning rates.
     "finetune": Preset(
         128,
         128,
@@ -117,7 +117,7 @@ def add_noise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, g: torch.Generator
 
 
 def oversample_small(scenes, share: float):
-    """Redraws sizes so that a `share` of the scenes are small (their positions uniform, large ones centred)."""
+    """Redraws sizes so that a `share` of the scenes are small (positions uniform; large ones centred)."""
     if share == 0.5:
         return scenes  # the world's own distribution, untouched
     n = len(scenes)
