@@ -306,7 +306,7 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
         "--super-res-steps", default=None, help="steps per upsampler stage: N for all, or N,N (default 7)"
     )
     parser.add_argument(
-        "--prior-guidance", type=float, default=None, help="prior guidance scale (default 4.0)"
+        "--prior-guidance", type=float, default=None, help="prior guidance scale (default: the stack's)"
     )
     parser.add_argument(
         "--decoder-guidance", type=float, default=None, help="decoder guidance scale (default 8.0)"

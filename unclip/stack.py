@@ -13,6 +13,7 @@ in order. A stage that fails to start stops the whole stack, naming the stage an
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import signal
@@ -96,6 +97,24 @@ class Process:
             f"{self.name} exited with status {code} before it was ready; its log ({self.log_path}) ends:\n"
             + (self.log_tail())
         )
+
+
+# What a model folder may recommend for sampling (beside the Karlo folders), and the orchestrator's variable.
+SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
+SAMPLING_DEFAULTS_ENV = {"prior_guidance_scale": "UNCLIP_PRIOR_GUIDANCE_SCALE"}
+
+
+def sampling_defaults_env(model: str) -> dict[str, str]:
+    """A local model folder's sampling_defaults.json as the orchestrator's environment (the caller's own
+    environment still wins: it is applied over this). An unknown key is an error, not silently ignored."""
+    path = Path(model) / SAMPLING_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    values = json.loads(path.read_text())
+    unknown = sorted(set(values) - set(SAMPLING_DEFAULTS_ENV))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(SAMPLING_DEFAULTS_ENV)}")
+    return {SAMPLING_DEFAULTS_ENV[key]: str(value) for key, value in values.items()}
 
 
 @dataclass
@@ -207,7 +226,7 @@ class Stack:
                 port=self.port,
             )  # fmt: skip
             self.processes.append(orchestrator)
-            orchestrator.start(env)
+            orchestrator.start({**sampling_defaults_env(self.model), **env})
             self._wait(self.processes, deadline, need_serving=True)
         except BaseException:
             self.stop()

@@ -13,6 +13,7 @@ from services.orchestrator.clients import Stages
 from services.orchestrator.outputs import ImageStore
 from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.servicer import ImageServicer
+from unclip.checks import check_guidance
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             *ADDRESS_SETTINGS,
             "stage_timeout_seconds",
+            "prior_guidance_scale",
             "max_inflight",
             "max_inflight_per_caller",
             "images_url",
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("orchestrator")
     service_metrics, interceptors = instrument_process("orchestrator", args.metrics_port)
     upsamplers = [a.strip() for a in args.upsampler_addrs.split(",") if a.strip()]
+    try:  # the deployment's default is checked like a request's value, before anything starts
+        check_guidance(args.prior_guidance_scale, "--prior-guidance-scale")
+    except ValueError as error:
+        parser.error(str(error))
     if args.max_inflight < 1 or args.max_inflight_per_caller < 1:
         parser.error("--max-inflight and --max-inflight-per-caller must be at least 1")
     # Threads for every admitted request, plus room to refuse the excess at once rather than queue it.
@@ -64,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             metrics=service_metrics,
         )
         stages.wait_until_serving(STAGES_START_TIMEOUT_SECONDS)
-        servicer.pipeline = Pipeline(stages, stages.cascade(), args.stage_timeout_seconds, image_store)
+        servicer.pipeline = Pipeline(
+            stages,
+            stages.cascade(),
+            args.stage_timeout_seconds,
+            image_store,
+            prior_guidance_scale=args.prior_guidance_scale,
+        )
 
     return serve(
         "orchestrator",

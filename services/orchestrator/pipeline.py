@@ -51,7 +51,8 @@ from unclip.v1 import (
     tensor_pb2,
 )
 
-# Karlo's defaults, used for every unset SamplingParams field.
+# Karlo's defaults, used for every unset SamplingParams field (the prior's guidance: the deployment's
+# UNCLIP_PRIOR_GUIDANCE_SCALE, since a model may sample best at another value).
 PRIOR_STEPS, PRIOR_GUIDANCE = 25, 4.0
 DECODER_STEPS, DECODER_GUIDANCE = 25, 8.0
 SUPER_RES_STEPS = 7
@@ -71,16 +72,21 @@ class Params:
 
     @classmethod
     def from_proto(
-        cls, params: orchestrator_pb2.SamplingParams, upsamplers: int, prior: bool = True
+        cls,
+        params: orchestrator_pb2.SamplingParams,
+        upsamplers: int,
+        prior: bool = True,
+        prior_guidance_scale: float = PRIOR_GUIDANCE,
     ) -> Params:
-        """Fills defaults and checks ranges; `prior=False` (variations) ignores the prior's fields."""
+        """Fills defaults and checks ranges; `prior=False` (variations) ignores the prior's fields.
+        prior_guidance_scale: the default for an unset `params.prior_guidance_scale`."""
 
         def get(name: str, default: float) -> float:
             return getattr(params, name) if params.HasField(name) else default
 
         resolved = cls(
             prior_num_inference_steps=int(get("prior_num_inference_steps", PRIOR_STEPS)),
-            prior_guidance_scale=float(get("prior_guidance_scale", PRIOR_GUIDANCE)),
+            prior_guidance_scale=float(get("prior_guidance_scale", prior_guidance_scale)),
             decoder_num_inference_steps=int(get("decoder_num_inference_steps", DECODER_STEPS)),
             decoder_guidance_scale=float(get("decoder_guidance_scale", DECODER_GUIDANCE)),
             super_res_num_inference_steps=list(params.super_res_num_inference_steps),
@@ -130,12 +136,14 @@ class Pipeline:
         cascade: list[StageInfo],
         stage_timeout_seconds: float,
         image_store: ImageStore | None = None,
+        prior_guidance_scale: float = PRIOR_GUIDANCE,
     ):
         self.stages = stages
         self.cascade = cascade  # decoder first, then each upsampler
         self.sizes = [stage.output_size for stage in cascade]  # ascending
         self.stage_timeout_seconds = stage_timeout_seconds
         self.image_store = image_store  # where OUTPUT_FORMAT_URL images go; None: such requests are refused
+        self.prior_guidance_scale = prior_guidance_scale  # for requests that leave it unset
 
     # ---- validation shared by the three calls --------------------------------------------------------------
 
@@ -171,7 +179,7 @@ class Pipeline:
     def capabilities(self) -> orchestrator_pb2.Capabilities:
         defaults = orchestrator_pb2.SamplingParams(
             prior_num_inference_steps=PRIOR_STEPS,
-            prior_guidance_scale=PRIOR_GUIDANCE,
+            prior_guidance_scale=self.prior_guidance_scale,
             decoder_num_inference_steps=DECODER_STEPS,
             decoder_guidance_scale=DECODER_GUIDANCE,
             super_res_num_inference_steps=[s.default_num_inference_steps for s in self.cascade[1:]],
@@ -189,7 +197,9 @@ class Pipeline:
         # 1. Validate everything before any work.
         check_prompt(req.prompt)
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
-        params = Params.from_proto(req.params, len(self.cascade) - 1)
+        params = Params.from_proto(
+            req.params, len(self.cascade) - 1, prior_guidance_scale=self.prior_guidance_scale
+        )
         # Guidance is on or off for all stages at once, as UnCLIPPipeline decides it.
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
         generators = _generator_states(r.seed, r.n)
@@ -249,7 +259,9 @@ class Pipeline:
         mask = decode_image(req.mask, "mask") if req.mask else None
         known = known_mask(image, mask)  # [1, S, S], 1 = keep
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
-        params = Params.from_proto(req.params, len(self.cascade) - 1)
+        params = Params.from_proto(
+            req.params, len(self.cascade) - 1, prior_guidance_scale=self.prior_guidance_scale
+        )
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
         generators = _generator_states(r.seed, r.n)
 

@@ -56,7 +56,10 @@ def test_bundled_model_draws_the_prompt_through_the_stack(toy_stack):
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
     stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
-    assert list(stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest()).sizes) == [32, 128]
+    capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
+    assert list(capabilities.sizes) == [32, 128]
+    # The model's sampling_defaults.json reached the orchestrator: unset prior guidance is 2, not 4.
+    assert capabilities.defaults.prior_guidance_scale == 2.0
 
     backgrounds_right = objects_right = total = 0
     for k, prompt in enumerate(PROMPTS):

@@ -177,6 +177,14 @@ SETTINGS: dict[str, Setting] = {
             "safety: how often the policy file is checked for changes (0: only on SIGHUP)",
         ),
         Setting(
+            "prior_guidance_scale",
+            "UNCLIP_PRIOR_GUIDANCE_SCALE",
+            4.0,
+            float,
+            "orchestrator: prior guidance for requests that leave it unset (Karlo's 4.0; `unclip up` takes a "
+            "model folder's sampling_defaults.json)",
+        ),
+        Setting(
             "stage_timeout_seconds",
             "UNCLIP_STAGE_TIMEOUT_SECONDS",
             600.0,
