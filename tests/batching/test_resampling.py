@@ -10,6 +10,8 @@ the same images through the engine and through the step batcher.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -183,14 +185,21 @@ def test_step_batcher_keeps_renoising_tasks_out_of_the_forward_pass_and_matches_
     assert torch.equal(exact.images, alone[1].images)
 
 
-def test_engines_walk_inpaints_schedules(engines):
-    """Without a test double: the decoder's edits walk KnownRegion's RePaint schedule (longer than the plain
-    one, counted in progress), the upsampler's UpsamplerKnownRegion's plain one."""
+def test_engines_walk_inpaints_schedules(engines, monkeypatch):
+    """Without a test double: the decoder's edits walk KnownRegion's schedule (the plain one by default, since
+    resampling measured no gain; a RePaint walk, longer and counted in progress, when a deployment opts in),
+    the upsampler's UpsamplerKnownRegion's plain one."""
     steps = 12
     edit = edit_input(1, 64)
-    decoder_walk = KnownRegion.at_size(edit, 32, torch.device("cpu")).schedule(
-        timesteps_for(engines.decoder.scheduler, steps)
-    )
+    plain = timesteps_for(engines.decoder.scheduler, steps)
+    assert KnownRegion.at_size(edit, 32, torch.device("cpu")).schedule(plain) == plain  # off by default
+
+    @dataclasses.dataclass
+    class Resampling(KnownRegion):
+        resample_jumps: int = 2
+
+    monkeypatch.setattr(engines.decoder, "known_region", Resampling)
+    decoder_walk = Resampling.at_size(edit, 32, torch.device("cpu")).schedule(plain)
     assert len(decoder_walk) > steps  # jumps back up: the walk re-visits entries
     totals = set()
     engines.decoder.decode(
