@@ -1,7 +1,9 @@
 """python -m services.orchestrator --port N: the public API, chaining the stages (their addresses from
 flags/env).
 
-It holds no model. It says SERVING once every stage it chains says SERVING and the cascade's sizes are known.
+It holds no model. It says SERVING once every stage it chains says SERVING and the cascade's sizes are known;
+afterwards its readiness (health service unclip.v1.ImageService) says NOT_SERVING while a stage has no SERVING
+replica, and SERVING again once it has (checked every --stage-health-period-seconds).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             *ADDRESS_SETTINGS,
             "stage_timeout_seconds",
+            "stage_health_period_seconds",
             "prior_guidance_scale",
             "max_inflight",
             "max_inflight_per_caller",
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StorageError) as error:
         parser.error(str(error))
     servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
+    connected: list[Stages] = []
 
     def load() -> None:
         stages = Stages.connect(
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics=service_metrics,
         )
         stages.wait_until_serving(STAGES_START_TIMEOUT_SECONDS)
+        connected.append(stages)
         servicer.pipeline = Pipeline(
             stages,
             stages.cascade(),
@@ -85,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         service_names=[orchestrator_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name],
         load=load,
         interceptors=interceptors,
+        readiness=lambda: every_stage_serving(connected[0]),
+        readiness_period_s=args.stage_health_period_seconds,
+    )
+
+
+def every_stage_serving(stages: Stages) -> bool:
+    """Ready while every stage has at least one SERVING replica (a request needs all of them)."""
+    return all(
+        replicas.serving()
+        for replicas in [stages.encoder, stages.prior, stages.decoder, *stages.upsamplers, stages.safety]
     )
 
 

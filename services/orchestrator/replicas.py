@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from unclip.runtime.server import health_status
+
 # Codes after which another replica may succeed.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # Seconds a failed replica goes to the back of the line.
@@ -106,6 +108,10 @@ class Replicas:
         if len(ordered) == 1 and ordered[0][0].startswith("dns:"):
             return ordered * DNS_ATTEMPTS
         return ordered
+
+    def serving(self, timeout: float = 2.0) -> bool:
+        """Whether at least one replica's health says SERVING (a dns:/// target: the one gRPC picks)."""
+        return any(health_status(target, timeout=timeout) == "SERVING" for target in self.targets)
 
     def failed(self, target: str) -> None:
         with self._lock:

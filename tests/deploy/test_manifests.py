@@ -161,6 +161,10 @@ def test_stage_ports_agree_everywhere(rendered, overlay):
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             # Native gRPC probes on grpc.health.v1 (NOT_SERVING until weights are loaded).
             assert c[probe]["grpc"]["port"] == grpc_port, (name, probe)
+        # The orchestrator's readiness follows its stages (a named health service); liveness stays on "".
+        expected_readiness = "unclip.v1.ImageService" if process == "orchestrator" else None
+        assert c["readinessProbe"]["grpc"].get("service") == expected_readiness, name
+        assert "service" not in c["livenessProbe"]["grpc"], name
         service = services[name]
         assert service["spec"]["clusterIP"] == "None", f"{name}: must be headless for round_robin"
         assert selector_matches(

@@ -260,3 +260,77 @@ def test_replicated_second_upsampler_survives_a_sigkill(stack):
     assert f"from {victim.address}, retrying on another replica" in log, log[-3000:]
     assert replicas[0].alive()
     channel.close()
+
+
+def _readiness(address: str) -> tuple[str, str]:
+    """(liveness, readiness): the health of "" and of the named service a readiness probe asks."""
+    return health_status(address, timeout=2.0), health_status(address, "unclip.v1.ImageService", timeout=2.0)
+
+
+def _wait_readiness(address: str, expected: tuple[str, str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := _readiness(address)) != expected:
+        assert time.monotonic() < deadline, f"orchestrator health {seen}, expected {expected}"
+        time.sleep(0.2)
+
+
+def test_orchestrator_readiness_follows_its_stages(stack, tmp_path):
+    """The orchestrator's readiness (health service unclip.v1.ImageService, what the k8s readinessProbe asks)
+    says NOT_SERVING while a stage has no SERVING replica and SERVING again once one is back; liveness ("")
+    stays SERVING throughout, so a liveness probe does not restart it for a fault elsewhere. Two safety
+    replicas of its own: losing one keeps it ready, losing both does not, one back on its port mends it."""
+
+    def safety(name: str, port: int) -> Process:
+        return _start(
+            name,
+            ["services.safety", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+             "--audit-dir", str(tmp_path / f"audit-{name}")],
+            tmp_path,
+        )  # fmt: skip
+
+    safeties = [safety("safety-a", _free_port()), safety("safety-b", _free_port())]
+    orchestrator = None
+    try:
+        _wait_serving(safeties)
+        upsamplers = [
+            "|".join(p.address for p in stack.processes if p.name.split("#")[0] == stage)
+            for stage in ("super_res", "super_res_2")
+        ]
+        orchestrator = _start(
+            "orchestrator-readiness",
+            ["services.orchestrator", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+             "--stage-health-period-seconds", "0.3",
+             "--encoder-addr", process(stack, "encoder").address,
+             "--prior-addr", process(stack, "prior").address,
+             "--decoder-addr", process(stack, "decoder").address,
+             "--upsampler-addrs", ",".join(upsamplers),
+             "--safety-addr", "|".join(p.address for p in safeties)],
+            tmp_path,
+        )  # fmt: skip
+        _wait_serving([orchestrator])
+        _wait_readiness(orchestrator.address, ("SERVING", "SERVING"))
+        stub = orchestrator_pb2_grpc.ImageServiceStub(create_channel(orchestrator.address))
+
+        safeties[0].popen.kill()  # one replica left: still ready, and requests still succeed
+        safeties[0].popen.wait(timeout=30)
+        time.sleep(1.0)  # a few watch periods
+        assert _readiness(orchestrator.address) == ("SERVING", "SERVING")
+        assert len(stub.Generate(request(7, decoder_steps=2), timeout=120).images) == 1
+
+        port_b = safeties[1].address.rsplit(":", 1)[1]
+        safeties[1].popen.kill()  # no safety replica: not ready, but alive
+        safeties[1].popen.wait(timeout=30)
+        _wait_readiness(orchestrator.address, ("SERVING", "NOT_SERVING"))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(request(8, decoder_steps=2), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+
+        safeties[1] = safety("safety-b2", int(port_b))  # back on the same port: ready again
+        _wait_serving([safeties[1]])
+        _wait_readiness(orchestrator.address, ("SERVING", "SERVING"))
+        assert len(stub.Generate(request(9, decoder_steps=2), timeout=120).images) == 1
+    finally:
+        for p in [*safeties, *([orchestrator] if orchestrator else [])]:
+            if p.alive():
+                p.popen.terminate()
+                p.popen.wait(timeout=60)

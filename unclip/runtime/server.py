@@ -140,11 +140,17 @@ def serve(
     service_names: Iterable[str],
     load: Callable[[], None] | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    readiness: Callable[[], bool] | None = None,
+    readiness_period_s: float = 0.0,
 ) -> int:
     """Runs one service until SIGTERM/SIGINT; returns the process exit status (1 if loading failed).
 
     `register(server)` adds the servicers (they answer UNAVAILABLE until `load` has finished); `load()` loads
     the weights and runs one warm-up. `args` carries the SERVER_SETTINGS.
+    `readiness()`, asked every `readiness_period_s` once loaded, says whether the service can do its work now
+    (e.g. the orchestrator: every stage has a SERVING replica). While it says no, the named services say
+    NOT_SERVING — what a readiness probe asks — and the overall "" stays SERVING, so a liveness probe does
+    not restart a process that a restart would not mend.
     """
     server, port = create_server(
         f"{args.host}:{args.port}",
@@ -188,6 +194,29 @@ def serve(
         for service in ["", *service_names]:
             health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s: SERVING on port %d (loaded in %.1fs)", name, port, time.monotonic() - started)
+        if readiness is not None and readiness_period_s > 0:
+            watch_readiness()
+
+    def watch_readiness() -> None:
+        ready = True
+        while not stop.wait(readiness_period_s):
+            try:
+                now_ready = readiness()
+            except Exception:  # a failing check means not ready; the next period asks again
+                log.exception("%s: readiness check failed", name)
+                now_ready = False
+            if now_ready != ready:
+                ready = now_ready
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ready
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for service in service_names:
+                    health_servicer.set(service, status)
+                log.warning(
+                    "%s: %s", name, "ready again" if ready else "NOT ready (readiness says NOT_SERVING)"
+                )
 
     threading.Thread(target=load_then_serve, name=f"{name}-load", daemon=True).start()
     while not stop.wait(0.5):  # a timed wait so signal handlers run promptly

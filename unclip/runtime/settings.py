@@ -192,6 +192,14 @@ SETTINGS: dict[str, Setting] = {
             "orchestrator: deadline of one stage call when the client set none",
         ),
         Setting(
+            "stage_health_period_seconds",
+            "UNCLIP_STAGE_HEALTH_PERIOD_SECONDS",
+            5.0,
+            float,
+            "orchestrator: how often it checks that every stage has a SERVING replica; while one has none, "
+            "its readiness (health service unclip.v1.ImageService) says NOT_SERVING; 0 turns the watch off",
+        ),
+        Setting(
             "max_batch_size",
             "UNCLIP_MAX_BATCH_SIZE",
             8,
