@@ -43,13 +43,19 @@ def own_session() -> None:
     os.execvp("setsid", ["setsid", "--wait", *sys.orig_argv])
 
 
-def model_dir(path: str | None) -> Path:
-    """The given model folder, or a fresh tiny random model."""
+def model_dir(path: str | None, tiny_width: int | None = None) -> Path:
+    """The given model folder, or a fresh tiny random model (`tiny_width`: its UNets' first-block width,
+    see unclip.tiny.make_tiny_model; None: the default tiny model the tests use)."""
     if path:
+        if tiny_width is not None:
+            raise SystemExit("--tiny-width applies to the generated tiny model, not to --model")
         return Path(path)
     from unclip.tiny import make_tiny_model
 
-    return make_tiny_model(Path(tempfile.mkdtemp(prefix="unclip-bench-")) / "model")
+    folder = Path(tempfile.mkdtemp(prefix="unclip-bench-")) / "model"
+    if tiny_width is None:
+        return make_tiny_model(folder)
+    return make_tiny_model(folder, width=tiny_width)
 
 
 def reference_pipeline(model: Path):

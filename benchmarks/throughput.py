@@ -6,8 +6,13 @@ run: the in-process pipeline called sequentially (one image per call), and at ea
 `--baseline-batches` (n images per call) with its best; every sweep point gives the stack's images/s divided
 by both (issue 6, benchmark 2: >= 1.8x sequential on the tiny model, >= 1.0x the best batch on the toy model).
 
-    python -m benchmarks.throughput [--model DIR] [--clients 1,2,4,8,16] [--seconds 20] [--steps 25,25,7]
-        [--baseline-batches 1,2,4,8] [--replicas decoder=2]
+    python -m benchmarks.throughput [--model DIR | --tiny-width 4] [--clients 1,2,4,8,16] [--seconds 20]
+        [--steps 25,25,7] [--baseline-batches 1,2,4,8] [--replicas decoder=2]
+
+Which model: `--model DIR` (e.g. models/shapes-toy, compute-bound), else a generated tiny random model —
+by default diffusers' test sizes (compute-bound on one CPU thread: decoder ~1.4 s per image), with
+`--tiny-width 4` (unclip.tiny.OVERHEAD_BOUND_WIDTH) the overhead-bound variant the issue's tiny-model
+target is about (~2.4 images/s in process sequentially, step time nearly flat in the batch size).
 """
 
 from __future__ import annotations
@@ -115,7 +120,14 @@ def sweep_point(client, clients: int, seconds: float, steps) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="model folder (default: a generated tiny model)")
+    parser.add_argument(
+        "--tiny-width",
+        type=int,
+        default=None,
+        help="first-block width of the generated tiny model's UNets (4: the overhead-bound variant; "
+        "default: the tests' tiny model, width 32)",
+    )
     parser.add_argument("--clients", default="1,2,4,8,16")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--steps", default="25,25,7")
@@ -124,8 +136,16 @@ def main() -> None:
     args = parser.parse_args()
     own_session()  # the in-process side competes for the CPU on the stack's terms (benchmarks.common)
     steps = tuple(int(s) for s in args.steps.split(","))
-    model = model_dir(args.model)
-    emit({"benchmark": "throughput", **environment(), "model": str(model), "steps": steps})
+    model = model_dir(args.model, args.tiny_width)
+    emit(
+        {
+            "benchmark": "throughput",
+            **environment(),
+            "model": str(model),
+            "tiny_width": None if args.model else (args.tiny_width or 32),
+            "steps": steps,
+        }
+    )
 
     # Baselines: the in-process pipeline, one call after another for the same time, n images per call.
     pipe = reference_pipeline(model)

@@ -179,7 +179,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from unclip.stack import Stack, run_until_signalled
+    from unclip.stack import Stack, compute_env, run_until_signalled
 
     stack = Stack(
         model=args.model,
@@ -188,6 +188,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         safety_policy=args.safety_policy,
         grace_seconds=args.grace_seconds,
         replicas=args.replicas,
+        extra_env=compute_env(channels_last=args.channels_last, compile=args.compile),
     )
     return run_until_signalled(stack, timeout=args.start_timeout)
 
@@ -343,6 +344,24 @@ def build_parser() -> argparse.ArgumentParser:
         default={},
         help="processes per stage, e.g. decoder=2,upsampler=2 (stages: encoder, prior, decoder, upsampler "
         "(every upsampler stage), super_res, super_res_2, safety); the orchestrator fails over between them",
+    )
+    # Compute options of the decoder's and upsamplers' UNets (BENCHMARKS.md, "Service overhead — H2" §3).
+    # Neither is bit-exact with diffusers' reference, so both are off unless asked for; unset, the stages
+    # follow UNCLIP_CHANNELS_LAST / UNCLIP_COMPILE. Each stage's log says what its UNets run with.
+    up.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decoder/upsamplers: channels-last UNets (~11 %% less CPU on the toy model; not bit-exact, "
+        "drift ~1.5e-4) [sets UNCLIP_CHANNELS_LAST for the stages; default: the environment's, else off]",
+    )
+    up.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decoder/upsamplers: torch.compile the UNets (9-19 %% less CPU on the toy model, but minutes "
+        "of compiling at start-up per stage; not bit-exact) [sets UNCLIP_COMPILE for the stages; default: "
+        "the environment's, else off]",
     )
     up.set_defaults(func=cmd_up)
 

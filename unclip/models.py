@@ -19,6 +19,7 @@ folders.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
         CLIPTokenizer,
         CLIPVisionModelWithProjection,
     )
+
+logger = logging.getLogger(__name__)
 
 # torch, diffusers and transformers are imported inside the loaders: they take seconds to import, and
 # processes that only inspect a model folder (the stack launcher, the CLI) need only resolve_model_dir and
@@ -171,6 +174,17 @@ def _tune_unet(module: torch.nn.Module) -> Any:
         module = module.to(memory_format=torch.channels_last)
     if env_default("compile"):
         module = torch.compile(module)
+    # What the module now is (not what was asked): the stage's log says which compute options its UNets run
+    # with, which is how `unclip up --channels-last/--compile` can be checked from outside the process.
+    kernels = [p for p in module.parameters() if p.dim() == 4]
+    channels_last = bool(kernels) and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    compiled = hasattr(module, "_orig_mod")  # torch.compile's OptimizedModule wraps the original
+    logger.info(
+        "compute options: %s channels_last=%s compile=%s",
+        type(getattr(module, "_orig_mod", module)).__name__,
+        channels_last,
+        compiled,
+    )
     return module
 
 

@@ -280,6 +280,20 @@ class Stack:
         self.stop()
 
 
+# `unclip up` flags that set a model stage's compute option (unclip.models._tune_unet reads the variable when
+# the stage loads its UNets); None leaves the variable as the caller's environment has it.
+COMPUTE_OPTION_ENV = {"channels_last": "UNCLIP_CHANNELS_LAST", "compile": "UNCLIP_COMPILE"}
+
+
+def compute_env(**options: bool | None) -> dict[str, str]:
+    """`compute_env(channels_last=True, compile=None)` -> {"UNCLIP_CHANNELS_LAST": "1"}: the stage
+    processes' environment for the compute options given (Stack.extra_env)."""
+    unknown = sorted(set(options) - set(COMPUTE_OPTION_ENV))
+    if unknown:
+        raise ValueError(f"unknown compute options {unknown}; known: {sorted(COMPUTE_OPTION_ENV)}")
+    return {COMPUTE_OPTION_ENV[name]: "1" if on else "0" for name, on in options.items() if on is not None}
+
+
 def parse_replicas(value: str) -> dict[str, int]:
     """`decoder=2,upsampler=2` -> {"decoder": 2, "super_res": 2, "super_res_2": 2}: "upsampler" stands for
     every upsampler stage. ValueError naming the bad part."""

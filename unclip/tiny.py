@@ -35,6 +35,10 @@ CROSS_ATTENTION_DIM = 100
 MODEL_MAX_LENGTH = 77  # tokens per prompt (Karlo's value); the prior's num_embeddings must equal it
 DECODER_SIZE = 32
 SUPER_RES_SIZES = (64, 128)  # output size of stage super_res, super_res_2
+# First-block width of the overhead-bound variant (make_tiny_model(width=...); benchmarks/throughput.py
+# --tiny-width): diffusers' UnCLIPPipeline runs it at ~2.4 images/s sequentially (25/25/7 steps, one thread of
+# the 2-core development machine; 5.1 at n=4, 6.8 at n=16), where the default width runs 0.49.
+OVERHEAD_BOUND_WIDTH = 4
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -94,20 +98,33 @@ def _write_tokenizer(folder: Path, model_max_length: int) -> tuple[int, int, int
     return len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN]
 
 
-def _super_res_unet(sample_size: int) -> UNet2DModel:
+def _super_res_unet(sample_size: int, width: int = TIME_INPUT_DIM) -> UNet2DModel:
     return UNet2DModel(
         sample_size=sample_size,
         layers_per_block=1,
         down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
         up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
-        block_out_channels=(TIME_INPUT_DIM, TIME_INPUT_DIM * 2),
+        block_out_channels=(width, width * 2),
         in_channels=6,  # the noisy sample and the bicubic-upscaled low-resolution image
         out_channels=3,
+        **_groups(width),
     )
 
 
+def _groups(width: int) -> dict:
+    """GroupNorm groups for a UNet whose first block is `width` wide: diffusers' default (32) for the
+    default width, so the default model's config and weights stay exactly what they were; else one group
+    per 4 channels of the first block (GroupNorm needs the groups to divide every block's width)."""
+    return {} if width == TIME_INPUT_DIM else {"norm_num_groups": max(1, width // 4)}
+
+
 def make_tiny_model(
-    directory: str | Path, *, super_res_stages: int = 1, variation: bool = True, seed: int = 0
+    directory: str | Path,
+    *,
+    super_res_stages: int = 1,
+    variation: bool = True,
+    seed: int = 0,
+    width: int = TIME_INPUT_DIM,
 ) -> Path:
     """Writes a tiny random unCLIP model in the Karlo layout into ``directory`` and returns its path.
 
@@ -115,7 +132,17 @@ def make_tiny_model(
     variation: also write ``image_encoder/`` and ``feature_extractor/`` (CLIP vision) for image variations.
     seed: weights are drawn from ``seed`` (and ``seed + 1`` for super_res_last, so it differs from _first),
     without touching torch's global random state.
+    width: channels of the first block of the decoder's and the upsamplers' UNets (the second has twice
+    that; the time embedding 4x). The default (32, diffusers' test size) writes exactly the model the tests
+    were written for. A smaller width (``OVERHEAD_BOUND_WIDTH``) gives an *overhead-bound* model for the
+    throughput benchmark: at width 32 a decoder step costs ~55 ms on one CPU thread and grows linearly
+    with the batch, so the benchmark measures only arithmetic; at width 4 the forward passes are so cheap
+    that the fixed per-step and per-call costs (Python, module calls, small kernels) dominate, as in the
+    issue's tiny model (2.5 images/s in process), and batching requests into one pass shows what it saves.
+    Narrow variants use one GroupNorm group per 4 channels and one attention head per block.
     """
+    if width < 4 or width % 4:
+        raise ValueError(f"width must be a positive multiple of 4, got {width}")
     if super_res_stages not in (1, 2):
         raise ValueError(f"super_res_stages must be 1 or 2, got {super_res_stages}")
     root = Path(directory)
@@ -172,7 +199,7 @@ def make_tiny_model(
         seeded()
         UnCLIPTextProjModel(
             clip_embeddings_dim=TEXT_HIDDEN,
-            time_embed_dim=TIME_EMBED_DIM,
+            time_embed_dim=4 * width,  # the UNet's time embedding (4x its first block)
             cross_attention_dim=CROSS_ATTENTION_DIM,
         ).save_pretrained(root / "text_proj")
         seeded()
@@ -183,12 +210,15 @@ def make_tiny_model(
             down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
             up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
             mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-            block_out_channels=(TIME_INPUT_DIM, TIME_INPUT_DIM * 2),
+            block_out_channels=(width, width * 2),
             layers_per_block=1,
             cross_attention_dim=CROSS_ATTENTION_DIM,
-            attention_head_dim=4,
+            # one attention head per block in the narrow variant: CPU attention over many 4-wide heads is
+            # mostly per-head overhead (at width 8 it was 35 % of a decoder step)
+            attention_head_dim=4 if width == TIME_INPUT_DIM else 2 * width,
             resnet_time_scale_shift="scale_shift",
             class_embed_type="identity",
+            **_groups(width),
         ).save_pretrained(root / "decoder")
         UnCLIPScheduler(
             variance_type="learned_range", prediction_type="epsilon", num_train_timesteps=1000
@@ -198,9 +228,9 @@ def make_tiny_model(
         for index in range(super_res_stages):
             stage = "super_res" if index == 0 else f"super_res_{index + 1}"
             seeded(2 * index)
-            _super_res_unet(SUPER_RES_SIZES[index]).save_pretrained(root / f"{stage}_first")
+            _super_res_unet(SUPER_RES_SIZES[index], width).save_pretrained(root / f"{stage}_first")
             seeded(2 * index + 1)  # seeded differently so _last differs from _first
-            _super_res_unet(SUPER_RES_SIZES[index]).save_pretrained(root / f"{stage}_last")
+            _super_res_unet(SUPER_RES_SIZES[index], width).save_pretrained(root / f"{stage}_last")
             UnCLIPScheduler(
                 variance_type="fixed_small_log", prediction_type="epsilon", num_train_timesteps=1000
             ).save_pretrained(root / f"{stage}_scheduler")

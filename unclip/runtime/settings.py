@@ -102,14 +102,16 @@ SETTINGS: dict[str, Setting] = {
             "UNCLIP_CHANNELS_LAST",
             False,
             _bool,
-            "decoder/upsamplers (variable only, read at load): channels-last UNets (not bit-exact)",
+            "decoder/upsamplers (read at load; `unclip up --channels-last`): channels-last UNets (not "
+            "bit-exact)",
         ),
         Setting(
             "compile",
             "UNCLIP_COMPILE",
             False,
             _bool,
-            "decoder/upsamplers (variable only, read at load): torch.compile the UNets (not bit-exact)",
+            "decoder/upsamplers (read at load; `unclip up --compile`): torch.compile the UNets (not "
+            "bit-exact; minutes of compiling)",
         ),
         Setting(
             "max_message_bytes",
