@@ -1,4 +1,4 @@
-"""`unclip up --channels-last / --compile`: the compute options of the decoder's and upsamplers' UNets as flags.
+"""`unclip up --channels-last / --compile`: the decoder's and upsamplers' UNet compute options as flags.
 
 The flags set UNCLIP_CHANNELS_LAST / UNCLIP_COMPILE for the stage processes, which read them when they load
 their UNets (unclip.models._tune_unet); each stage logs what its UNets now *are* (the weights' memory
@@ -93,15 +93,16 @@ def test_compute_flags_reach_the_stage_processes(tmp_path):
     env["UNCLIP_CHANNELS_LAST"] = "1"
     up, _ = start_up(model, tmp_path / "logs-off", "--no-channels-last", "--no-compile", env=env)
     try:
-        assert logged_options(tmp_path / "logs-off" / "decoder.log") == [("UNet2DConditionModel", False, False)]
-        assert logged_options(tmp_path / "logs-off" / "super_res.log") == [("UNet2DModel", False, False)] * 2
+        off = tmp_path / "logs-off"
+        assert logged_options(off / "decoder.log") == [("UNet2DConditionModel", False, False)]
+        assert logged_options(off / "super_res.log") == [("UNet2DModel", False, False)] * 2
     finally:
         stop(up)
 
 
 def test_compile_option_wraps_and_reports_the_unet(monkeypatch, caplog):
-    """UNCLIP_COMPILE (what `--compile` sets) compiles the UNet; the log line says so. Not run through a stack:
-    its warm-up would compile for minutes on this CPU."""
+    """UNCLIP_COMPILE (what `--compile` sets) compiles the UNet; the log line says so. Not run through a
+    stack: its warm-up would compile for minutes on this CPU."""
     import torch
     from diffusers import UNet2DModel
 
