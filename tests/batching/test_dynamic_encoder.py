@@ -22,7 +22,8 @@ def test_concurrent_text_requests_share_a_forward_pass(engines):
         batches.append(len(batch))
         return encoder.encode_text_batch([p for p, _ in batch], batch[0][1])
 
-    batcher = DynamicBatcher("encoder", run_batch, BatcherConfig(max_queue_delay_s=0.2))
+    # Triton's window: the oldest request waits 200 ms for company, even on an idle batcher.
+    batcher = DynamicBatcher("encoder", run_batch, BatcherConfig(max_queue_delay_s=0.2, idle_dispatch=False))
     try:
         items = [batcher.submit((prompts, True), key=True, size=len(prompts)) for prompts in requests]
         for item in items:
@@ -38,6 +39,47 @@ def test_concurrent_text_requests_share_a_forward_pass(engines):
         det = batcher.run((requests[1], True), key=True, size=2, deterministic=True)
         assert torch.equal(det.text_embeds, alone[1].text_embeds)
         assert torch.equal(det.text_encoder_hidden_states, alone[1].text_encoder_hidden_states)
+    finally:
+        batcher.close()
+
+
+def test_a_lone_request_on_an_idle_encoder_does_not_wait_for_company(engines):
+    """The default (idle_dispatch): a request on an idle batcher starts at once, however long the window; the
+    batcher's own counters say it never waited for company."""
+    batcher = DynamicBatcher("encoder", lambda batch: list(batch), BatcherConfig(max_queue_delay_s=30.0))
+    try:
+        for i in range(3):  # one after another: each finds the worker idle
+            assert batcher.run(i, key=0) == i
+        assert batcher.stats.batches == 3
+        assert batcher.stats.idle_dispatches == 3
+        assert batcher.stats.delay_waits == 0 and batcher.stats.waited_s == 0.0
+    finally:
+        batcher.close()
+
+
+def test_requests_arriving_while_a_batch_runs_form_the_next_batch(engines):
+    """Idle dispatch keeps batching under load: the first request starts alone at once; the ones that queue
+    while it runs share the next forward pass (same key), a deterministic one still runs alone."""
+    gate = threading.Event()
+    batches: list[list[str]] = []
+
+    def run_batch(batch):
+        batches.append(list(batch))
+        if len(batches) == 1:
+            gate.wait(30)  # the first batch runs until the others have queued
+        return list(batch)
+
+    batcher = DynamicBatcher("encoder", run_batch, BatcherConfig(max_queue_delay_s=30.0))
+    try:
+        first = batcher.submit("a", key=0)
+        assert first.started.wait(10)
+        later = [batcher.submit(p, key=0) for p in ("b", "c", "d")]
+        det = batcher.submit("e", key=0, deterministic=True)
+        gate.set()
+        assert [item.wait() for item in [first, *later, det]] == ["a", "b", "c", "d", "e"]
+        assert batches == [["a"], ["b", "c", "d"], ["e"]]
+        assert batcher.stats.idle_dispatches == 1  # only the first found the worker idle
+        assert batcher.stats.delay_waits == 0
     finally:
         batcher.close()
 
@@ -93,7 +135,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def encoder_service(tiny_model_dir, tmp_path_factory):
-    """`python -m services.encoder` with a 300 ms batching window and room for 3 waiting requests."""
+    """`python -m services.encoder` with a 300 ms batching window (Triton's: the oldest request waits for
+    company even on an idle encoder, UNCLIP_ENCODER_IDLE_DISPATCH=0) and room for 3 waiting requests."""
     import os
     import sys
     import time
@@ -109,7 +152,12 @@ def encoder_service(tiny_model_dir, tmp_path_factory):
               "--max-queue-size", "3"],
         log_path=tmp_path_factory.mktemp("encoder-service") / "encoder.log",
     )  # fmt: skip
-    env = {**os.environ, "UNCLIP_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "UNCLIP_TORCH_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "UNCLIP_ENCODER_IDLE_DISPATCH": "0",
+    }
     process.start(env)
     try:
         deadline = time.monotonic() + 180

@@ -35,6 +35,9 @@ class BatcherConfig:
         8  # images per forward pass (before guidance doubles them); bigger requests run alone
     )
     max_queue_delay_s: float = 0.002  # how long an idle stage waits for more requests before its first step
+    # Request-level batching (the encoder, unclip.batching.dynamic): True starts a batch as soon as the worker
+    # is free (a lone request on an idle stage waits for nobody); False waits max_queue_delay_s for company.
+    idle_dispatch: bool = True
     # When set, replaces max_queue_delay_s before the first step (the services set it from
     # UNCLIP_STEP_QUEUE_DELAY_MS, default 0: with step-level batching a later arrival joins at the next
     # step, so waiting only delays a lone request; max_queue_delay_s stays the request-level delay).

@@ -1,13 +1,20 @@
 """Request-level dynamic batching (Triton's dynamic batcher) for stages without denoising steps: the encoder.
 
-Requests wait in a bounded queue; the worker takes the oldest, waits up to ``max_queue_delay_s`` for more with
-the same key (parameters that can share a forward pass), up to ``max_batch_size`` items, and runs them in one
-call of ``run_batch(payloads) -> outputs``. A deterministic request runs alone. Torch-free and grpc-free.
+Requests wait in a bounded queue; the worker takes the oldest and every waiting request with the same key
+(parameters that can share a forward pass), up to ``max_batch_size`` items, and runs them in one call of
+``run_batch(payloads) -> outputs``. A deterministic request runs alone. Torch-free and grpc-free.
+
+When the worker is idle (``config.idle_dispatch``, the default), a request starts at once: waiting
+``max_queue_delay_s`` for company would only delay every lone request, and requests that arrive while a batch
+runs queue up and form the next batch (continuous batching, as the step batcher does between steps). With
+``idle_dispatch=False`` the oldest request waits up to ``max_queue_delay_s`` for company (Triton's dynamic
+batcher). ``stats`` counts the batches and how many of them waited for company.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -35,6 +42,14 @@ class _Item:
         return self.result
 
 
+@dataclasses.dataclass
+class DynamicStats:
+    batches: int = 0  # batches run
+    idle_dispatches: int = 0  # batches started at once because the worker was idle (no wait for company)
+    delay_waits: int = 0  # batches whose oldest request waited (up to max_queue_delay_s) for company
+    waited_s: float = 0.0  # seconds spent waiting for company, all batches together
+
+
 class DynamicBatcher:
     """``run(payload, key=, size=, deterministic=)`` blocks until the batch holding it has run."""
 
@@ -45,6 +60,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
         self._closed = False
+        self.stats = DynamicStats()  # read under no lock: counters for tests and logs
         self._thread = threading.Thread(target=self._loop, name=f"dynamic-{name}", daemon=True)
         self._thread.start()
 
@@ -68,6 +84,7 @@ class DynamicBatcher:
 
     def _take(self) -> list[_Item] | None:
         with self._cond:
+            idle = not self._queue  # nothing queued while the last batch ran: the worker waits idle
             while not self._queue and not self._closed:
                 self._cond.wait()
             if self._closed:
@@ -77,22 +94,42 @@ class DynamicBatcher:
                 return None
             first = self._queue.popleft()
             batch = [first]
+            self.stats.batches += 1
             if first.deterministic:
                 return batch
-            until = time.monotonic() + self.config.max_queue_delay_s
-            while True:
-                size = sum(item.size for item in batch)
-                for item in list(self._queue):  # same key, in arrival order, while they fit
-                    if item.key == first.key and not item.deterministic:
-                        if size + item.size > self.config.max_batch_size:
-                            break
-                        self._queue.remove(item)
-                        batch.append(item)
-                        size += item.size
+            self._gather(batch)
+            if self.config.idle_dispatch:
+                # Idle: start now with whoever is here. Busy: what queued during the last batch is the
+                # company; later arrivals form the next batch.
+                self.stats.idle_dispatches += idle
+                return batch
+            began = time.monotonic()
+            until = began + self.config.max_queue_delay_s
+            waited = False
+            while sum(item.size for item in batch) < self.config.max_batch_size:
                 left = until - time.monotonic()
-                if size >= self.config.max_batch_size or left <= 0:
-                    return batch
+                if left <= 0:
+                    break
+                waited = True
                 self._cond.wait(left)
+                self._gather(batch)
+            if waited:
+                self.stats.delay_waits += 1
+                self.stats.waited_s += time.monotonic() - began
+            return batch
+
+    def _gather(self, batch: list[_Item]) -> None:
+        """Moves queued items with the first one's key into the batch, in arrival order, while they fit
+        (called with the lock held)."""
+        first = batch[0]
+        size = sum(item.size for item in batch)
+        for item in list(self._queue):
+            if item.key == first.key and not item.deterministic:
+                if size + item.size > self.config.max_batch_size:
+                    break
+                self._queue.remove(item)
+                batch.append(item)
+                size += item.size
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
