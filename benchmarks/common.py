@@ -58,8 +58,21 @@ def model_dir(path: str | None, tiny_width: int | None = None) -> Path:
     return make_tiny_model(folder, width=tiny_width)
 
 
+# The stages' compute options (unclip.models._tune_unet). The in-process side is diffusers' pipeline as it
+# comes, so reference_pipeline loads without them; the stack's processes inherit them from the environment,
+# e.g. `UNCLIP_CHANNELS_LAST=1 python -m benchmarks.latency ...` is the stack with channels-last UNets
+# against the plain monolith (issue 6: beat the monolith through the stages' compute work).
+COMPUTE_OPTIONS = ("UNCLIP_CHANNELS_LAST", "UNCLIP_COMPILE")
+
+
+def compute_options() -> dict[str, str]:
+    """The compute options this run's stack gets (for the JSON header)."""
+    return {name: os.environ[name] for name in COMPUTE_OPTIONS if os.environ.get(name)}
+
+
 def reference_pipeline(model: Path):
-    """diffusers' UnCLIPPipeline in this process, built from the same components the stages load."""
+    """diffusers' UnCLIPPipeline in this process, built from the same components the stages load, without
+    the stages' compute options (COMPUTE_OPTIONS): float32, contiguous, eager, as diffusers runs it."""
     import torch
     from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
 
@@ -68,8 +81,12 @@ def reference_pipeline(model: Path):
     from services.prior.engine import PriorEngine
 
     torch.set_num_threads(int(os.environ.get("UNCLIP_TORCH_THREADS", "1")))
-    encoder, prior = EncoderEngine.from_pretrained(model), PriorEngine.from_pretrained(model)
-    decoder, upsampler = DecoderEngine.from_pretrained(model), UpsamplerEngine.from_pretrained(model)
+    saved = {name: os.environ.pop(name) for name in COMPUTE_OPTIONS if name in os.environ}
+    try:
+        encoder, prior = EncoderEngine.from_pretrained(model), PriorEngine.from_pretrained(model)
+        decoder, upsampler = DecoderEngine.from_pretrained(model), UpsamplerEngine.from_pretrained(model)
+    finally:
+        os.environ.update(saved)  # the stack started later still gets them
     pipe = UnCLIPPipeline(
         prior=prior.prior,
         decoder=decoder.decoder,
@@ -171,6 +188,7 @@ def environment() -> dict:
         "autogroup": _read("/proc/sys/kernel/sched_autogroup_enabled"),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "stack_compute_options": compute_options(),  # the in-process side runs without them
     }
 
 

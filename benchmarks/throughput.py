@@ -18,6 +18,7 @@ target is about (~2.4 images/s in process sequentially, step time nearly flat in
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from collections import defaultdict
@@ -133,7 +134,18 @@ def main() -> None:
     parser.add_argument("--steps", default="25,25,7")
     parser.add_argument("--replicas", default="", help="as unclip up --replicas")
     parser.add_argument("--baseline-batches", default="1,2,4,8", help="images per in-process call")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="the stack's decoder/upsamplers with channels-last UNets (as unclip up --channels-last); the "
+        "in-process baseline stays diffusers' plain pipeline",
+    )
+    parser.add_argument("--max-batch-size", type=int, default=None, help="the stages' UNCLIP_MAX_BATCH_SIZE")
     args = parser.parse_args()
+    if args.channels_last:
+        os.environ["UNCLIP_CHANNELS_LAST"] = "1"  # the stages only (benchmarks.common.COMPUTE_OPTIONS)
+    if args.max_batch_size is not None:
+        os.environ["UNCLIP_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     own_session()  # the in-process side competes for the CPU on the stack's terms (benchmarks.common)
     steps = tuple(int(s) for s in args.steps.split(","))
     model = model_dir(args.model, args.tiny_width)
