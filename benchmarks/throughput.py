@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import grpc
 
@@ -41,6 +42,19 @@ from benchmarks.common import (
 from unclip.runtime.errors import retry_after
 
 PROMPT = "a red circle above a blue square"
+
+
+def process_cpu(stack) -> dict[str, float]:
+    """CPU seconds (user + system) each process of the stack has used so far, by process name."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for process in stack.processes:
+        try:
+            fields = Path(f"/proc/{process.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[process.name] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
 
 
 def one_streamed(client, request) -> tuple[float, dict[str, list[float]], dict[str, float]]:
@@ -171,12 +185,13 @@ def main() -> None:
     run_reference(pipe, PROMPT, 1, 0, steps)
     baseline: dict[int, float] = {}
     for n in sorted({1, *(int(b) for b in args.baseline_batches.split(","))}):
-        count, began = 0, time.perf_counter()
+        count, began, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - began < (args.baseline_seconds or args.seconds) or count == 0:
             run_reference(pipe, PROMPT, n, count * n, steps)
             count += 1
         baseline[n] = round(count * n / (time.perf_counter() - began), 3)
-        emit({"in_process_batch": n, "images_per_s": baseline[n]})
+        cpu_ms = round(1000 * (time.process_time() - cpu) / (count * n), 1)
+        emit({"in_process_batch": n, "images_per_s": baseline[n], "cpu_ms_per_image": cpu_ms})
     sequential = baseline[1]
     best_batch = max(baseline, key=baseline.get)
     emit({"in_process_sequential_images_per_s": sequential, "in_process_best_batch": best_batch,
@@ -190,7 +205,15 @@ def main() -> None:
         client = stub(stack.address)
         one_streamed(client, generate_request(PROMPT, 1, 0, steps))  # warm
         for clients in (int(c) for c in args.clients.split(",")):
+            before, mine = process_cpu(stack), time.process_time()
             point = sweep_point(client, clients, args.seconds, steps)
+            after, mine = process_cpu(stack), time.process_time() - mine
+            # CPU per image (ms) in every process: under load steadier than images/s; "clients" is this
+            # script's gRPC clients (not part of the stack's cost)
+            done = max(1, point["requests"])
+            per = {name: round(1000 * (after[name] - before.get(name, 0.0)) / done, 1) for name in after}
+            point["cpu_ms_per_image"] = {**per, "stack": round(sum(per.values()), 1),
+                                         "clients": round(1000 * mine / done, 1)}  # fmt: skip
             point["vs_in_process_sequential"] = round(point["images_per_s"] / sequential, 3)
             point["vs_in_process_best_batch"] = round(point["images_per_s"] / baseline[best_batch], 3)
             emit(point)
