@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # The denoising stages' methods and their streaming twins (progress events, then the same output).
 STREAMING = {"Sample": "SampleStream", "Decode": "DecodeStream", "Upsample": "UpsampleStream"}
 
+# Methods that take milliseconds and have no steps to stop between: called blocking (Calls._call_blocking).
+SHORT = {"EncodeText", "EncodeImage", "CheckPrompt", "CheckImages"}
+
 # The upsampler stages' names in cascade order (their metrics label before GetStageInfo has answered).
 UPSAMPLER_STAGES = ["super_res", "super_res_2", "super_res_3", "super_res_4"]
 
@@ -133,6 +136,9 @@ class Stages:
         return infos
 
 
+_OWN = object()  # Calls.__call__'s on_event default: the request's own on_event
+
+
 class Calls:
     """The stage calls of one client request: each gets the remaining deadline; all are cancelled with it."""
 
@@ -163,30 +169,38 @@ class Calls:
             raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
         return remaining
 
-    def __call__(self, method: Callable[..., Any], request: Any, stage: str) -> Any:
+    def __call__(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        stage: str,
+        on_event: Callable[[orchestrator_pb2.GenerateEvent], None] | None | object = _OWN,
+    ) -> Any:
         """Calls one stage method with the request's deadline; on UNAVAILABLE or RESOURCE_EXHAUSTED retries
-        on the stage's other replicas (stage calls are idempotent: the request carries the generators)."""
-        streaming = (
-            self.on_event is not None and isinstance(method, ReplicatedMethod) and method.name in STREAMING
-        )
+        on the stage's other replicas (stage calls are idempotent: the request carries the generators).
+        on_event: where this call's events go, if not to `self.on_event` (a call run concurrently holds
+        them back until the caller releases them in order)."""
+        if on_event is _OWN:
+            on_event = self.on_event
+        streaming = on_event is not None and isinstance(method, ReplicatedMethod) and method.name in STREAMING
         if streaming:
             method = ReplicatedMethod(method.stage, STREAMING[method.name])
         attempts = method.attempts() if isinstance(method, ReplicatedMethod) else [("", method)]
         hints: list[float] = []
         started = time.monotonic()
-        if self.on_event is not None and not streaming:
-            self.on_event(
-                orchestrator_pb2.GenerateEvent(stage_started=orchestrator_pb2.StageEvent(stage=stage))
-            )
+        if on_event is not None and not streaming:
+            on_event(orchestrator_pb2.GenerateEvent(stage_started=orchestrator_pb2.StageEvent(stage=stage)))
         for attempt, (target, multicallable) in enumerate(attempts):
             try:
                 if streaming:
-                    output = self._stream_once(multicallable, request, stage)
+                    output = self._stream_once(multicallable, request, stage, on_event)
+                elif getattr(method, "name", "") in SHORT:
+                    output = self._call_blocking(multicallable, request)
                 else:
                     output = self._call_once(multicallable, request)
-                if self.on_event is not None:
+                if on_event is not None:
                     finished = orchestrator_pb2.StageEvent(stage=stage, seconds=time.monotonic() - started)
-                    self.on_event(orchestrator_pb2.GenerateEvent(stage_finished=finished))
+                    on_event(orchestrator_pb2.GenerateEvent(stage_finished=finished))
                 return output
             except grpc.RpcError as error:
                 code = error.code()
@@ -208,6 +222,14 @@ class Calls:
                 self._raise(error, stage)
         raise AssertionError("unreachable")
 
+    def _call_blocking(self, method: Callable[..., Any], request: Any) -> Any:
+        """A short call (no denoising steps to stop between) on this thread: gRPC polls its completion on the
+        caller's thread, one thread hand-off fewer than a future's. A cancel arriving meanwhile stops the
+        request at its next call."""
+        if self._cancelled:
+            raise StatusError(grpc.StatusCode.CANCELLED, "the caller cancelled")
+        return method(request, timeout=self.timeout(), metadata=self.metadata or None)
+
     def _call_once(self, method: Callable[..., Any], request: Any) -> Any:
         with self._lock:
             if self._cancelled:
@@ -222,7 +244,13 @@ class Calls:
             with self._lock:
                 self._in_flight.discard(future)
 
-    def _stream_once(self, method: Callable[..., Any], request: Any, stage: str) -> Any:
+    def _stream_once(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        stage: str,
+        on_event: Callable[[orchestrator_pb2.GenerateEvent], None],
+    ) -> Any:
         """A stage's streaming twin: progress events go to on_event; returns the final output."""
         with self._lock:
             if self._cancelled:
@@ -240,10 +268,10 @@ class Calls:
                 progress = event.progress
                 if progress.step == 0:  # accepted by the stage: it starts (or queues) now
                     started = orchestrator_pb2.StageEvent(stage=stage, queue_position=progress.queue_position)
-                    self.on_event(orchestrator_pb2.GenerateEvent(stage_started=started))
+                    on_event(orchestrator_pb2.GenerateEvent(stage_started=started))
                 else:
                     step = orchestrator_pb2.StepEvent(stage=stage, step=progress.step, total=progress.total)
-                    self.on_event(orchestrator_pb2.GenerateEvent(step=step))
+                    on_event(orchestrator_pb2.GenerateEvent(step=step))
             raise StatusError(grpc.StatusCode.INTERNAL, f"{stage} stage: the stream ended without an output")
         finally:
             with self._lock:

@@ -9,14 +9,16 @@ range(n)]`.
 
 from __future__ import annotations
 
+import contextvars
 import secrets
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from services.orchestrator.clients import Calls, StageInfo, Stages
+from services.orchestrator.clients import _OWN, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
@@ -144,6 +146,8 @@ class Pipeline:
         self.stage_timeout_seconds = stage_timeout_seconds
         self.image_store = image_store  # where OUTPUT_FORMAT_URL images go; None: such requests are refused
         self.prior_guidance_scale = prior_guidance_scale  # for requests that leave it unset
+        # Stage calls that run beside the request's own thread (the encoder during the prompt check).
+        self._helpers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stage-call")
 
     # ---- validation shared by the three calls --------------------------------------------------------------
 
@@ -204,12 +208,13 @@ class Pipeline:
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
         generators = _generator_states(r.seed, r.n)
 
-        # 2. The prompt passes the content policy before any model work.
-        self._check_prompt(req.prompt, r, calls)
+        # 2-3. The prompt passes the content policy while the encoder encodes it (the prompt n times, and ""
+        #      n times first with guidance): the check's round trip hides behind the encoder's. Nothing uses
+        #      the encoding before the check passes; a refused prompt's is dropped.
+        text = self._check_prompt_while_encoding(req.prompt, r, cfg, calls)
 
-        # 3-4. Encoder (the prompt n times, and "" n times first with guidance), then the prior: text
-        #      embedding -> CLIP image embedding, drawing from each image's generator.
-        text, prior = self._encode_and_sample_prior(req.prompt, r.n, params, cfg, generators, calls)
+        # 4. The prior: text embedding -> CLIP image embedding, drawing from each image's generator.
+        prior = self._sample_prior(text, params, cfg, generators, calls)
 
         # 5-8. Decoder, safety, upsamplers, safety, PNGs.
         response = self._decode_and_upsample(
@@ -305,12 +310,51 @@ class Pipeline:
         generators: list[tensor_pb2.GeneratorState],
         calls: Calls,
     ) -> tuple[encoder_pb2.EncodeTextResponse, prior_pb2.PriorResponse]:
-        text = calls(
+        text = self._encode(prompt, n, cfg, calls)
+        return text, self._sample_prior(text, params, cfg, generators, calls)
+
+    def _encode(
+        self, prompt: str, n: int, cfg: bool, calls: Calls, on_event=_OWN
+    ) -> encoder_pb2.EncodeTextResponse:
+        return calls(
             self.stages.encoder.EncodeText,
             encoder_pb2.EncodeTextRequest(prompts=[prompt] * n, do_classifier_free_guidance=cfg),
             "encoder",
+            on_event=on_event,
         )
-        prior = calls(
+
+    def _check_prompt_while_encoding(
+        self, prompt: str, r: Request, cfg: bool, calls: Calls
+    ) -> encoder_pb2.EncodeTextResponse:
+        """CheckPrompt on this thread, EncodeText on a helper at the same time; the encoding is returned only
+        once the check passed. The encoder's progress events are held back and sent after the check's, so a
+        stream still reads safety, then encoder."""
+        held: list[orchestrator_pb2.GenerateEvent] = []
+        on_event = held.append if calls.on_event is not None else None
+        # copy_context: the encoder call's trace span stays a child of this request's.
+        encoding = self._helpers.submit(
+            contextvars.copy_context().run, self._encode, prompt, r.n, cfg, calls, on_event
+        )
+        try:
+            self._check_prompt(prompt, r, calls)
+        except BaseException:
+            # Refused (or the check failed): the encoding is dropped; the call is cancelled with the request.
+            encoding.add_done_callback(lambda future: future.exception())  # nobody waits for its error
+            raise
+        text = encoding.result()
+        for event in held:
+            calls.on_event(event)
+        return text
+
+    def _sample_prior(
+        self,
+        text: encoder_pb2.EncodeTextResponse,
+        params: Params,
+        cfg: bool,
+        generators: list[tensor_pb2.GeneratorState],
+        calls: Calls,
+    ) -> prior_pb2.PriorResponse:
+        return calls(
             self.stages.prior.Sample,
             prior_pb2.PriorRequest(
                 text_embeds=text.text_embeds,
@@ -324,7 +368,6 @@ class Pipeline:
             ),
             "prior",
         )
-        return text, prior
 
     def _decode_and_upsample(
         self,

@@ -130,6 +130,29 @@ def _pixels(reply):
     return np.stack([from_proto(image.pixels, "pixels").numpy() for image in reply.images])
 
 
+def test_a_refused_prompt_streams_nothing_past_the_check(stack, stub):
+    """The prompt check runs beside the text encoding (its round trip hides behind the encoder's), but a
+    refused prompt's stream shows nothing past the check: no encoder or later stage, no step, no image; the
+    call ends with the content-policy refusal, and the stack serves the next request."""
+    from services.safety.refusal import parse_refusal
+
+    refused = orchestrator_pb2.GenerateRequest(prompt="a gore scene", n=1, seed=1, params=params(3))
+    events = []
+    with pytest.raises(grpc.RpcError) as error:
+        for event in stub.GenerateStream(refused, timeout=120):
+            events.append(event)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    refusal = parse_refusal(error.value)
+    assert refusal is not None and refusal.stage == "prompt", error.value.details()
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds == ["accepted", "stage_started", "stage_finished"], kinds
+    assert events[1].stage_started.stage == "safety" and events[2].stage_finished.stage == "safety"
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(refused, timeout=120)
+    assert parse_refusal(error.value).stage == "prompt"
+    assert len(stub.Generate(request(2, decoder_steps=2), timeout=120).images) == 1
+
+
 def test_concurrent_requests_match_alone_and_deterministic_is_bit_exact(stack, stub):
     """Requests batched together at the stages give the images they give alone (within the drift measured in
     tests/batching); with `deterministic` they are bit-exact even under concurrency."""
