@@ -33,7 +33,7 @@ def start_up(model: Path, log_dir: Path, *flags: str, env: dict[str, str]) -> tu
         lines.append(line)
         if line.startswith("orchestrator listening on "):
             return up, line.split()[-1]
-    up.wait(timeout=30)
+    stop(up)  # stdout closed without the address: unclip up failed (or is failing); leave nothing behind
     raise AssertionError(f"unclip up did not come up: {''.join(lines)}{up.stderr.read()}")
 
 
