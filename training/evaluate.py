@@ -202,6 +202,9 @@ class Stack:
                 )
                 images += self._pngs(self.stub.Generate(req, timeout=600))
             out.append(images)
+            # one line per prompt, so that a run cut short still leaves its readings in the log
+            got = read_attributes(to_tensor(images))
+            print(f"[{k + 1}/{len(prompts)} {time.strftime('%H:%M:%S')}] {p!r} -> {got}", flush=True)
         return out
 
     def variation(self, images: list[Image.Image], n: int, seed: int) -> list[list[Image.Image]]:
@@ -427,6 +430,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--save-grid", default=None, help="write a contact sheet of some generated images here")
+    p.add_argument(
+        "--skip-text-to-image",
+        action="store_true",
+        help="draw the --prompts cases but do not generate them (the random stream, and so the variation and "
+        "edit cases, stay those of the full run): the rest of a run split over two invocations",
+    )
     args = p.parse_args(argv)
     quick = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
     sampling = dict(quick) if args.quick else {}
@@ -440,9 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(args.seed)
     t0 = time.time()
     cases = fully_specified_prompts(args.prompts, rng)
-    images = backend.generate([c.prompt for c in cases], 2, args.seed)
+    images = [] if args.skip_text_to_image else backend.generate([c.prompt for c in cases], 2, args.seed)
     result: dict = dict(backend=backend.name, sampling=sampling or "defaults")
-    if cases:
+    if images:
         result["text_to_image"] = score_text_to_image(cases, images)
         print(json.dumps(result, indent=1), flush=True)
     if args.save_grid and images:
