@@ -434,12 +434,15 @@ class Pipeline:
             final = known * original + (1 - known) * final
         final_proto = to_proto(final)
 
-        # Safety on the final images; then PNGs (and float32 pixels when asked).
+        # Safety on the final images, while a helper encodes the PNGs (and float32 pixels when asked): nothing
+        # leaves before the verdict, and a withheld image's PNG is dropped.
+        pixels = to_pixels(final)  # [m, S, S, 3] in [0, 1]
+        encoding = self._helpers.submit(lambda: [encode_png(pixels[row]) for row in range(len(indices))])
         _, _, final_indices, more_withheld = self._filter_images(
             final_proto, [], indices, safety_pb2.CHECK_STAGE_FINAL_OUTPUT, r, calls
         )
         withheld += more_withheld
-        pixels = to_pixels(final)  # [m, S, S, 3] in [0, 1]
+        pngs = encoding.result()
         response = orchestrator_pb2.ImagesResponse(
             seed=r.seed, request_id=r.request_id, size=r.size, withheld=r.n - len(final_indices)
         )
@@ -447,7 +450,7 @@ class Pipeline:
         for row, index in enumerate(indices):
             if index not in final_indices:
                 continue
-            image = orchestrator_pb2.Image(png=encode_png(pixels[row]), seed=r.seed + index, index=index)
+            image = orchestrator_pb2.Image(png=pngs[row], seed=r.seed + index, index=index)
             if r.output_format == orchestrator_pb2.OUTPUT_FORMAT_FLOAT32:
                 image.pixels.CopyFrom(to_proto(pixels[row]))
             response.images.append(image)
