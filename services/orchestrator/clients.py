@@ -136,7 +136,7 @@ class Stages:
         return infos
 
 
-_OWN = object()  # Calls.__call__'s on_event default: the request's own on_event
+OWN_EVENTS = object()  # Calls.__call__'s on_event default: the request's own on_event
 
 
 class Calls:
@@ -174,13 +174,13 @@ class Calls:
         method: Callable[..., Any],
         request: Any,
         stage: str,
-        on_event: Callable[[orchestrator_pb2.GenerateEvent], None] | None | object = _OWN,
+        on_event: Callable[[orchestrator_pb2.GenerateEvent], None] | None | object = OWN_EVENTS,
     ) -> Any:
         """Calls one stage method with the request's deadline; on UNAVAILABLE or RESOURCE_EXHAUSTED retries
         on the stage's other replicas (stage calls are idempotent: the request carries the generators).
         on_event: where this call's events go, if not to `self.on_event` (a call run concurrently holds
         them back until the caller releases them in order)."""
-        if on_event is _OWN:
+        if on_event is OWN_EVENTS:
             on_event = self.on_event
         streaming = on_event is not None and isinstance(method, ReplicatedMethod) and method.name in STREAMING
         if streaming:

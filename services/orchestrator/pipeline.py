@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from services.orchestrator.clients import _OWN, Calls, StageInfo, Stages
+from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
@@ -314,7 +314,7 @@ class Pipeline:
         return text, self._sample_prior(text, params, cfg, generators, calls)
 
     def _encode(
-        self, prompt: str, n: int, cfg: bool, calls: Calls, on_event=_OWN
+        self, prompt: str, n: int, cfg: bool, calls: Calls, on_event=OWN_EVENTS
     ) -> encoder_pb2.EncodeTextResponse:
         return calls(
             self.stages.encoder.EncodeText,
