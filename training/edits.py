@@ -176,16 +176,24 @@ def score_edits(
     steps: int = 25,
     schedule: dict | None = None,
     prior_guidance_scale: float = 4.0,
+    decoder_guidance_scale: float | None = None,
 ) -> dict:
     """Regenerates the right half of `count` sources (edit_cases) with a prompt; success: the prompted object
-    is read there. schedule: in-process only, KnownRegion overrides at the decoder (default: the stack's)."""
+    is read there. schedule: in-process only, KnownRegion overrides at the decoder (default: the stack's).
+    decoder_guidance_scale: the decoder's guidance for the edits (None: the stack's default, 8; through the
+    stack it is sent in the Edit request's params)."""
     from training.evaluate import load_components, to_pil, to_tensor
 
     attrs, wants, prompts, sources, mask = edit_cases(count, rng, seed)
     if getattr(backend, "edit", None) is not None:
         alpha = Image.fromarray((mask[0, 0].numpy() * 255).astype("uint8"))
         masks = [Image.merge("RGBA", (*im.split(), alpha)) for im in to_pil(sources)]
-        results = [to_tensor(ims) for ims in backend.edit(to_pil(sources), masks, prompts, 1, seed)]
+        overrides = (
+            {} if decoder_guidance_scale is None else dict(decoder_guidance_scale=decoder_guidance_scale)
+        )
+        results = [
+            to_tensor(ims) for ims in backend.edit(to_pil(sources), masks, prompts, 1, seed, **overrides)
+        ]
         how = backend.name
     else:
         c = load_components(model_dir, device)
@@ -199,6 +207,7 @@ def score_edits(
                 steps=steps,
                 super_res_steps=min(steps, 7),
                 prior_guidance_scale=prior_guidance_scale,
+                decoder_guidance_scale=8.0 if decoder_guidance_scale is None else decoder_guidance_scale,
                 schedule=schedule,
             ).cpu()
             for k, p in enumerate(prompts)
@@ -210,4 +219,9 @@ def score_edits(
             f"resample_until {walk.resample_until}; the reference pipelines cannot edit)"
         )
     hits = sum(edit_hit(a, w, r[0]) for a, w, r in zip(attrs, wants, results, strict=True))
-    return dict(edits=count, prompted_object_in_region=round(hits / count, 4), via=how)
+    return dict(
+        edits=count,
+        prompted_object_in_region=round(hits / count, 4),
+        decoder_guidance_scale=decoder_guidance_scale or "default",
+        via=how,
+    )

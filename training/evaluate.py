@@ -221,8 +221,19 @@ class Stack:
         ]
 
     def edit(
-        self, images: list[Image.Image], masks: list[Image.Image], prompts: list[str], n: int, seed: int
+        self,
+        images: list[Image.Image],
+        masks: list[Image.Image],
+        prompts: list[str],
+        n: int,
+        seed: int,
+        **overrides: float,
     ) -> list[list[Image.Image]]:
+        """overrides: SamplingParams fields for these requests only (e.g. decoder_guidance_scale)."""
+        params = self.pb.SamplingParams()
+        params.CopyFrom(self.params)
+        for key, value in overrides.items():
+            setattr(params, key, value)
         return [
             self._pngs(
                 self.stub.Edit(
@@ -232,7 +243,7 @@ class Stack:
                         prompt=p,
                         n=n,
                         seed=seed + k * n,
-                        params=self.params,
+                        params=params,
                     ),
                     timeout=600,
                 )
@@ -427,6 +438,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="the prior's guidance for text-to-image and edits (default: the pipeline's / stack's, 4.0)",
     )
+    p.add_argument(
+        "--edit-decoder-guidance-scale",
+        type=float,
+        default=None,
+        help="the decoder's guidance for the edits (default: the stack's / the in-process loop's, 8.0)",
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--save-grid", default=None, help="write a contact sheet of some generated images here")
@@ -478,6 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.device,
             steps=2 if args.quick else 25,
             prior_guidance_scale=sampling.get("prior_guidance_scale", 4.0),
+            decoder_guidance_scale=args.edit_decoder_guidance_scale,
         )
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result, indent=1), flush=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from services.decoder.inpaint import InpaintInput, KnownRegion, UpsamplerKnownRegion
-from training.edits import edit_cases, inpaint
+from training.edits import edit_cases, inpaint, score_edits
 from training.evaluate import load_components
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-toy"
@@ -84,3 +84,41 @@ def test_in_process_edit_keeps_the_known_half_and_is_reproducible_by_seed():
     assert a.shape == (1, 3, 128, 128)
     assert torch.equal(a, b) and not torch.equal(a, other)
     assert torch.allclose(a[..., :64], sources[..., :64], atol=1e-6)  # the known half is the original
+
+
+class RecordingStack:
+    """Answers Edit like the stack's client (evaluate.Stack.edit) and records each call's overrides."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.overrides = []
+
+    def edit(self, images, masks, prompts, n, seed, **overrides):
+        self.overrides.append(overrides)
+        return [[im] for im in images]  # the sources back: the right half has no new object
+
+
+@pytest.mark.parametrize("scale, sent", [(None, {}), (4.0, {"decoder_guidance_scale": 4.0})])
+def test_score_edits_sends_the_decoder_guidance_only_when_given(scale, sent):
+    backend = RecordingStack()
+    result = score_edits(backend, str(MODEL), 3, random.Random(0), 0, decoder_guidance_scale=scale)
+    assert backend.overrides == [sent]
+    assert result["prompted_object_in_region"] == 0.0  # the unchanged sources show no prompted object
+    assert result["decoder_guidance_scale"] == (scale or "default")
+
+
+def test_decoder_guidance_changes_the_in_process_edit_only_in_the_regenerated_half():
+    torch.set_num_threads(1)
+    c = load_components(MODEL)
+    attrs, wants, prompts, sources, mask = edit_cases(1, random.Random(0), 0)
+
+    def edit(scale):
+        gen = torch.Generator().manual_seed(3)
+        return inpaint(
+            c, prompts[0], sources, mask, gen, steps=3, decoder_guidance_scale=scale, upsample=False
+        )
+
+    four, eight = edit(4.0), edit(8.0)
+    assert not torch.allclose(four[..., 16:], eight[..., 16:])  # the regenerated half follows the guidance
+    assert torch.equal(four[..., :16], eight[..., :16])  # the known half is the original in both
