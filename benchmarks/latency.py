@@ -122,9 +122,37 @@ def trace_breakdown(model: Path, steps: tuple[int, int, int], repeats: int) -> d
         time.sleep(1.0)
     finally:
         stack.stop()  # flushes every process's spans
-    rows = breakdown(read_spans(logs))[1:]  # without the warm-up
+    spans = read_spans(logs)
+    rows = breakdown(spans)[1:]  # without the warm-up
+    outside = outside_every_call(spans)
+    for row in rows:
+        row["orchestrator_outside_calls_ms"] = outside[row["start"]]
     keys = sorted({k for r in rows for k in r} - {"start"})
     return {k: round(median([r[k] for r in rows if k in r]), 1) for k in keys} | {"requests": len(rows)}
+
+
+def outside_every_call(spans: list[dict]) -> dict[float, float]:
+    """Per traced Generate (by its start): the orchestrator's own time outside every stage call, in ms. Calls
+    that overlap (the prompt check beside the encoder) count once, unlike `orchestrator_own_ms`, which
+    subtracts each call's whole time and goes negative by the overlap."""
+    by_trace: dict[str, list[dict]] = {}
+    for span in spans:
+        by_trace.setdefault(span["trace"], []).append(span)
+    out = {}
+    for trace in by_trace.values():
+        roots = [s for s in trace if s["process"] == "orchestrator" and s["name"].endswith("/Generate")]
+        if not roots:
+            continue
+        root = roots[0]
+        calls = sorted(
+            (s["start"], s["end"]) for s in trace if s["process"] == "orchestrator" and s is not root
+        )
+        covered, end = 0.0, root["start"]
+        for begin, finish in calls:  # the union of the call intervals
+            covered += max(0.0, finish - max(begin, end))
+            end = max(end, finish)
+        out[root["start"]] = 1000 * (root["end"] - root["start"] - covered)
+    return out
 
 
 if __name__ == "__main__":
