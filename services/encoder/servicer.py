@@ -6,14 +6,12 @@ shapes always match). A deterministic request (metadata x-unclip-deterministic, 
 whole deployment) runs alone: bit-exact with the engine. Image requests (variations) run one at a time.
 
 A text request on an idle encoder starts at once; requests arriving while a batch runs form the next batch.
-UNCLIP_ENCODER_IDLE_DISPATCH=0 makes the oldest request wait UNCLIP_MAX_QUEUE_DELAY_MS for company instead
+UNCLIP_IDLE_DISPATCH=false makes the oldest request wait UNCLIP_MAX_QUEUE_DELAY_MS for company instead
 (Triton's dynamic batcher; the batching tests use it to hold the worker).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Any
 
 import grpc
@@ -39,12 +37,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     def attach(self, engine: Any) -> None:
         """Makes the loaded engine available, with the text batcher in front of it."""
-        config = self.slot.config
-        idle_dispatch = os.environ.get("UNCLIP_ENCODER_IDLE_DISPATCH", "1")
-        if idle_dispatch not in ("0", "1"):
-            raise ValueError(f"UNCLIP_ENCODER_IDLE_DISPATCH must be 0 or 1, got {idle_dispatch!r}")
-        config = dataclasses.replace(config, idle_dispatch=idle_dispatch == "1")
-        self.batcher = DynamicBatcher("encoder", self._encode_batch, config)
+        self.batcher = DynamicBatcher("encoder", self._encode_batch, self.slot.config)
         self.slot.engine = engine
 
     def _encode_batch(self, batch: list[tuple[list[str], bool]]) -> list[Any]:

@@ -136,7 +136,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def encoder_service(tiny_model_dir, tmp_path_factory):
     """`python -m services.encoder` with a 300 ms batching window (Triton's: the oldest request waits for
-    company even on an idle encoder, UNCLIP_ENCODER_IDLE_DISPATCH=0) and room for 3 waiting requests."""
+    company even on an idle encoder, UNCLIP_IDLE_DISPATCH=false) and room for 3 waiting requests."""
     import os
     import sys
     import time
@@ -156,7 +156,7 @@ def encoder_service(tiny_model_dir, tmp_path_factory):
         **os.environ,
         "UNCLIP_TORCH_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
-        "UNCLIP_ENCODER_IDLE_DISPATCH": "0",
+        "UNCLIP_IDLE_DISPATCH": "false",
     }
     process.start(env)
     try:

@@ -45,6 +45,7 @@ SERVER_SETTINGS = [
 BATCHING_SETTINGS = [
     "max_batch_size",
     "max_queue_delay_ms",
+    "idle_dispatch",
     "step_queue_delay_ms",
     "max_queue_size",
     "deterministic",
@@ -62,6 +63,7 @@ def batcher_config(args: argparse.Namespace):
     config = BatcherConfig(
         max_batch_size=args.max_batch_size,
         max_queue_delay_s=max(0.0, args.max_queue_delay_ms) / 1000,
+        idle_dispatch=args.idle_dispatch,
         first_step_delay_s=max(0.0, args.step_queue_delay_ms) / 1000,
         max_queue_size=args.max_queue_size,
         deterministic=args.deterministic,

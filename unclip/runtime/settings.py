@@ -216,6 +216,14 @@ SETTINGS: dict[str, Setting] = {
             "encoder: how long the oldest text request waits for others to share its forward pass",
         ),
         Setting(
+            "idle_dispatch",
+            "UNCLIP_IDLE_DISPATCH",
+            True,
+            _bool,
+            "encoder: a text request on an idle encoder starts at once (requests arriving meanwhile form the "
+            "next batch); false: the oldest waits max_queue_delay_ms for company, as Triton's batcher",
+        ),
+        Setting(
             "step_queue_delay_ms",
             "UNCLIP_STEP_QUEUE_DELAY_MS",
             0.0,
