@@ -98,7 +98,13 @@ def test_withheld_images_are_dropped_and_the_others_returned(stack):
     assert [image.index for image in response.images] == [0, 3]
     assert response.withheld == 2 and list(response.withheld_categories) == ["vendor_nsfw"]
     assert [image.seed for image in response.images] == [7, 10]
-    checks = [line for line in stack.vendor.text().splitlines() if f"user={user}" in line]
+    # The vendor filter's output reaches the test through a reader thread: wait (bounded) for both lines.
+    deadline = time.monotonic() + 30
+    while True:
+        checks = [line for line in stack.vendor.text().splitlines() if f"user={user}" in line]
+        if len(checks) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert checks == [
         f"check stage=decoder_output n=4 user={user}",
         f"check stage=final_output n=3 user={user}",
