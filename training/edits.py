@@ -180,8 +180,9 @@ def score_edits(
 ) -> dict:
     """Regenerates the right half of `count` sources (edit_cases) with a prompt; success: the prompted object
     is read there. schedule: in-process only, KnownRegion overrides at the decoder (default: the stack's).
-    decoder_guidance_scale: the decoder's guidance for the edits (None: the stack's default, 8; through the
-    stack it is sent in the Edit request's params)."""
+    decoder_guidance_scale: the decoder's guidance for the edits, sent in the Edit request's params through
+    the stack (None: in process 8; through the stack its default, the model folder's
+    edit_decoder_guidance_scale: 4 for shapes-toy)."""
     from training.evaluate import load_components, to_pil, to_tensor
 
     attrs, wants, prompts, sources, mask = edit_cases(count, rng, seed)

@@ -101,7 +101,10 @@ class Process:
 
 # What a model folder may recommend for sampling (beside the Karlo folders), and the orchestrator's variable.
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
-SAMPLING_DEFAULTS_ENV = {"prior_guidance_scale": "UNCLIP_PRIOR_GUIDANCE_SCALE"}
+SAMPLING_DEFAULTS_ENV = {
+    "prior_guidance_scale": "UNCLIP_PRIOR_GUIDANCE_SCALE",
+    "edit_decoder_guidance_scale": "UNCLIP_EDIT_DECODER_GUIDANCE_SCALE",
+}
 
 
 def sampling_defaults_env(model: str) -> dict[str, str]:

@@ -79,9 +79,10 @@ class Params:
         upsamplers: int,
         prior: bool = True,
         prior_guidance_scale: float = PRIOR_GUIDANCE,
+        decoder_guidance_scale: float = DECODER_GUIDANCE,
     ) -> Params:
         """Fills defaults and checks ranges; `prior=False` (variations) ignores the prior's fields.
-        prior_guidance_scale: the default for an unset `params.prior_guidance_scale`."""
+        prior_guidance_scale, decoder_guidance_scale: the defaults for the unset request fields."""
 
         def get(name: str, default: float) -> float:
             return getattr(params, name) if params.HasField(name) else default
@@ -90,7 +91,7 @@ class Params:
             prior_num_inference_steps=int(get("prior_num_inference_steps", PRIOR_STEPS)),
             prior_guidance_scale=float(get("prior_guidance_scale", prior_guidance_scale)),
             decoder_num_inference_steps=int(get("decoder_num_inference_steps", DECODER_STEPS)),
-            decoder_guidance_scale=float(get("decoder_guidance_scale", DECODER_GUIDANCE)),
+            decoder_guidance_scale=float(get("decoder_guidance_scale", decoder_guidance_scale)),
             super_res_num_inference_steps=list(params.super_res_num_inference_steps),
             prior_num_candidates=int(get("prior_num_candidates", 1)),
         )
@@ -139,6 +140,7 @@ class Pipeline:
         stage_timeout_seconds: float,
         image_store: ImageStore | None = None,
         prior_guidance_scale: float = PRIOR_GUIDANCE,
+        edit_decoder_guidance_scale: float = DECODER_GUIDANCE,
     ):
         self.stages = stages
         self.cascade = cascade  # decoder first, then each upsampler
@@ -146,6 +148,7 @@ class Pipeline:
         self.stage_timeout_seconds = stage_timeout_seconds
         self.image_store = image_store  # where OUTPUT_FORMAT_URL images go; None: such requests are refused
         self.prior_guidance_scale = prior_guidance_scale  # for requests that leave it unset
+        self.edit_decoder_guidance_scale = edit_decoder_guidance_scale  # for edits that leave it unset
         # Stage calls that run beside the request's own thread (the encoder during the prompt check).
         self._helpers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stage-call")
 
@@ -189,8 +192,15 @@ class Pipeline:
             super_res_num_inference_steps=[s.default_num_inference_steps for s in self.cascade[1:]],
             prior_num_candidates=1,
         )
+        edit_defaults = orchestrator_pb2.SamplingParams()
+        edit_defaults.CopyFrom(defaults)
+        edit_defaults.decoder_guidance_scale = self.edit_decoder_guidance_scale
         return orchestrator_pb2.Capabilities(
-            sizes=self.sizes, defaults=defaults, max_n=MAX_IMAGES, max_prompt_chars=MAX_PROMPT_CHARS
+            sizes=self.sizes,
+            defaults=defaults,
+            edit_defaults=edit_defaults,
+            max_n=MAX_IMAGES,
+            max_prompt_chars=MAX_PROMPT_CHARS,
         )
 
     # ---- the three public calls ----------------------------------------------------------------------------
@@ -265,7 +275,10 @@ class Pipeline:
         known = known_mask(image, mask)  # [1, S, S], 1 = keep
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
         params = Params.from_proto(
-            req.params, len(self.cascade) - 1, prior_guidance_scale=self.prior_guidance_scale
+            req.params,
+            len(self.cascade) - 1,
+            prior_guidance_scale=self.prior_guidance_scale,
+            decoder_guidance_scale=self.edit_decoder_guidance_scale,
         )
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
         generators = _generator_states(r.seed, r.n)

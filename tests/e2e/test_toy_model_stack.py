@@ -98,3 +98,52 @@ def test_variation_through_the_stack_keeps_shape_and_colours(toy_stack):
     kept = [(g["shape"], g["color"], g["background"]) == (attrs["shape"], attrs["color"], attrs["background"])
             for g in _read([image.png for image in response.images])]  # fmt: skip
     assert sum(kept) >= N - 1, kept
+
+
+def test_edit_uses_the_models_edit_guidance_and_draws_the_prompt(toy_stack):
+    """The model folder recommends decoder guidance 4 for edits (sampling_defaults.json; 8 overshoots the
+    colours of a regenerated half, model card): GetCapabilities reports it, an Edit that leaves the field
+    unset gets exactly what an explicit 4 gets and not what 8 gets, and the prompted object is drawn in the
+    regenerated (transparent) right half."""
+    import random
+
+    import grpc
+
+    from training.edits import edit_cases, edit_hit
+    from training.evaluate import to_pil
+    from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
+    assert capabilities.edit_defaults.decoder_guidance_scale == 4.0
+    assert capabilities.defaults.decoder_guidance_scale == 8.0  # generation keeps Karlo's
+    assert capabilities.edit_defaults.prior_guidance_scale == capabilities.defaults.prior_guidance_scale
+
+    attrs, wants, prompts, sources, mask = edit_cases(2, random.Random(3), seed=3)
+    alpha = Image.fromarray((mask[0, 0].numpy() * 255).astype("uint8"))
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return buffer.getvalue()
+
+    hits = 0
+    for k, source in enumerate(to_pil(sources)):
+        masked = Image.merge("RGBA", (*source.split(), alpha))  # transparent right half: regenerate it
+
+        request = orchestrator_pb2.EditRequest(
+            image=png(source), mask=png(masked), prompt=prompts[k], n=1, seed=40 + k
+        )
+
+        def edit(request: orchestrator_pb2.EditRequest, **params: float) -> list[bytes]:
+            request.params.CopyFrom(orchestrator_pb2.SamplingParams(**params))
+            return [image.png for image in stub.Edit(request, timeout=600).images]
+
+        unset = edit(request)
+        assert unset == edit(request, decoder_guidance_scale=4.0)
+        assert unset != edit(request, decoder_guidance_scale=8.0)
+        result = torch.from_numpy(
+            np.asarray(Image.open(io.BytesIO(unset[0])).convert("RGB"), dtype=np.float32) / 127.5 - 1
+        ).permute(2, 0, 1)
+        hits += edit_hit(attrs[k], wants[k], result)
+    assert hits >= 1, f"the prompted object in the regenerated half in {hits}/2 edits"

@@ -41,3 +41,27 @@ def test_pipeline_params_use_the_deployment_default():
     assert Params.from_proto(unset, 1, prior_guidance_scale=2.0).prior_guidance_scale == 2.0
     explicit = orchestrator_pb2.SamplingParams(prior_guidance_scale=5.0)
     assert Params.from_proto(explicit, 1, prior_guidance_scale=2.0).prior_guidance_scale == 5.0
+
+
+def test_edit_guidance_default_reaches_the_orchestrator_and_edits_only(tmp_path):
+    from services.orchestrator.pipeline import Params
+    from unclip.v1 import orchestrator_pb2
+
+    (tmp_path / "sampling_defaults.json").write_text(json.dumps({"edit_decoder_guidance_scale": 4.0}))
+    assert sampling_defaults_env(str(tmp_path)) == {"UNCLIP_EDIT_DECODER_GUIDANCE_SCALE": "4.0"}
+    unset = orchestrator_pb2.SamplingParams()
+    assert Params.from_proto(unset, 1, decoder_guidance_scale=4.0).decoder_guidance_scale == 4.0
+    assert Params.from_proto(unset, 1).decoder_guidance_scale == 8.0  # Karlo's, what Generate uses
+    explicit = orchestrator_pb2.SamplingParams(decoder_guidance_scale=6.0)
+    assert Params.from_proto(explicit, 1, decoder_guidance_scale=4.0).decoder_guidance_scale == 6.0
+
+
+def test_orchestrator_refuses_a_negative_edit_guidance_with_exit_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "services.orchestrator", "--port", "0", "--edit-decoder-guidance-scale", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--edit-decoder-guidance-scale" in result.stderr

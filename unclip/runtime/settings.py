@@ -187,6 +187,14 @@ SETTINGS: dict[str, Setting] = {
             "model folder's sampling_defaults.json)",
         ),
         Setting(
+            "edit_decoder_guidance_scale",
+            "UNCLIP_EDIT_DECODER_GUIDANCE_SCALE",
+            8.0,
+            float,
+            "orchestrator: decoder guidance for edits that leave it unset (Karlo's 8.0, as for generation; "
+            "`unclip up` takes a model folder's sampling_defaults.json)",
+        ),
+        Setting(
             "stage_timeout_seconds",
             "UNCLIP_STAGE_TIMEOUT_SECONDS",
             600.0,
