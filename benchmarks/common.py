@@ -70,9 +70,10 @@ def compute_options() -> dict[str, str]:
     return {name: os.environ[name] for name in COMPUTE_OPTIONS if os.environ.get(name)}
 
 
-def reference_pipeline(model: Path):
+def reference_pipeline(model: Path, device: str = "cpu", dtype: str = "float32"):
     """diffusers' UnCLIPPipeline in this process, built from the same components the stages load, without
-    the stages' compute options (COMPUTE_OPTIONS): float32, contiguous, eager, as diffusers runs it."""
+    the stages' compute options (COMPUTE_OPTIONS): contiguous, eager, as diffusers runs it, on `device` in
+    `dtype` (the stack's UNCLIP_DEVICE / UNCLIP_DTYPE; float32 on the CPU by default)."""
     import torch
     from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
 
@@ -100,6 +101,8 @@ def reference_pipeline(model: Path):
         super_res_scheduler=upsampler.scheduler,
     )
     pipe.set_progress_bar_config(disable=True)
+    if device != "cpu" or dtype != "float32":
+        pipe.to(device=device, dtype=getattr(torch, dtype))
     return pipe
 
 

@@ -133,7 +133,7 @@ def sweep_point(client, clients: int, seconds: float, steps) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: a generated tiny model)")
     parser.add_argument(
@@ -162,7 +162,14 @@ def main() -> None:
         "in-process baseline stays diffusers' plain pipeline",
     )
     parser.add_argument("--max-batch-size", type=int, default=None, help="the stages' UNCLIP_MAX_BATCH_SIZE")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--device", default="cpu", help="both sides' torch device (the stages' UNCLIP_DEVICE)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="both sides' weights"
+    )
+    args = parser.parse_args(argv)
+    os.environ["UNCLIP_DEVICE"], os.environ["UNCLIP_DTYPE"] = args.device, args.dtype  # the stages
     if args.channels_last:
         os.environ["UNCLIP_CHANNELS_LAST"] = "1"  # the stages only (benchmarks.common.COMPUTE_OPTIONS)
     if args.max_batch_size is not None:
@@ -177,11 +184,13 @@ def main() -> None:
             "model": str(model),
             "tiny_width": None if args.model else (args.tiny_width or 32),
             "steps": steps,
+            "device": args.device,
+            "dtype": args.dtype,
         }
     )
 
     # Baselines: the in-process pipeline, one call after another for the same time, n images per call.
-    pipe = reference_pipeline(model)
+    pipe = reference_pipeline(model, args.device, args.dtype)
     run_reference(pipe, PROMPT, 1, 0, steps)
     baseline: dict[int, float] = {}
     for n in sorted({1, *(int(b) for b in args.baseline_batches.split(","))}):
