@@ -12,7 +12,6 @@ in order. A stage that fails to start stops the whole stack, naming the stage an
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -27,7 +26,6 @@ from pathlib import Path
 from unclip.runtime.server import health_status
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
-_PR_SET_PDEATHSIG = 1
 
 
 class StackError(RuntimeError):
@@ -38,15 +36,11 @@ class InvalidModel(StackError):
     """The --model reference names no usable model folder (exit status 2)."""
 
 
-try:  # resolved here, in the parent: the child, between fork and exec, should only make the call
-    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: the stack's own signal handling still stops the children
-    _prctl = None
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+# Each child asks the kernel for SIGTERM when this process dies (unclip.runtime.server.die_with_parent, told
+# our pid through PARENT_PID_ENV), after its exec. Not in a preexec_fn: that forces fork() in this threaded,
+# gRPC-using process, and gRPC's fork handlers can crash the child before its exec (grpc/grpc#43055,
+# "epoll_wait error: Bad file descriptor", SIGABRT); without one, Popen may vfork and runs no fork handlers.
+PARENT_PID_ENV = "UNCLIP_PARENT_PID"
 
 
 @dataclass
@@ -64,9 +58,8 @@ class Process:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**env, PARENT_PID_ENV: str(os.getpid())},
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         log.close()
 

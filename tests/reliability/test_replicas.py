@@ -292,8 +292,8 @@ def test_orchestrator_readiness_follows_its_stages(stack, tmp_path):
     orchestrator = None
     try:
         _wait_serving(safeties)
-        upsamplers = [
-            "|".join(p.address for p in stack.processes if p.name.split("#")[0] == stage)
+        upsamplers = [  # the live replicas (an earlier test of this module SIGKILLs one)
+            "|".join(p.address for p in stack.processes if p.name.split("#")[0] == stage and p.alive())
             for stage in ("super_res", "super_res_2")
         ]
         orchestrator = _start(
@@ -328,7 +328,15 @@ def test_orchestrator_readiness_follows_its_stages(stack, tmp_path):
         safeties[1] = safety("safety-b2", int(port_b))  # back on the same port: ready again
         _wait_serving([safeties[1]])
         _wait_readiness(orchestrator.address, ("SERVING", "SERVING"))
-        assert len(stub.Generate(request(9, decoder_steps=2), timeout=120).images) == 1
+        # The orchestrator's own channel reconnects within its backoff (at most 2 s, create_channel).
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert len(stub.Generate(request(9, decoder_steps=2), timeout=120).images) == 1
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, error
+                time.sleep(0.5)
     finally:
         for p in [*safeties, *([orchestrator] if orchestrator else [])]:
             if p.alive():

@@ -13,7 +13,9 @@ Interceptors (telemetry, metrics) are passed through `interceptors=`; this modul
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
@@ -109,6 +111,10 @@ def create_channel(target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_
     """A client channel with the same message limits; `dns:///name:port` targets balance round-robin."""
     options: list[tuple[str, object]] = list(message_options(max_message_bytes))
     options.append(("grpc.lb_policy_name", "round_robin"))
+    # A replica that comes back (restart, rollout) is reached within ~2 s, not after gRPC's default backoff of
+    # up to 120 s, during which calls on this channel fail at once while the stage is already SERVING again.
+    options.append(("grpc.initial_reconnect_backoff_ms", 200))
+    options.append(("grpc.max_reconnect_backoff_ms", 2000))
     return grpc.insecure_channel(target, options=options)
 
 
@@ -134,6 +140,18 @@ def wait_for_serving(target: str, timeout: float, is_alive: Callable[[], bool] =
     return False
 
 
+def die_with_parent() -> None:
+    """SIGTERM this process when the one that started it dies, if that was the local stack (unclip.stack sets
+    UNCLIP_PARENT_PID): a stage must not outlive `unclip up` or a test. Linux only (prctl)."""
+    parent = os.environ.get("UNCLIP_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != int(parent):  # it died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve(
     name: str,
     args: argparse.Namespace,
@@ -148,12 +166,14 @@ def serve(
     """Runs one service until SIGTERM/SIGINT; returns the process exit status (1 if loading failed).
 
     `register(server)` adds the servicers (they answer UNAVAILABLE until `load` has finished); `load()` loads
-    the weights and runs one warm-up. `args` carries the SERVER_SETTINGS.
+    the weights and runs one warm-up. `args` carries the SERVER_SETTINGS. Started by the local stack, the
+    process ends with it (die_with_parent).
     `readiness()`, asked every `readiness_period_s` once loaded, says whether the service can do its work now
     (e.g. the orchestrator: every stage has a SERVING replica). While it says no, the named services say
     NOT_SERVING — what a readiness probe asks — and the overall "" stays SERVING, so a liveness probe does
     not restart a process that a restart would not mend.
     """
+    die_with_parent()
     server, port = create_server(
         f"{args.host}:{args.port}",
         max_message_bytes=args.max_message_bytes,
