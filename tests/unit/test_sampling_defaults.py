@@ -22,15 +22,16 @@ def test_unknown_key_in_model_defaults_is_refused(tmp_path):
         sampling_defaults_env(str(tmp_path))
 
 
-def test_orchestrator_refuses_a_negative_default_guidance_with_exit_2():
+@pytest.mark.parametrize("flag", ["--prior-guidance-scale", "--edit-decoder-guidance-scale"])
+def test_orchestrator_refuses_a_negative_default_guidance_with_exit_2(flag):
     result = subprocess.run(
-        [sys.executable, "-m", "services.orchestrator", "--port", "0", "--prior-guidance-scale", "-1"],
+        [sys.executable, "-m", "services.orchestrator", "--port", "0", flag, "-1"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2
-    assert "--prior-guidance-scale" in result.stderr
+    assert flag in result.stderr
 
 
 def test_pipeline_params_use_the_deployment_default():
@@ -54,14 +55,3 @@ def test_edit_guidance_default_reaches_the_orchestrator_and_edits_only(tmp_path)
     assert Params.from_proto(unset, 1).decoder_guidance_scale == 8.0  # Karlo's, what Generate uses
     explicit = orchestrator_pb2.SamplingParams(decoder_guidance_scale=6.0)
     assert Params.from_proto(explicit, 1, decoder_guidance_scale=4.0).decoder_guidance_scale == 6.0
-
-
-def test_orchestrator_refuses_a_negative_edit_guidance_with_exit_2():
-    result = subprocess.run(
-        [sys.executable, "-m", "services.orchestrator", "--port", "0", "--edit-decoder-guidance-scale", "-1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "--edit-decoder-guidance-scale" in result.stderr
