@@ -114,9 +114,12 @@ def karlo_configs(scale: float = 1.0) -> dict[str, dict]:
 
 
 def make_karlo_size_model(
-    directory: str | Path, dtype: str = "float16", scale: float = 1.0, seed: int = 0
+    directory: str | Path, dtype: str = "float16", scale: float = 1.0, seed: int = 0, init_device: str = "cpu"
 ) -> Path:
-    """Writes a random-weight model in the Karlo layout with Karlo's architectures into `directory`."""
+    """Writes a random-weight model in the Karlo layout with Karlo's architectures into `directory`.
+
+    `init_device`: where the random weights are drawn (3.5 G parameters take minutes on a CPU, seconds on a
+    GPU); the values differ between devices, which no timing depends on."""
     from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -132,7 +135,7 @@ def make_karlo_size_model(
     def save(model: torch.nn.Module, name: str) -> None:
         model.to(weights).save_pretrained(root / name)
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(init_device):
         torch.manual_seed(seed)
         text = CLIPTextConfig(
             **configs["text_encoder"],
@@ -164,7 +167,9 @@ def make_karlo_size_model(
     UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon").save_pretrained(
         root / "super_res_scheduler"
     )
-    (root / "karlo_size.json").write_text(json.dumps({"scale": scale, "dtype": dtype, "seed": seed}))
+    (root / "karlo_size.json").write_text(
+        json.dumps({"scale": scale, "dtype": dtype, "seed": seed, "init_device": init_device})
+    )
     return root
 
 
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     own_session()
     folder = Path(args.dir)
     if not (folder / "karlo_size.json").is_file():
-        make_karlo_size_model(folder, args.dtype, args.scale)
+        make_karlo_size_model(folder, args.dtype, args.scale, init_device=args.device)
     throughput.main(
         [
             "--model", str(folder), "--device", args.device, "--dtype", args.dtype,
