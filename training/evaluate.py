@@ -165,7 +165,7 @@ class InProcess:
 class Stack:
     """The running stack: the orchestrator's ImageService over gRPC."""
 
-    def __init__(self, addr: str, sampling: dict | None = None):
+    def __init__(self, addr: str, sampling: dict | None = None, concurrency: int = 1):
         import grpc
 
         from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -181,6 +181,9 @@ class Stack:
         )
         self.stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(addr))
         self.name = f"the stack at {addr}"
+        # Requests in flight at once: each image keeps its seed, so the images are the same whatever the
+        # concurrency (up to the float rounding of cross-request batching); > 1 keeps every stage busy.
+        self.concurrency = concurrency
 
     @staticmethod
     def _pngs(resp) -> list[Image.Image]:
@@ -192,33 +195,36 @@ class Stack:
         image.save(buf, format="PNG")
         return buf.getvalue()
 
+    def _map(self, call, items: list) -> list:
+        """[call(k, item) ...] in order, `concurrency` at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(call, range(len(items)), items))
+
     def generate(self, prompts: list[str], n: int, seed: int) -> list[list[Image.Image]]:
-        out = []
-        for k, p in enumerate(prompts):
+        def one(k: int, p: str) -> list[Image.Image]:
             images: list[Image.Image] = []
             for first in range(0, n, 10):  # a request holds at most 10; image i of seed s is seed s + i
                 req = self.pb.GenerateRequest(
                     prompt=p, n=min(10, n - first), seed=seed + k * n + first, params=self.params
                 )
                 images += self._pngs(self.stub.Generate(req, timeout=600))
-            out.append(images)
             # one line per prompt, so that a run cut short still leaves its readings in the log
             got = read_attributes(to_tensor(images))
             print(f"[{k + 1}/{len(prompts)} {time.strftime('%H:%M:%S')}] {p!r} -> {got}", flush=True)
-        return out
+            return images
+
+        return self._map(one, prompts)
 
     def variation(self, images: list[Image.Image], n: int, seed: int) -> list[list[Image.Image]]:
-        return [
-            self._pngs(
-                self.stub.CreateVariation(
-                    self.pb.VariationRequest(
-                        image=self._png(im), n=n, seed=seed + k * n, params=self.variation_params
-                    ),
-                    timeout=600,
-                )
+        def one(k: int, im: Image.Image) -> list[Image.Image]:
+            request = self.pb.VariationRequest(
+                image=self._png(im), n=n, seed=seed + k * n, params=self.variation_params
             )
-            for k, im in enumerate(images)
-        ]
+            return self._pngs(self.stub.CreateVariation(request, timeout=600))
+
+        return self._map(one, images)
 
     def edit(
         self,
@@ -439,10 +445,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="the prior's guidance for text-to-image and edits (default: the pipeline's / stack's, 4.0)",
     )
     p.add_argument(
+        "--decoder-guidance-scale",
+        type=float,
+        default=None,
+        help="the decoder's guidance for text-to-image and variations (default: the pipeline's / stack's, 8)",
+    )
+    p.add_argument(
         "--edit-decoder-guidance-scale",
         type=float,
         default=None,
         help="the decoder's guidance for the edits (default: the stack's / the in-process loop's, 8.0)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=1, help="with --addr: requests in flight at once (same images)"
     )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -458,8 +473,10 @@ def main(argv: list[str] | None = None) -> dict:
     sampling = dict(quick) if args.quick else {}
     if args.prior_guidance_scale is not None:
         sampling["prior_guidance_scale"] = args.prior_guidance_scale
+    if args.decoder_guidance_scale is not None:
+        sampling["decoder_guidance_scale"] = args.decoder_guidance_scale
     backend = (
-        Stack(args.addr, sampling)
+        Stack(args.addr, sampling, args.concurrency)
         if args.addr
         else InProcess(args.model, args.device, steps=sampling or None)
     )

@@ -96,6 +96,7 @@ class Process:
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
 SAMPLING_DEFAULTS_ENV = {
     "prior_guidance_scale": "UNCLIP_PRIOR_GUIDANCE_SCALE",
+    "decoder_guidance_scale": "UNCLIP_DECODER_GUIDANCE_SCALE",
     "edit_decoder_guidance_scale": "UNCLIP_EDIT_DECODER_GUIDANCE_SCALE",
 }
 

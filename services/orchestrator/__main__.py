@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             "stage_timeout_seconds",
             "stage_health_period_seconds",
             "prior_guidance_scale",
+            "decoder_guidance_scale",
             "edit_decoder_guidance_scale",
             "max_inflight",
             "max_inflight_per_caller",
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     upsamplers = [a.strip() for a in args.upsampler_addrs.split(",") if a.strip()]
     try:  # the deployment's default is checked like a request's value, before anything starts
         check_guidance(args.prior_guidance_scale, "--prior-guidance-scale")
+        check_guidance(args.decoder_guidance_scale, "--decoder-guidance-scale")
         check_guidance(args.edit_decoder_guidance_scale, "--edit-decoder-guidance-scale")
     except ValueError as error:
         parser.error(str(error))
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             args.stage_timeout_seconds,
             image_store,
             prior_guidance_scale=args.prior_guidance_scale,
+            decoder_guidance_scale=args.decoder_guidance_scale,
             edit_decoder_guidance_scale=args.edit_decoder_guidance_scale,
         )
 

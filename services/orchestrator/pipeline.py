@@ -53,8 +53,9 @@ from unclip.v1 import (
     tensor_pb2,
 )
 
-# Karlo's defaults, used for every unset SamplingParams field (the prior's guidance: the deployment's
-# UNCLIP_PRIOR_GUIDANCE_SCALE, since a model may sample best at another value).
+# Karlo's defaults, used for every unset SamplingParams field (the guidance scales: the deployment's
+# UNCLIP_PRIOR_GUIDANCE_SCALE, UNCLIP_DECODER_GUIDANCE_SCALE and UNCLIP_EDIT_DECODER_GUIDANCE_SCALE, since a
+# model may sample best at other values).
 PRIOR_STEPS, PRIOR_GUIDANCE = 25, 4.0
 DECODER_STEPS, DECODER_GUIDANCE = 25, 8.0
 SUPER_RES_STEPS = 7
@@ -140,6 +141,7 @@ class Pipeline:
         stage_timeout_seconds: float,
         image_store: ImageStore | None = None,
         prior_guidance_scale: float = PRIOR_GUIDANCE,
+        decoder_guidance_scale: float = DECODER_GUIDANCE,
         edit_decoder_guidance_scale: float = DECODER_GUIDANCE,
     ):
         self.stages = stages
@@ -148,6 +150,7 @@ class Pipeline:
         self.stage_timeout_seconds = stage_timeout_seconds
         self.image_store = image_store  # where OUTPUT_FORMAT_URL images go; None: such requests are refused
         self.prior_guidance_scale = prior_guidance_scale  # for requests that leave it unset
+        self.decoder_guidance_scale = decoder_guidance_scale  # generations and variations leaving it unset
         self.edit_decoder_guidance_scale = edit_decoder_guidance_scale  # for edits that leave it unset
         # Stage calls that run beside the request's own thread (the encoder during the prompt check).
         self._helpers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stage-call")
@@ -188,7 +191,7 @@ class Pipeline:
             prior_num_inference_steps=PRIOR_STEPS,
             prior_guidance_scale=self.prior_guidance_scale,
             decoder_num_inference_steps=DECODER_STEPS,
-            decoder_guidance_scale=DECODER_GUIDANCE,
+            decoder_guidance_scale=self.decoder_guidance_scale,
             super_res_num_inference_steps=[s.default_num_inference_steps for s in self.cascade[1:]],
             prior_num_candidates=1,
         )
@@ -212,7 +215,10 @@ class Pipeline:
         check_prompt(req.prompt)
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
         params = Params.from_proto(
-            req.params, len(self.cascade) - 1, prior_guidance_scale=self.prior_guidance_scale
+            req.params,
+            len(self.cascade) - 1,
+            prior_guidance_scale=self.prior_guidance_scale,
+            decoder_guidance_scale=self.decoder_guidance_scale,
         )
         # Guidance is on or off for all stages at once, as UnCLIPPipeline decides it.
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
@@ -240,7 +246,9 @@ class Pipeline:
         image = decode_image(req.image, "image")
         require_square(image, "image")
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
-        params = Params.from_proto(req.params, len(self.cascade) - 1, prior=False)
+        params = Params.from_proto(
+            req.params, len(self.cascade) - 1, prior=False, decoder_guidance_scale=self.decoder_guidance_scale
+        )
         cfg = params.decoder_guidance_scale > 1.0  # as UnCLIPImageVariationPipeline
         generators = _generator_states(r.seed, r.n)
 

@@ -3,7 +3,7 @@
 A wiring mistake anywhere in the chain (wrong embedding, wrong generator, wrong stage order) shows up here
 as a wrong picture, which the random tiny model cannot show. Pictures are judged from pixels by the world's
 own reader (`training.world.read_attributes`, exact on rendered images), not by CLIP. The model's measured
-accuracy is in its model card (about 90 % shape + colour + background, 100 % background); the thresholds
+accuracy is in its model card (97.75 % shape + colour + background, 100 % background); the thresholds
 below leave room for that, not for a broken chain, which scores near chance (1/8 a colour, 1/4 a shape).
 """
 
@@ -58,15 +58,19 @@ def test_bundled_model_draws_the_prompt_through_the_stack(toy_stack):
     stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
     capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
     assert list(capabilities.sizes) == [32, 128]
-    # The model's sampling_defaults.json reached the orchestrator: unset prior guidance is 2, not 4.
+    # The model's sampling_defaults.json reached the orchestrator: unset prior guidance is 2, not 4, and the
+    # decoder's 5, not 8 (8 overshoots colours on this model; model card).
     assert capabilities.defaults.prior_guidance_scale == 2.0
+    assert capabilities.defaults.decoder_guidance_scale == 5.0
 
     backgrounds_right = objects_right = total = 0
+    first: list[bytes] = []  # the first prompt's images, at the defaults
     for k, prompt in enumerate(PROMPTS):
         response = stub.Generate(
             orchestrator_pb2.GenerateRequest(prompt=prompt, n=N, seed=100 + 10 * k), timeout=600
         )
         assert response.size == 128 and len(response.images) == N
+        first = first or [image.png for image in response.images]
         want = parse_caption(prompt)
         for got in _read([image.png for image in response.images]):
             total += 1
@@ -75,6 +79,16 @@ def test_bundled_model_draws_the_prompt_through_the_stack(toy_stack):
             print(prompt, "->", SHAPES[got["shape"]] if got["shape"] >= 0 else "?", COLOR_NAMES[got["color"]])
     assert backgrounds_right == total, f"background right in {backgrounds_right}/{total}"
     assert objects_right >= total - 2, f"object shape and colour right in {objects_right}/{total}"
+
+    def generate(**params: float) -> list[bytes]:
+        request = orchestrator_pb2.GenerateRequest(
+            prompt=PROMPTS[0], n=N, seed=100, params=orchestrator_pb2.SamplingParams(**params)
+        )
+        return [image.png for image in stub.Generate(request, timeout=600).images]
+
+    # unset guidance is exactly the recommended one, and not Karlo's
+    assert first == generate(prior_guidance_scale=2.0, decoder_guidance_scale=5.0)
+    assert first != generate(decoder_guidance_scale=8.0)
 
 
 def test_variation_through_the_stack_keeps_shape_and_colours(toy_stack):
@@ -116,7 +130,7 @@ def test_edit_uses_the_models_edit_guidance_and_draws_the_prompt(toy_stack):
     stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
     capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
     assert capabilities.edit_defaults.decoder_guidance_scale == 4.0
-    assert capabilities.defaults.decoder_guidance_scale == 8.0  # generation keeps Karlo's
+    assert capabilities.defaults.decoder_guidance_scale == 5.0  # generation's own recommendation
     assert capabilities.edit_defaults.prior_guidance_scale == capabilities.defaults.prior_guidance_scale
 
     attrs, wants, prompts, sources, mask = edit_cases(2, random.Random(3), seed=3)

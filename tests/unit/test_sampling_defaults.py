@@ -22,7 +22,9 @@ def test_unknown_key_in_model_defaults_is_refused(tmp_path):
         sampling_defaults_env(str(tmp_path))
 
 
-@pytest.mark.parametrize("flag", ["--prior-guidance-scale", "--edit-decoder-guidance-scale"])
+@pytest.mark.parametrize(
+    "flag", ["--prior-guidance-scale", "--decoder-guidance-scale", "--edit-decoder-guidance-scale"]
+)
 def test_orchestrator_refuses_a_negative_default_guidance_with_exit_2(flag):
     result = subprocess.run(
         [sys.executable, "-m", "services.orchestrator", "--port", "0", flag, "-1"],
@@ -55,3 +57,22 @@ def test_edit_guidance_default_reaches_the_orchestrator_and_edits_only(tmp_path)
     assert Params.from_proto(unset, 1).decoder_guidance_scale == 8.0  # Karlo's, what Generate uses
     explicit = orchestrator_pb2.SamplingParams(decoder_guidance_scale=6.0)
     assert Params.from_proto(explicit, 1, decoder_guidance_scale=4.0).decoder_guidance_scale == 6.0
+
+
+def test_decoder_guidance_default_reaches_generations_and_variations(tmp_path):
+    from services.orchestrator.pipeline import Params
+    from unclip.v1 import orchestrator_pb2
+
+    (tmp_path / "sampling_defaults.json").write_text(
+        json.dumps({"decoder_guidance_scale": 5.0, "edit_decoder_guidance_scale": 4.0})
+    )
+    assert sampling_defaults_env(str(tmp_path)) == {
+        "UNCLIP_DECODER_GUIDANCE_SCALE": "5.0",
+        "UNCLIP_EDIT_DECODER_GUIDANCE_SCALE": "4.0",
+    }
+    unset = orchestrator_pb2.SamplingParams()
+    for prior in (True, False):  # generations; variations (no prior)
+        params = Params.from_proto(unset, 1, prior=prior, decoder_guidance_scale=5.0)
+        assert params.decoder_guidance_scale == 5.0
+    explicit = orchestrator_pb2.SamplingParams(decoder_guidance_scale=6.0)
+    assert Params.from_proto(explicit, 1, decoder_guidance_scale=5.0).decoder_guidance_scale == 6.0

@@ -187,6 +187,14 @@ SETTINGS: dict[str, Setting] = {
             "model folder's sampling_defaults.json)",
         ),
         Setting(
+            "decoder_guidance_scale",
+            "UNCLIP_DECODER_GUIDANCE_SCALE",
+            8.0,
+            float,
+            "orchestrator: decoder guidance for generations and variations that leave it unset (Karlo's 8.0; "
+            "`unclip up` takes a model folder's sampling_defaults.json)",
+        ),
+        Setting(
             "edit_decoder_guidance_scale",
             "UNCLIP_EDIT_DECODER_GUIDANCE_SCALE",
             8.0,
