@@ -161,3 +161,47 @@ def test_edit_uses_the_models_edit_guidance_and_draws_the_prompt(toy_stack):
         ).permute(2, 0, 1)
         hits += edit_hit(attrs[k], wants[k], result)
     assert hits >= 1, f"the prompted object in the regenerated half in {hits}/2 edits"
+
+
+def test_stack_equals_the_reference_pipeline_on_the_bundled_model(toy_stack):
+    """The foundation's parity on the shipped weights: the stack's float32 images equal diffusers'
+    UnCLIPPipeline built from the model's folders, within 1e-4, at the model's recommended guidance."""
+    import grpc
+
+    from training.evaluate import reference_pipelines
+    from unclip.runtime.tensors import from_proto
+    from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    torch.set_num_threads(1)
+    prompt, n, seed, steps = PROMPTS[1], 2, 31, 5
+    guidance = dict(prior_guidance_scale=2.0, decoder_guidance_scale=5.0)
+    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    response = stub.Generate(
+        orchestrator_pb2.GenerateRequest(
+            prompt=prompt,
+            n=n,
+            seed=seed,
+            output_format=orchestrator_pb2.OUTPUT_FORMAT_FLOAT32,
+            params=orchestrator_pb2.SamplingParams(
+                prior_num_inference_steps=steps,
+                decoder_num_inference_steps=steps,
+                super_res_num_inference_steps=[steps],
+                **guidance,
+            ),
+        ),
+        timeout=600,
+    )
+    got = np.stack([from_proto(image.pixels, "pixels").numpy() for image in response.images])
+    pipe = reference_pipelines(MODEL)[0]
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        prompt=[prompt] * n,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+        prior_num_inference_steps=steps,
+        decoder_num_inference_steps=steps,
+        super_res_num_inference_steps=steps,
+        output_type="np",
+        **guidance,
+    ).images
+    assert got.shape == expected.shape == (n, 128, 128, 3)
+    assert np.abs(got - expected).max() <= 1e-4
