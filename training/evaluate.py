@@ -238,6 +238,7 @@ class Stack:
         """overrides: SamplingParams fields for these requests only (e.g. decoder_guidance_scale)."""
         params = self.pb.SamplingParams()
         params.CopyFrom(self.params)
+        params.ClearField("decoder_guidance_scale")  # edits: the stack's own default or an override
         for key, value in overrides.items():
             setattr(params, key, value)
         return [

@@ -41,3 +41,25 @@ def test_checks_fail_on_a_missing_position_and_a_dominant_background():
     for d in draws[:9]:
         d["background"] = 3  # 9 of 16 > 50 %
     assert not _diversity_checks(draws, ("background", "position"))["ok"]
+
+
+def test_stack_backend_edits_keep_the_stacks_edit_guidance(stack):
+    """`--decoder-guidance-scale` is for text-to-image and variations: the Stack backend's edits keep the
+    stack's own edit default unless `--edit-decoder-guidance-scale` overrides it (the real shared stack)."""
+    import numpy as np
+    from PIL import Image
+
+    from training.evaluate import Stack
+
+    steps = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (32, 0, 64, 64))  # transparent right half: regenerated
+    case = ([image], [mask], ["a blue square"], 1, 3)
+
+    def pixels(backend_sampling: dict, **overrides: float) -> np.ndarray:
+        return np.asarray(Stack(stack.address, backend_sampling).edit(*case, **overrides)[0][0])
+
+    plain = pixels(steps)
+    assert np.array_equal(pixels({**steps, "decoder_guidance_scale": 2.0}), plain)
+    assert not np.array_equal(pixels(steps, decoder_guidance_scale=2.0), plain)
