@@ -33,12 +33,13 @@ def full_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _engines(model_dir, stages):
+def _engines(model_dir, stages, dtype=None):
+    on_cuda = dict(device="cuda", dtype=dtype)
     return SimpleNamespace(
-        encoder=EncoderEngine.from_pretrained(model_dir, device="cuda"),
-        prior=PriorEngine.from_pretrained(model_dir, device="cuda"),
-        decoder=DecoderEngine.from_pretrained(model_dir, device="cuda"),
-        upsamplers=[UpsamplerEngine.from_pretrained(model_dir, stage, device="cuda") for stage in stages],
+        encoder=EncoderEngine.from_pretrained(model_dir, **on_cuda),
+        prior=PriorEngine.from_pretrained(model_dir, **on_cuda),
+        decoder=DecoderEngine.from_pretrained(model_dir, **on_cuda),
+        upsamplers=[UpsamplerEngine.from_pretrained(model_dir, stage, **on_cuda) for stage in stages],
     )
 
 
@@ -110,14 +111,7 @@ def test_cuda_float16_modules_answer_as_their_float32_twins(tiny_model_dir, chai
     chains are not compared: a random tiny model amplifies rounding across steps into flipped pixels (1.0
     apart on the CPU in float16)."""
     full = _engines(tiny_model_dir, ["super_res"])
-    half = SimpleNamespace(
-        encoder=EncoderEngine.from_pretrained(tiny_model_dir, device="cuda", dtype="float16"),
-        prior=PriorEngine.from_pretrained(tiny_model_dir, device="cuda", dtype="float16"),
-        decoder=DecoderEngine.from_pretrained(tiny_model_dir, device="cuda", dtype="float16"),
-        upsamplers=[
-            UpsamplerEngine.from_pretrained(tiny_model_dir, "super_res", device="cuda", dtype="float16")
-        ],
-    )
+    half = _engines(tiny_model_dir, ["super_res"], dtype="float16")
     pairs = {
         "text_encoder": (full.encoder.text_encoder, half.encoder.text_encoder),
         "prior": (full.prior.prior, half.prior.prior),
