@@ -35,6 +35,11 @@ class RunningStack:
     model_dir: Path
     log_dir: Path
 
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a CLI subprocess talking to this stack (os.environ + what it needs to reach it)."""
+        return {**os.environ, "UNCLIP_ADDR": self.address}
+
     def channel(self, name: str = "orchestrator"):
         from unclip.runtime.server import create_channel
 

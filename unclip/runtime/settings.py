@@ -309,6 +309,24 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting("addr", "UNCLIP_ADDR", "127.0.0.1:50051", str, "the CLI's orchestrator address"),
         Setting("metrics_port", "UNCLIP_METRICS_PORT", 9464, int, "Prometheus HTTP port (0 disables)"),
+        # ---- access control: identities, keys, TLS, quotas, priorities, usage
+        #
+        #
+        # ---- input limits
+        #
+        #
+        # ---- samplers
+        #
+        #
+        # ---- provenance
+        #
+        #
+        # ---- the CLI and the local stack
+        #
+        #
+        # ---- HTTP gateway
+        #
+        #
     ]
 }
 
