@@ -10,6 +10,7 @@ own.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `unclip up` started by a test publishes its state (unclip.stack_state) here, not over a person's stack.
+os.environ["UNCLIP_STATE_DIR"] = tempfile.mkdtemp(prefix="unclip-test-state-")
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unclip import stack_state
 from unclip.runtime.server import health_status
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -247,6 +248,23 @@ class Stack:
                 raise StackError(f"timed out waiting for {names} to be {what}")
             time.sleep(0.1)
 
+    def state(self) -> stack_state.StackState:
+        """What this stack is, for the state file (unclip.stack_state)."""
+        assert self.log_dir is not None
+        return stack_state.StackState(
+            address=self.address,
+            pid=os.getpid(),
+            model=str(self.model),
+            log_dir=str(self.log_dir),
+            audit_dir=str(self.log_dir / "audit"),
+            services=[
+                stack_state.ServiceRecord(
+                    p.name, p.address or "", p.popen.pid if p.popen else 0, str(p.log_path)
+                )
+                for p in self.processes
+            ],
+        )
+
     def dead(self) -> list[Process]:
         """Processes that have exited (a running stack has none)."""
         return [p for p in self.processes if p.popen is not None and not p.alive()]
@@ -332,6 +350,9 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
         return 2 if isinstance(error, InvalidModel) else 1
     for process in stack.processes:
         print(f"  {process.name:<13} {process.address}   log {process.log_path}", flush=True)
+    state_path = stack_state.publish(stack.state())
+    print(f"  audit log     {stack.log_dir / 'audit'}", flush=True)
+    print(f"  stack state   {state_path} (also {stack.log_dir / stack_state.FILE_NAME})", flush=True)
     print(f"orchestrator listening on {address}", flush=True)
     status = 0
     while not stopping:
@@ -346,5 +367,6 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
             break
         time.sleep(0.2)
     print("unclip up: stopping", flush=True)
+    stack_state.withdraw()
     stack.stop()
     return status

@@ -322,6 +322,14 @@ SETTINGS: dict[str, Setting] = {
         #
         #
         # ---- the CLI and the local stack
+        Setting(
+            "state_dir",
+            "UNCLIP_STATE_DIR",
+            "",
+            str,
+            "where `unclip up` publishes the running local stack (stack.json) for the CLI "
+            "('': $XDG_STATE_HOME/unclip, else ~/.local/state/unclip)",
+        ),
         #
         #
         # ---- HTTP gateway

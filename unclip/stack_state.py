@@ -1,0 +1,110 @@
+"""The local stack's state file: what `unclip up` started, where the CLI, `unclip audit` and `unclip usage`
+find it without flags.
+
+`unclip up` writes it once every process is SERVING, to the state folder (`UNCLIP_STATE_DIR`, default
+`$XDG_STATE_HOME/unclip`, else `~/.local/state/unclip`) as `stack.json`, and as `stack.json` inside its log
+folder; it removes the first on exit (the copy in the log folder stays, as a record of the run). Readers use
+`current()`, which ignores a file whose `unclip up` process is gone (a killed stack leaves a stale file).
+
+Like a kubeconfig: one file per user, the newest local stack wins. Anything a later part of the stack needs
+to publish (a key file, a CA, an HTTP URL) goes into `extra`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from unclip.runtime.settings import env_default
+
+FILE_NAME = "stack.json"
+VERSION = 1
+
+
+@dataclass
+class ServiceRecord:
+    name: str  # "encoder", "prior", "decoder", "super_res", "safety", "orchestrator", "decoder#2", ...
+    address: str  # host:port it serves on
+    pid: int  # its process id
+    log: str  # path of its log file
+
+
+@dataclass
+class StackState:
+    address: str  # the orchestrator's host:port (the CLI's default --addr)
+    pid: int  # the `unclip up` process
+    model: str  # the model folder it serves
+    log_dir: str  # one log per process
+    audit_dir: str  # the safety service's audit log (what `unclip audit` reads)
+    services: list[ServiceRecord] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)  # e.g. "api_key_file", "http_url"
+    version: int = VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> StackState:
+        data = json.loads(text)
+        services = [ServiceRecord(**record) for record in data.pop("services", [])]
+        return cls(services=services, **data)
+
+
+def state_dir() -> Path:
+    """Where the current local stack's state file lives (not created here)."""
+    configured = env_default("state_dir")
+    if configured:
+        return Path(configured)
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "unclip"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)  # readers never see half a file
+
+
+def publish(state: StackState) -> Path:
+    """Writes the state to the state folder and into its log folder; returns the state folder's file."""
+    _write_atomically(Path(state.log_dir) / FILE_NAME, state.to_json())
+    path = state_dir() / FILE_NAME
+    _write_atomically(path, state.to_json())
+    return path
+
+
+def withdraw(pid: int | None = None) -> None:
+    """Removes the state folder's file if it belongs to `pid` (default: this process)."""
+    path = state_dir() / FILE_NAME
+    state = read(path)
+    if state is not None and state.pid == (pid or os.getpid()):
+        path.unlink(missing_ok=True)
+
+
+def read(path: Path) -> StackState | None:
+    """The state in `path`, or None when it is missing or unreadable."""
+    try:
+        return StackState.from_json(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def current() -> StackState | None:
+    """The running local stack's state, or None when no `unclip up` of this user is running."""
+    state = read(state_dir() / FILE_NAME)
+    if state is None or not _alive(state.pid):
+        return None
+    return state
