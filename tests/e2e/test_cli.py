@@ -3,6 +3,7 @@ stack leaves no process behind, also when a stage fails to start."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -78,6 +79,13 @@ def test_up_generate_vary_edit_then_stop(stack_model_dir, tmp_path):
     try:
         address, printed = wait_for_address(up)
         assert len(processes_mentioning(str(tmp_path))) >= 7  # unclip up + 6 services
+        # The stack it started, for operators and the CLI: every service's name, address and pid.
+        state = json.loads((tmp_path / "logs" / "stack.json").read_text())
+        published = Path(os.environ["UNCLIP_STATE_DIR"]) / "stack.json"
+        assert json.loads(published.read_text()) == state and state["address"] == address
+        names = {s["name"] for s in state["services"]}
+        assert names == {"encoder", "prior", "decoder", "super_res", "super_res_2", "safety", "orchestrator"}
+        assert all(Path(f"/proc/{s['pid']}").exists() and s["address"] for s in state["services"])
         addr = ["--addr", address]
 
         # generate: writes PNGs, prints their paths.
@@ -126,6 +134,7 @@ def test_up_generate_vary_edit_then_stop(stack_model_dir, tmp_path):
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=120) == 0
         assert processes_mentioning(str(tmp_path)) == []
+        assert not published.exists()  # withdrawn: no stack is running
     finally:
         if up.poll() is None:
             up.kill()
