@@ -330,6 +330,21 @@ SETTINGS: dict[str, Setting] = {
             "where `unclip up` publishes the running local stack (stack.json) for the CLI "
             "('': $XDG_STATE_HOME/unclip, else ~/.local/state/unclip)",
         ),
+        Setting(
+            "model_name",
+            "UNCLIP_MODEL_NAME",
+            "",
+            str,
+            "orchestrator: the served model's name in GetCapabilities (`unclip up`: the model folder's name)",
+        ),
+        Setting(
+            "vocabulary",
+            "UNCLIP_VOCABULARY",
+            "",
+            str,
+            "orchestrator: the model's vocabulary file (one word a line); a prompt's other words come back "
+            "as a warning ('': no check; `unclip up`: the model folder's vocabulary.txt)",
+        ),
         #
         #
         # ---- HTTP gateway
