@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes per stage, e.g. decoder=2,upsampler=2 (stages: encoder, prior, decoder, upsampler "
         "(every upsampler stage), super_res, super_res_2, safety); the orchestrator fails over between them",
     )
-    # Compute options of the decoder's and upsamplers' UNets (BENCHMARKS.md, "Service overhead — H2" §3).
+    # Compute options of the decoder's and upsamplers' UNets (BENCHMARKS.md, "Caveats").
     # Neither is bit-exact with diffusers' reference, so both are off unless asked for; unset, the stages
     # follow UNCLIP_CHANNELS_LAST / UNCLIP_COMPILE. Each stage's log says what its UNets run with.
     up.add_argument(

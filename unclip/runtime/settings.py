@@ -89,7 +89,7 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting("torch_threads", "UNCLIP_TORCH_THREADS", 1, int, "torch.set_num_threads in model stages"),
         # Compute options of the UNets, read by unclip.models when a stage loads (benchmarks/compute.py
-        # measures each; BENCHMARKS.md "Service overhead — H2" has the numbers behind the defaults).
+        # measures each; BENCHMARKS.md "Caveats" has the numbers behind the defaults).
         Setting(
             "inference_mode",
             "UNCLIP_INFERENCE_MODE",
