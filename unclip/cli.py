@@ -280,6 +280,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(sheet_path)
     if response.withheld:
         print(f"demo: {response.withheld} image(s) withheld by the content policy", file=sys.stderr)
+    for warning in response.warnings:
+        print(f"demo: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

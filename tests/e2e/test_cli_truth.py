@@ -104,8 +104,15 @@ def test_connection_errors_are_one_line_with_the_fix(tmp_path):
     assert url.returncode == 2
     assert "not a URL" in one_line(url.stderr) and "--addr 127.0.0.1:50051" in url.stderr
 
-    waited = unclip("info", "--addr", NOWHERE, "--timeout", "1", cwd=tmp_path, env=env)
-    assert waited.returncode == 1 and "unclip up" in one_line(waited.stderr)
+    waited = unclip(
+        "generate", "a red circle", "--addr", NOWHERE, "--wait", "--timeout", "2", cwd=tmp_path, env=env
+    )
+    assert waited.returncode == 1
+    line = one_line(waited.stderr)
+    assert "no stack answered" in line and "--wait" in line and "unclip up" in line
+
+    info = unclip("info", "--addr", NOWHERE, "--timeout", "2", cwd=tmp_path, env=env)
+    assert info.returncode == 1 and f"no stack at {NOWHERE}" in one_line(info.stderr)
 
 
 def test_up_on_a_busy_port_names_it_and_a_free_one(stack, tmp_path):
