@@ -401,13 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     vary = commands.add_parser("vary", help="variations of an image")
-    vary.add_argument("image")
+    vary.add_argument("image", help="a square PNG, JPEG or WebP file")
     _add_request_options(vary)
     vary.set_defaults(func=cmd_vary)
 
     edit = commands.add_parser("edit", help="regenerate the transparent region of an image from a prompt")
-    edit.add_argument("image")
-    edit.add_argument("prompt")
+    edit.add_argument("image", help="a square PNG file")
+    edit.add_argument(
+        "prompt", help="the whole picture as it should look after the edit, not only the new part"
+    )
     edit.add_argument("--mask", default=None, help="RGBA PNG of the image's size; transparent = regenerate")
     _add_request_options(edit)
     edit.set_defaults(func=cmd_edit)

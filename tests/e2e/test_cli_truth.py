@@ -156,7 +156,7 @@ def test_help_is_written_for_people(capsys, tmp_path):
     from unclip.cli_common import subcommand_parser
 
     parser = build_parser()
-    for command in ("demo", "audit", "info", "make-tiny-model", "generate"):
+    for command in ("demo", "audit", "info", "make-tiny-model", "generate", "vary", "edit"):
         sub = subcommand_parser(parser, command)
         undocumented = [a.dest for a in sub._actions if not a.help]
         assert undocumented == [], (command, undocumented)
