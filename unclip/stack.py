@@ -12,10 +12,13 @@ in order. A stage that fails to start stops the whole stack, naming the stage an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -129,6 +132,8 @@ class Stack:
     replicas: dict[str, int] = field(default_factory=dict)
     interrupted: list[int] = field(default_factory=list)  # a signal arrived: abandon starting
     processes: list[Process] = field(default_factory=list)
+    # log_dir was made by start() (a temporary folder): stop() removes it after a run that came up
+    owns_log_dir: bool = False
 
     @property
     def address(self) -> str:
@@ -176,6 +181,7 @@ class Stack:
             raise InvalidModel(str(error)) from error
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="unclip-up-"))
+            self.owns_log_dir = True
         self.log_dir.mkdir(parents=True, exist_ok=True)
         model = ["--model", str(model_dir)]
         upsamplers = upsampler_stages(model_dir)
@@ -224,10 +230,12 @@ class Stack:
                 port=self.port,
             )  # fmt: skip
             self.processes.append(orchestrator)
-            orchestrator.start({**sampling_defaults_env(self.model), **env})
+            orchestrator.start(
+                {**sampling_defaults_env(self.model), **model_env(self.model, model_dir), **env}
+            )
             self._wait(self.processes, deadline, need_serving=True)
         except BaseException:
-            self.stop()
+            self.stop(keep_logs=True)  # the error names a log: it stays
             raise
         return orchestrator.address or ""
 
@@ -269,8 +277,9 @@ class Stack:
         """Processes that have exited (a running stack has none)."""
         return [p for p in self.processes if p.popen is not None and not p.alive()]
 
-    def stop(self) -> None:
-        """SIGTERM the orchestrator, then the rest; SIGKILL whatever outlives the grace period."""
+    def stop(self, keep_logs: bool = False) -> None:
+        """SIGTERM the orchestrator, then the rest; SIGKILL whatever outlives the grace period. Then removes
+        the log folder if start() made it (a temporary one), unless `keep_logs`."""
         orchestrators = [p for p in self.processes if p.name == "orchestrator"]
         others = [p for p in self.processes if p.name != "orchestrator"]
         for group in (orchestrators, others):
@@ -286,6 +295,9 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     process.popen.kill()
                     process.popen.wait()
+        if self.owns_log_dir and not keep_logs and self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            self.owns_log_dir = False
 
     def __enter__(self) -> Stack:
         self.start()
@@ -332,6 +344,49 @@ def parse_replicas(value: str) -> dict[str, int]:
     return counts
 
 
+def model_env(model: str, model_dir: Path) -> dict[str, str]:
+    """The orchestrator's model settings from the model reference: its name (the folder's, or the last part
+    of an s3:// prefix) and, if the folder ships one, its vocabulary file (unclip.vocabulary)."""
+    from unclip.vocabulary import FILE_NAME
+
+    env = {"UNCLIP_MODEL_NAME": model.rstrip("/").rsplit("/", 1)[-1]}
+    if (Path(model_dir) / FILE_NAME).is_file():
+        env["UNCLIP_VOCABULARY"] = str(Path(model_dir) / FILE_NAME)
+    return env
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when `host:port` cannot be bound because something listens there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
+def free_port_near(port: int) -> int:
+    """The first free port after `port` (within 100), else any free port."""
+    for candidate in range(port + 1, min(port + 100, 65536)):
+        if not port_in_use(candidate):
+            return candidate
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def busy_port_message(port: int) -> str:
+    """One line: the port is taken, by what if we know it, and a free port to use instead."""
+    running = stack_state.current()
+    holder = (
+        f"an `unclip up` (pid {running.pid}) already serves there"
+        if running is not None and running.address.endswith(f":{port}")
+        else "another program listens there"
+    )
+    free = free_port_near(port)
+    return f"port {port} is in use: {holder}; port {free} is free: unclip up --port {free} ..."
+
+
 def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
     """`unclip up`: start, print the addresses, wait for Ctrl-C / SIGTERM (or a process dying), stop
     everything."""
@@ -343,6 +398,9 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if stack.port and port_in_use(stack.port):
+        print(f"unclip up: {busy_port_message(stack.port)}", file=sys.stderr, flush=True)
+        return 1
     try:
         address = stack.start(timeout=timeout)
     except StackError as error:
@@ -353,6 +411,8 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
     state_path = stack_state.publish(stack.state())
     print(f"  audit log     {stack.log_dir / 'audit'}", flush=True)
     print(f"  stack state   {state_path} (also {stack.log_dir / stack_state.FILE_NAME})", flush=True)
+    if stack.owns_log_dir:
+        print("  (logs and audit log are in a temporary folder, removed on exit; --log-dir D keeps them)")
     print(f"orchestrator listening on {address}", flush=True)
     status = 0
     while not stopping:

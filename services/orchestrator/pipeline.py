@@ -21,6 +21,7 @@ import torch
 from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
+from unclip.limits import LIMITS
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
 from unclip.runtime.images import (
@@ -52,6 +53,8 @@ from unclip.v1 import (
     safety_pb2,
     tensor_pb2,
 )
+from unclip.vocabulary import unknown_words
+from unclip.vocabulary import warning as vocabulary_warning
 
 # Karlo's defaults, used for every unset SamplingParams field (the guidance scales: the deployment's
 # UNCLIP_PRIOR_GUIDANCE_SCALE, UNCLIP_DECODER_GUIDANCE_SCALE and UNCLIP_EDIT_DECODER_GUIDANCE_SCALE, since a
@@ -143,6 +146,8 @@ class Pipeline:
         prior_guidance_scale: float = PRIOR_GUIDANCE,
         decoder_guidance_scale: float = DECODER_GUIDANCE,
         edit_decoder_guidance_scale: float = DECODER_GUIDANCE,
+        model_name: str = "",
+        vocabulary: frozenset[str] | None = None,
     ):
         self.stages = stages
         self.cascade = cascade  # decoder first, then each upsampler
@@ -152,6 +157,8 @@ class Pipeline:
         self.prior_guidance_scale = prior_guidance_scale  # for requests that leave it unset
         self.decoder_guidance_scale = decoder_guidance_scale  # generations and variations leaving it unset
         self.edit_decoder_guidance_scale = edit_decoder_guidance_scale  # for edits that leave it unset
+        self.model_name = model_name  # reported by GetCapabilities
+        self.vocabulary = vocabulary  # the model's words (unclip.vocabulary); None: prompts are not checked
         # Stage calls that run beside the request's own thread (the encoder during the prompt check).
         self._helpers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stage-call")
 
@@ -204,7 +211,25 @@ class Pipeline:
             edit_defaults=edit_defaults,
             max_n=MAX_IMAGES,
             max_prompt_chars=MAX_PROMPT_CHARS,
+            model_name=self.model_name,
+            limits=[
+                orchestrator_pb2.RequestLimit(
+                    name=limit.name,
+                    field=limit.field,
+                    low=str(limit.low),
+                    high=str(limit.high),
+                    why=limit.why,
+                )
+                for limit in LIMITS.values()
+            ],
+            vocabulary_words=len(self.vocabulary or ()),
         )
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """The response's warnings for a prompt: the words the model does not know (none without a
+        vocabulary)."""
+        unknown = unknown_words(prompt, self.vocabulary) if self.vocabulary else []
+        return [vocabulary_warning(unknown)] if unknown else []
 
     # ---- the three public calls ----------------------------------------------------------------------------
 
@@ -237,6 +262,7 @@ class Pipeline:
             r, params, cfg, prior.image_embeds, text, prior.generators, calls
         )
         response.prompt_truncated = any(text.truncated)
+        response.warnings.extend(self.prompt_warnings(req.prompt))
         return response
 
     def create_variation(
@@ -318,6 +344,7 @@ class Pipeline:
             keep=(original, known),
         )
         response.prompt_truncated = any(text.truncated)
+        response.warnings.extend(self.prompt_warnings(req.prompt))
         return response
 
     # ---- the model stages, shared by the three calls -------------------------------------------------------

@@ -89,7 +89,7 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting("torch_threads", "UNCLIP_TORCH_THREADS", 1, int, "torch.set_num_threads in model stages"),
         # Compute options of the UNets, read by unclip.models when a stage loads (benchmarks/compute.py
-        # measures each; BENCHMARKS.md "Service overhead — H2" has the numbers behind the defaults).
+        # measures each; BENCHMARKS.md "Caveats" has the numbers behind the defaults).
         Setting(
             "inference_mode",
             "UNCLIP_INFERENCE_MODE",
@@ -329,6 +329,21 @@ SETTINGS: dict[str, Setting] = {
             str,
             "where `unclip up` publishes the running local stack (stack.json) for the CLI "
             "('': $XDG_STATE_HOME/unclip, else ~/.local/state/unclip)",
+        ),
+        Setting(
+            "model_name",
+            "UNCLIP_MODEL_NAME",
+            "",
+            str,
+            "orchestrator: the served model's name in GetCapabilities (`unclip up`: the model folder's name)",
+        ),
+        Setting(
+            "vocabulary",
+            "UNCLIP_VOCABULARY",
+            "",
+            str,
+            "orchestrator: the model's vocabulary file (one word a line); a prompt's other words come back "
+            "as a warning ('': no check; `unclip up`: the model folder's vocabulary.txt)",
         ),
         #
         #
