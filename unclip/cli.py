@@ -189,6 +189,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         replicas=args.replicas,
         extra_env=compute_env(channels_last=args.channels_last, compile=args.compile),
+        http_port=args.http_port,
     )
     return run_until_signalled(stack, timeout=args.start_timeout)
 
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=50051, help="orchestrator port (0: a free one; default 50051)"
     )
     up.add_argument("--log-dir", default=None, help="one log per process (default: a temporary folder)")
+    up.add_argument(
+        "--http-port", type=int, default=None, help="also start the HTTP gateway (OpenAI API, page) here"
+    )
     up.add_argument(
         "--safety-policy", default=settings.env_default("safety_policy"), help="moderation policy file"
     )

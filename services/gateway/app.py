@@ -202,7 +202,9 @@ def create_app(config: GatewayConfig) -> Limits:
         fields = ImageFields.parse(body)
         authorization = request.headers.get("authorization")
         served = await orchestrator().served(authorization)
-        message = core.to_generate(fields, served, url_format=fields.response_format == "url")
+        # A stream always carries b64 PNGs, as gpt-image's.
+        url_format = fields.response_format == "url" and not fields.stream
+        message = core.to_generate(fields, served, url_format=url_format)
         if fields.stream:
             head, rest = await orchestrator().generate_stream(message, authorization)
             return StreamingResponse(
