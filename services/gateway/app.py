@@ -274,8 +274,12 @@ def create_app(config: GatewayConfig) -> Limits:
     async def models(request: Request):
         served = await orchestrator().served(request.headers.get("authorization"))
         now = int(time.time())
+        sizes = {  # unclip's extras: what the page offers, and how many stages make each size
+            "unclip_sizes": [f"{s}x{s}" for s in served.offered_sizes()],
+            "unclip_stage_sizes": list(served.sizes),
+        }
         data = [
-            {"id": name, "object": "model", "created": now, "owned_by": "unclip"}
+            {"id": name, "object": "model", "created": now, "owned_by": "unclip", **sizes}
             for name in dict.fromkeys([served.model_name, core.DALL_E_2])
         ]
         return {"object": "list", "data": data}
