@@ -239,7 +239,8 @@ class Stack:
         """The HTTP door (services.gateway) in front of the running orchestrator."""
         assert self.log_dir is not None
         argv = [sys.executable, "-m", "services.gateway", "--port", str(self.http_port)]
-        argv += ["--host", "127.0.0.1", "--orchestrator-addr", orchestrator, "--model-name", model]
+        argv += ["--host", "127.0.0.1", "--metrics-port", "0", "--orchestrator-addr", orchestrator]
+        argv += ["--model-name", model]
         gateway = Process(name="gateway", argv=argv, log_path=self.log_dir / "gateway.log")
         self.processes.append(gateway)
         gateway.start(env)

@@ -20,9 +20,9 @@ from services.gateway.app import GatewayConfig, create_app
 from services.gateway.client import OrchestratorConfig
 from services.gateway.links import LinkConfig
 from unclip.runtime import settings
+from unclip.runtime.metrics import start_metrics_server
 from unclip.runtime.server import configure_logging, die_with_parent
 
-DEFAULT_PORT = 8080
 log = logging.getLogger("services.gateway")
 
 
@@ -61,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
             "port",
             "max_message_bytes",
             "grace_seconds",
+            "metrics_port",
         ],
-        port=DEFAULT_PORT,
+        port=settings.DEFAULT_PORTS["gateway"],
     )
     args = parser.parse_args(argv)
     if args.max_upload_bytes < 1 or args.link_ttl_seconds <= 0:
         parser.error("--max-upload-bytes and --link-ttl-seconds must be positive")
     configure_logging("gateway")
     die_with_parent()
+    start_metrics_server(args.metrics_port)  # also at /metrics on the HTTP port
     # Bound here, not by uvicorn, so port 0 resolves before the announcement `unclip up` waits for.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -29,7 +29,7 @@ FAST = {
 def running_gateway(orchestrator: str, env: dict[str, str], log_path: Path, *args: str) -> Iterator[str]:
     """Starts the gateway on a free port in front of `orchestrator`; yields its URL once /readyz says so."""
     argv = [sys.executable, "-m", "services.gateway", "--orchestrator-addr", orchestrator]
-    argv += ["--host", "127.0.0.1", "--port", "0", *args]
+    argv += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -29,6 +29,7 @@ DEFAULT_PORTS = {
     "super_res": 50055,
     "super_res_2": 50056,
     "safety": 50057,
+    "gateway": 8080,  # HTTP (services.gateway)
 }
 
 
@@ -381,7 +382,7 @@ SETTINGS: dict[str, Setting] = {
             "UNCLIP_GATEWAY_MAX_UPLOAD_BYTES",
             4 * 1024 * 1024,
             int,
-            "gateway: largest uploaded image or mask (OpenAI: less than 4 MB); bodies over twice that + 1 MiB "
+            "gateway: largest uploaded image or mask (OpenAI: under 4 MB); bodies over twice that + 1 MiB "
             "are refused with 413 before they are read",
         ),
         Setting(
