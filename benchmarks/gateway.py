@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import threading
 import time
 
@@ -65,9 +66,16 @@ def http_call(http, steps: tuple[int, int, int], size: int, user: str):
     return call
 
 
-def latency(grpc_fn, http_fn, repeats: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat: utime, stime in clock ticks)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def latency(grpc_fn, http_fn, repeats: int, gateway_pid: int) -> dict:
     grpc_fn(), http_fn()  # warm both paths (connections, first-call setup)
     times: dict[str, list[float]] = {"grpc": [], "http": []}
+    cpu_before = cpu_seconds(gateway_pid)
     for i in range(repeats):
         order = (
             (("grpc", grpc_fn), ("http", http_fn)) if i % 2 == 0 else (("http", http_fn), ("grpc", grpc_fn))
@@ -77,8 +85,11 @@ def latency(grpc_fn, http_fn, repeats: int) -> dict:
             png = fn()
             times[side].append(time.perf_counter() - began)
             assert png.startswith(b"\x89PNG")
+    # The gateway's own CPU per request: what it adds on an idle machine, whatever the load on this one.
+    gateway_cpu_ms = 1000 * (cpu_seconds(gateway_pid) - cpu_before) / repeats
     p50 = {side: median(values) for side, values in times.items()}
     return {
+        "gateway_cpu_ms_per_request": gateway_cpu_ms,
         "measure": "latency",
         "repeats": repeats,
         "grpc_p50_ms": 1000 * p50["grpc"],
@@ -123,6 +134,20 @@ def throughput(side: str, calls: list, seconds: float, errors: tuple[type[BaseEx
     }
 
 
+def combined(runs: list[dict]) -> dict:
+    """Two throughput runs of one side as one."""
+    seconds, requests = sum(r["seconds"] for r in runs), sum(r["requests"] for r in runs)
+    failed = sum(r["refused_or_failed"] for r in runs)
+    return {
+        **runs[0],
+        "seconds": seconds,
+        "requests": requests,
+        "refused_or_failed": failed,
+        "requests_per_s": requests / seconds,
+        "measure": "throughput (both halves)",
+    }
+
+
 def main() -> None:
     import httpx2 as httpx
 
@@ -144,24 +169,34 @@ def main() -> None:
     clients = []
     try:
         direct = stub(stack.address)
+        gateway = next(p for p in stack.processes if p.name == "gateway")
         with httpx.Client(base_url=stack.http_url, timeout=120) as http:
             lat = latency(
                 grpc_call(direct, steps, args.size, "bench"),
                 http_call(http, steps, args.size, "bench"),
                 args.repeats,
+                gateway.popen.pid,
             )
         emit(lat)
         grpc_calls = [grpc_call(stub(stack.address), steps, args.size, f"c{i}") for i in range(args.clients)]
         clients = [httpx.Client(base_url=stack.http_url, timeout=120) for _ in range(args.clients)]
         http_calls = [http_call(c, steps, args.size, f"c{i}") for i, c in enumerate(clients)]
-        by_grpc = throughput("grpc", grpc_calls, args.seconds, (grpc.RpcError,))
+        # ABBA: each side runs twice, half the time each, so drift in the machine's load hits both alike.
+        halves = {"grpc": [], "http": []}
+        for side in ("grpc", "http", "http", "grpc"):
+            calls, errors = (
+                (grpc_calls, (grpc.RpcError,)) if side == "grpc" else (http_calls, (httpx.HTTPError,))
+            )
+            halves[side].append(throughput(side, calls, args.seconds / 2, errors))
+            emit(halves[side][-1])
+        by_grpc, by_http = (combined(halves[side]) for side in ("grpc", "http"))
         emit(by_grpc)
-        by_http = throughput("http", http_calls, args.seconds, (httpx.HTTPError,))
         emit(by_http)
         emit(
             {
                 "summary": "gateway",
                 "added_p50_ms": round(lat["added_p50_ms"], 2),
+                "gateway_cpu_ms_per_request": round(lat["gateway_cpu_ms_per_request"], 2),
                 "target_added_p50_ms": 5.0,
                 "http_over_grpc_throughput": round(by_http["requests_per_s"] / by_grpc["requests_per_s"], 3),
                 "target_throughput_ratio": 0.95,

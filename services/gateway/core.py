@@ -361,8 +361,11 @@ def _too_many(failure: RpcFailure) -> ApiError:
         headers["retry-after"] = str(max(1, math.ceil(milliseconds / 1000)))
     except (KeyError, ValueError):
         pass
+    headers["x-unclip-limit"] = limit
     if limit == "capacity":
         return ApiError(429, failure.message, type="requests", code="rate_limit_exceeded", headers=headers)
     # A quota: the SDK would retry twice within seconds for nothing; tell it not to.
     headers["x-should-retry"] = "false"
-    return ApiError(429, failure.message, type="insufficient_quota", code=limit, headers=headers)
+    return ApiError(
+        429, failure.message, type="insufficient_quota", code="insufficient_quota", headers=headers
+    )

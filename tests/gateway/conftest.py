@@ -26,8 +26,10 @@ FAST = {
 
 
 @contextlib.contextmanager
-def running_gateway(orchestrator: str, env: dict[str, str], log_path: Path, *args: str) -> Iterator[str]:
-    """Starts the gateway on a free port in front of `orchestrator`; yields its URL once /readyz says so."""
+def running_gateway(
+    orchestrator: str, env: dict[str, str], log_path: Path, *args: str, probe: str = "/readyz"
+) -> Iterator[str]:
+    """Starts the gateway on a free port in front of `orchestrator`; yields its URL once `probe` says 200."""
     argv = [sys.executable, "-m", "services.gateway", "--orchestrator-addr", orchestrator]
     argv += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args]
     with open(log_path, "wb") as log:
@@ -41,7 +43,7 @@ def running_gateway(orchestrator: str, env: dict[str, str], log_path: Path, *arg
                 url = f"http://127.0.0.1:{match.group(2)}" if match else None
             if url is not None:
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    if httpx.get(url + probe, timeout=2).status_code == 200:
                         break
             time.sleep(0.1)
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx2 as httpx
 import pytest
 
+from tests.gateway.conftest import running_gateway
 from tests.gateway.test_openai_sdk import png_file
 
 
@@ -107,3 +108,10 @@ def test_service_routes(http):
     assert http.get("/docs").status_code == 200
     schema = http.get("/openapi.json").json()
     assert {"/v1/images/generations", "/v1/images/edits", "/v1/images/variations"} <= set(schema["paths"])
+
+
+def test_orchestrator_down_is_503(stack, tmp_path):
+    with running_gateway("127.0.0.1:9", stack.env, tmp_path / "gateway.log", probe="/healthz") as url:
+        response = httpx.post(url + "/v1/images/generations", json={"prompt": "a dot"}, timeout=30)
+        assert_error(response, 503, None, "service_unavailable")
+        assert httpx.get(url + "/readyz", timeout=30).status_code == 503
