@@ -142,10 +142,10 @@ def test_bad_sampling_value_names_the_param(client):
 
 
 def test_model_names(client, gateway):
-    assert client.images.generate(prompt="a dot", model="dall-e-2", extra_body=FAST).data
+    assert client.images.generate(prompt="a dot", model="dall-e-2", size="32x32", extra_body=FAST).data
     with pytest.raises(openai.NotFoundError) as caught:
         client.images.generate(prompt="a dot", model="dall-e-3", extra_body=FAST)
     assert caught.value.code == "model_not_found" and caught.value.param == "model"
     served = [model.id for model in client.models.list()]
     assert "dall-e-2" in served and len(served) == 2
-    client.images.generate(prompt="a dot", model=served[0], n=1, extra_body=FAST)
+    client.images.generate(prompt="a dot", model=served[0], size="32x32", extra_body=FAST)
