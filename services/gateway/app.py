@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway import core
+from services.gateway import core, schema
 from services.gateway.client import Orchestrator, OrchestratorConfig, OrchestratorError
 from services.gateway.core import ApiError, ImageFields
 from services.gateway.links import LinkConfig, LinkStore
@@ -191,7 +191,11 @@ def create_app(config: GatewayConfig) -> Limits:
             urls = [image.url or base + links.put(image.png) for image in response.images]
         return JSONResponse(core.images_body(response, urls))
 
-    @app.post("/v1/images/generations", summary="Create images from a prompt (OpenAI's images.generate)")
+    @app.post(
+        "/v1/images/generations",
+        summary="Create images from a prompt (OpenAI's images.generate)",
+        openapi_extra=schema.GENERATIONS,
+    )
     async def generations(request: Request):
         try:
             body = json.loads(await request.body())
@@ -214,7 +218,11 @@ def create_app(config: GatewayConfig) -> Limits:
             )
         return await answer(request, fields, "Generate", message)
 
-    @app.post("/v1/images/edits", summary="Edit an image with a mask and a prompt (OpenAI's images.edit)")
+    @app.post(
+        "/v1/images/edits",
+        summary="Edit an image with a mask and a prompt (OpenAI's images.edit)",
+        openapi_extra=schema.EDITS,
+    )
     async def edits(request: Request):
         fields, files = await read_form(request, ("image", "mask"))
         if "image" not in files:
@@ -225,7 +233,11 @@ def create_app(config: GatewayConfig) -> Limits:
         )
         return await answer(request, fields, "Edit", message)
 
-    @app.post("/v1/images/variations", summary="Variations of an image (OpenAI's images.create_variation)")
+    @app.post(
+        "/v1/images/variations",
+        summary="Variations of an image (OpenAI's images.create_variation)",
+        openapi_extra=schema.VARIATIONS,
+    )
     async def variations(request: Request):
         fields, files = await read_form(request, ("image",))
         if "image" not in files:

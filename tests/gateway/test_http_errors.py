@@ -108,6 +108,10 @@ def test_service_routes(http):
     assert http.get("/docs").status_code == 200
     schema = http.get("/openapi.json").json()
     assert {"/v1/images/generations", "/v1/images/edits", "/v1/images/variations"} <= set(schema["paths"])
+    body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"][
+        "schema"
+    ]
+    assert body["required"] == ["image", "prompt"] and "mask" in body["properties"]
 
 
 def test_orchestrator_down_is_503(stack, tmp_path):
