@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from unclip.runtime.server import message_options
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 READINESS_SERVICE = "unclip.v1.ImageService"  # the orchestrator's readiness (every stage SERVING)
+MAX_CACHED_CALLERS = 1024  # credentials whose capabilities answer is reused
 
 
 class OrchestratorError(Exception):
@@ -70,7 +72,8 @@ class Orchestrator:
         self.channel = grpc.aio.insecure_channel(config.address, options=options)
         self.stub = orchestrator_pb2_grpc.ImageServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-        self._served: tuple[float, Served] | None = None
+        # Per caller's Authorization (the capabilities call is also its authentication): (time, Served).
+        self._served: OrderedDict[str, tuple[float, Served]] = OrderedDict()
         # Whether the orchestrator stores URL images in a bucket (learned from the first url request).
         self.has_bucket: bool | None = None
 
@@ -85,15 +88,22 @@ class Orchestrator:
             raise OrchestratorError(failure_of(error)) from None
 
     async def served(self, authorization: str | None) -> Served:
-        """The served model's name and sizes (GetCapabilities, reused for a while)."""
+        """The served model's name and sizes (GetCapabilities with the caller's credentials, reused for a
+        while per credential: a wrong key is refused before its request's fields are judged)."""
         now = time.monotonic()
-        if self._served is None or now - self._served[0] > self.config.capabilities_ttl_seconds:
+        key = authorization or ""
+        cached = self._served.get(key)
+        if cached is None or now - cached[0] > self.config.capabilities_ttl_seconds:
             caps = await self._call(
                 self.stub.GetCapabilities, orchestrator_pb2.CapabilitiesRequest(), authorization
             )
             name = caps.model_name or self.config.model_name or "unclip"
-            self._served = (now, Served(model_name=name, sizes=tuple(caps.sizes)))
-        return self._served[1]
+            cached = (now, Served(model_name=name, sizes=tuple(caps.sizes)))
+            self._served[key] = cached
+            while len(self._served) > MAX_CACHED_CALLERS:
+                self._served.popitem(last=False)
+        self._served.move_to_end(key)
+        return cached[1]
 
     async def images(self, method_name: str, request, authorization: str | None):
         """Generate / CreateVariation / Edit. A URL request to an orchestrator without a bucket is retried

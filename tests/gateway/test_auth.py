@@ -64,6 +64,11 @@ def test_wrong_key_is_an_authentication_error(secured):
         client_for(url, "sk-wrong").images.generate(prompt="a dot", extra_body=FAST)
     assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
     assert "sk-wrong" not in caught.value.message
+    # Authentication comes first: a wrong key with a bad size is still a 401; /v1/models needs a key too.
+    with pytest.raises(openai.AuthenticationError):
+        client_for(url, "sk-wrong").images.generate(prompt="a dot", size="7x7")
+    with pytest.raises(openai.AuthenticationError):
+        client_for(url, "sk-wrong").models.list()
 
 
 def test_scope_and_quota(secured):
