@@ -41,8 +41,12 @@ def test_stream_partial_images_then_completed(client):
     )
     assert events[-1].b64_json == plain.data[0].b64_json
 
-    one = list(client.images.generate(prompt="a red circle", stream=True, partial_images=1, extra_body=FAST))
+    one = client.images.generate(
+        prompt="a red circle", size="64x64", stream=True, partial_images=1, extra_body=FAST
+    )
+    one = list(one)
     assert [event.type for event in one] == ["image_generation.partial_image", "image_generation.completed"]
+    assert [size_of(event.b64_json) for event in one] == [(32, 32), (64, 64)]
 
 
 def test_stream_failures_come_before_the_stream(client):
