@@ -192,6 +192,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         replicas=args.replicas,
         extra_env=compute_env(channels_last=args.channels_last, compile=args.compile),
+        http_port=args.http_port,
     )
     return run_until_signalled(stack, timeout=args.start_timeout)
 
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-dir",
         default=None,
         help="one log per process, and the audit log (default: a temporary folder, removed on exit)",
+    )
+    up.add_argument(
+        "--http-port", type=int, default=None, help="also start the HTTP gateway (OpenAI API, page) here"
     )
     up.add_argument(
         "--safety-policy", default=settings.env_default("safety_policy"), help="moderation policy file"

@@ -131,13 +131,15 @@ class Stack:
     # processes per stage ("decoder": 2, "super_res": 2, ...; see parse_replicas); 1 when absent
     replicas: dict[str, int] = field(default_factory=dict)
     interrupted: list[int] = field(default_factory=list)  # a signal arrived: abandon starting
+    http_port: int | None = None  # the HTTP gateway's port (services.gateway; 0: any); None: no gateway
     processes: list[Process] = field(default_factory=list)
     # log_dir was made by start() (a temporary folder): stop() removes it after a run that came up
     owns_log_dir: bool = False
 
     @property
     def address(self) -> str:
-        return self.processes[-1].address if self.processes else ""
+        orchestrator = next((p for p in self.processes if p.name == "orchestrator"), None)
+        return (orchestrator.address or "") if orchestrator else ""
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -234,10 +236,29 @@ class Stack:
                 {**sampling_defaults_env(self.model), **model_env(self.model, model_dir), **env}
             )
             self._wait(self.processes, deadline, need_serving=True)
+            if self.http_port is not None:
+                self._start_gateway(orchestrator.address or "", Path(model_dir).name, env, deadline)
         except BaseException:
             self.stop(keep_logs=True)  # the error names a log: it stays
             raise
         return orchestrator.address or ""
+
+    def _start_gateway(self, orchestrator: str, model: str, env: dict[str, str], deadline: float) -> None:
+        """The HTTP door (services.gateway) in front of the running orchestrator."""
+        assert self.log_dir is not None
+        argv = [sys.executable, "-m", "services.gateway", "--port", str(self.http_port)]
+        argv += ["--host", "127.0.0.1", "--metrics-port", "0", "--orchestrator-addr", orchestrator]
+        argv += ["--model-name", model]
+        gateway = Process(name="gateway", argv=argv, log_path=self.log_dir / "gateway.log")
+        self.processes.append(gateway)
+        gateway.start(env)
+        self._wait([gateway], deadline, need_serving=False)  # ready once listening: its orchestrator is
+
+    @property
+    def http_url(self) -> str:
+        """The gateway's base URL ('' without one)."""
+        gateway = next((p for p in self.processes if p.name == "gateway"), None)
+        return f"http://{gateway.address}" if gateway and gateway.address else ""
 
     def _wait(self, processes: list[Process], deadline: float, need_serving: bool) -> None:
         pending = list(processes)
@@ -271,6 +292,7 @@ class Stack:
                 )
                 for p in self.processes
             ],
+            extra={"http_url": self.http_url} if self.http_url else {},
         )
 
     def dead(self) -> list[Process]:
@@ -278,10 +300,11 @@ class Stack:
         return [p for p in self.processes if p.popen is not None and not p.alive()]
 
     def stop(self, keep_logs: bool = False) -> None:
-        """SIGTERM the orchestrator, then the rest; SIGKILL whatever outlives the grace period. Then removes
-        the log folder if start() made it (a temporary one), unless `keep_logs`."""
-        orchestrators = [p for p in self.processes if p.name == "orchestrator"]
-        others = [p for p in self.processes if p.name != "orchestrator"]
+        """SIGTERM the doors (gateway, orchestrator), then the rest; SIGKILL whatever outlives the grace
+        period. Then removes the log folder if start() made it (a temporary one), unless `keep_logs`."""
+        front = ("gateway", "orchestrator")  # the doors first: they drain requests that need the stages
+        orchestrators = [p for p in self.processes if p.name in front]
+        others = [p for p in self.processes if p.name not in front]
         for group in (orchestrators, others):
             for process in group:
                 if process.alive():
@@ -413,6 +436,8 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
     print(f"  stack state   {state_path} (also {stack.log_dir / stack_state.FILE_NAME})", flush=True)
     if stack.owns_log_dir:
         print("  (logs and audit log are in a temporary folder, removed on exit; --log-dir D keeps them)")
+    if stack.http_url:
+        print(f"HTTP (OpenAI Images API, playground) on {stack.http_url}", flush=True)
     print(f"orchestrator listening on {address}", flush=True)
     status = 0
     while not stopping:

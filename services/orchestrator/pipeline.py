@@ -132,6 +132,7 @@ class Request:
     output_format: int
     user: str
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    previews: bool = False  # GenerateStream asked for intermediate images (GenerateRequest.previews)
 
 
 class Pipeline:
@@ -239,6 +240,7 @@ class Pipeline:
         # 1. Validate everything before any work.
         check_prompt(req.prompt)
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.previews = req.previews and calls.on_event is not None
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -459,6 +461,7 @@ class Pipeline:
                 inpaint = decoder_pb2.InpaintInput(
                     image=_select(inpaint.image, indices), mask=_select(inpaint.mask, indices)
                 )
+            self._preview(r, images, indices, "decoder", calls)
 
         # Upsamplers, in cascade order, each drawing from the generators the previous stage handed on.
         for stage in range(upsamplers):
@@ -473,6 +476,8 @@ class Pipeline:
                 self.cascade[stage + 1].stage,
             )
             images, generators = upsampled.images, list(upsampled.generators)
+            if stage < upsamplers - 1:  # the last stage's output is the result, after the final check
+                self._preview(r, images, indices, self.cascade[stage + 1].stage, calls)
 
         # A size between two stage sizes is a high-quality downscale of the next larger.
         final = downscale(from_proto(images, "images", dtype=torch.float32), r.size).clamp(-1, 1)
@@ -509,6 +514,18 @@ class Pipeline:
                 image.url = url
                 image.png = b""
         return response
+
+    def _preview(
+        self, r: Request, images: tensor_pb2.Tensor, indices: list[int], stage: str, calls: Calls
+    ) -> None:
+        """GenerateStream with previews: the first image left, as this stage made it (already checked)."""
+        if not r.previews or not indices:
+            return
+        first = from_proto(images, "images", dtype=torch.float32)[:1].clamp(-1, 1)
+        preview = orchestrator_pb2.Preview(
+            stage=stage, size=first.shape[-1], png=encode_png(to_pixels(first)[0]), index=indices[0]
+        )
+        calls.on_event(orchestrator_pb2.GenerateEvent(preview=preview))
 
     # ---- the content policy -------------------------------------------------------------------------------
 
