@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from unclip import stack_state
 from unclip.runtime.server import health_status
@@ -128,6 +129,7 @@ class Stack:
     # processes per stage ("decoder": 2, "super_res": 2, ...; see parse_replicas); 1 when absent
     replicas: dict[str, int] = field(default_factory=dict)
     interrupted: list[int] = field(default_factory=list)  # a signal arrived: abandon starting
+    test_signer: Any = None  # unclip.provenance.certs.TestSigner minted at start, when none was configured
     processes: list[Process] = field(default_factory=list)
 
     @property
@@ -216,6 +218,7 @@ class Stack:
             orchestrator = self._process(
                 "orchestrator",
                 "services.orchestrator",
+                *model,
                 "--encoder-addr", targets("encoder"),
                 "--prior-addr", targets("prior"),
                 "--decoder-addr", targets("decoder"),
@@ -224,12 +227,23 @@ class Stack:
                 port=self.port,
             )  # fmt: skip
             self.processes.append(orchestrator)
-            orchestrator.start({**sampling_defaults_env(self.model), **env})
+            orchestrator.start({**sampling_defaults_env(self.model), **self._provenance_env(env), **env})
             self._wait(self.processes, deadline, need_serving=True)
         except BaseException:
             self.stop()
             raise
         return orchestrator.address or ""
+
+    def _provenance_env(self, env: dict[str, str]) -> dict[str, str]:
+        """Without a configured C2PA signer: a TEST signer and watermark key minted for this stack (the
+        caller's own settings still win: they are applied over this)."""
+        if env.get("UNCLIP_C2PA_CERT") or env.get("UNCLIP_C2PA_KEY"):
+            return {}
+        from unclip.provenance.certs import mint_test_signer
+
+        assert self.log_dir is not None
+        self.test_signer = mint_test_signer(self.log_dir / "provenance")
+        return self.test_signer.env()
 
     def _wait(self, processes: list[Process], deadline: float, need_serving: bool) -> None:
         pending = list(processes)
@@ -352,6 +366,9 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
         print(f"  {process.name:<13} {process.address}   log {process.log_path}", flush=True)
     state_path = stack_state.publish(stack.state())
     print(f"  audit log     {stack.log_dir / 'audit'}", flush=True)
+    if stack.test_signer is not None:
+        print(f"  provenance    C2PA signer and watermark key FOR TESTING ONLY, minted in "
+              f"{stack.test_signer.cert.parent} (not trusted outside this machine)", flush=True)  # fmt: skip
     print(f"  stack state   {state_path} (also {stack.log_dir / stack_state.FILE_NAME})", flush=True)
     print(f"orchestrator listening on {address}", flush=True)
     status = 0

@@ -16,6 +16,7 @@ from services.orchestrator.outputs import ImageStore
 from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.servicer import ImageServicer
 from unclip.checks import check_guidance
+from unclip.provenance.stamp import PROVENANCE_SETTINGS, Provenance
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_inflight",
             "max_inflight_per_caller",
             "images_url",
+            *PROVENANCE_SETTINGS,
             *SERVER_SETTINGS,
         ],
         port=settings.DEFAULT_PORTS["orchestrator"],
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a bad bucket URL or missing S3 endpoint stops the start, not the first URL request
         image_store = ImageStore.from_settings(args.images_url)
     except (ValueError, StorageError) as error:
+        parser.error(str(error))
+    try:  # a signer or watermark key that cannot be used stops the start, naming the setting
+        provenance = Provenance.from_args(args)
+    except ValueError as error:
         parser.error(str(error))
     servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
     connected: list[Stages] = []
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             prior_guidance_scale=args.prior_guidance_scale,
             decoder_guidance_scale=args.decoder_guidance_scale,
             edit_decoder_guidance_scale=args.edit_decoder_guidance_scale,
+            provenance=provenance,
         )
 
     return serve(

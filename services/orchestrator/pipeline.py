@@ -21,6 +21,8 @@ import torch
 from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
+from unclip.provenance.metadata import GenerationRecord
+from unclip.provenance.stamp import Provenance, now_iso
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
 from unclip.runtime.images import (
@@ -129,6 +131,8 @@ class Request:
     output_format: int
     user: str
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    operation: str = "generate"  # "generate", "variation" or "edit" (the images' provenance records)
+    prompt: str = ""
 
 
 class Pipeline:
@@ -143,6 +147,7 @@ class Pipeline:
         prior_guidance_scale: float = PRIOR_GUIDANCE,
         decoder_guidance_scale: float = DECODER_GUIDANCE,
         edit_decoder_guidance_scale: float = DECODER_GUIDANCE,
+        provenance: Provenance | None = None,
     ):
         self.stages = stages
         self.cascade = cascade  # decoder first, then each upsampler
@@ -152,6 +157,7 @@ class Pipeline:
         self.prior_guidance_scale = prior_guidance_scale  # for requests that leave it unset
         self.decoder_guidance_scale = decoder_guidance_scale  # generations and variations leaving it unset
         self.edit_decoder_guidance_scale = edit_decoder_guidance_scale  # for edits that leave it unset
+        self.provenance = provenance  # watermark, metadata and C2PA on the final images; None: none
         # Stage calls that run beside the request's own thread (the encoder during the prompt check).
         self._helpers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stage-call")
 
@@ -214,6 +220,7 @@ class Pipeline:
         # 1. Validate everything before any work.
         check_prompt(req.prompt)
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.prompt = req.prompt
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -246,6 +253,7 @@ class Pipeline:
         image = decode_image(req.image, "image")
         require_square(image, "image")
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.operation = "variation"
         params = Params.from_proto(
             req.params, len(self.cascade) - 1, prior=False, decoder_guidance_scale=self.decoder_guidance_scale
         )
@@ -282,6 +290,7 @@ class Pipeline:
         mask = decode_image(req.mask, "mask") if req.mask else None
         known = known_mask(image, mask)  # [1, S, S], 1 = keep
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.operation, r.prompt = "edit", req.prompt
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -453,12 +462,18 @@ class Pipeline:
             # Resampling blurred the known region: restore it from the original at this size.
             original, known = keep
             final = known * original + (1 - known) * final
+        if self.provenance is not None:  # the watermark goes in before the final check: it judges what leaves
+            final = self.provenance.embed(final, r.request_id)
         final_proto = to_proto(final)
 
-        # Safety on the final images, while a helper encodes the PNGs (and float32 pixels when asked): nothing
-        # leaves before the verdict, and a withheld image's PNG is dropped.
+        # Safety on the final images, while a helper encodes the PNGs (and float32 pixels when asked) with
+        # their metadata and C2PA manifest: nothing leaves before the verdict, and a withheld image's PNG is
+        # dropped.
         pixels = to_pixels(final)  # [m, S, S, 3] in [0, 1]
-        encoding = self._helpers.submit(lambda: [encode_png(pixels[row]) for row in range(len(indices))])
+        stamp = self._stamper(r, params, upsamplers)
+        encoding = self._helpers.submit(
+            lambda: [stamp(encode_png(pixels[row]), indices[row]) for row in range(len(indices))]
+        )
         _, _, final_indices, more_withheld = self._filter_images(
             final_proto, [], indices, safety_pb2.CHECK_STAGE_FINAL_OUTPUT, r, calls
         )
@@ -482,6 +497,50 @@ class Pipeline:
                 image.url = url
                 image.png = b""
         return response
+
+    def _stamper(self, r: Request, params: Params, upsamplers: int):
+        """png, index -> the PNG with its provenance (as is without a Provenance)."""
+        provenance = self.provenance
+        if provenance is None:
+            return lambda png, index: png
+        stages: dict[str, dict] = {}
+        if r.operation != "variation":
+            stages["prior"] = {
+                "scheduler": "UnCLIPScheduler",
+                "steps": params.prior_num_inference_steps,
+                "guidance_scale": params.prior_guidance_scale,
+                "num_candidates": params.prior_num_candidates,
+            }
+        stages["decoder"] = {
+            "scheduler": "UnCLIPScheduler",
+            "steps": params.decoder_num_inference_steps,
+            "guidance_scale": params.decoder_guidance_scale,
+        }
+        for stage in range(upsamplers):
+            stages[self.cascade[stage + 1].stage] = {
+                "scheduler": "UnCLIPScheduler",
+                "steps": params.super_res_num_inference_steps[stage],
+            }
+        created, marked = now_iso(), provenance.marks(r.size)
+
+        def stamp(png: bytes, index: int) -> bytes:
+            record = GenerationRecord(
+                model=provenance.model,
+                model_sha256=provenance.model_sha256,
+                deployment=provenance.deployment,
+                request_id=r.request_id,
+                index=index,
+                seed=r.seed + index,
+                size=r.size,
+                created=created,
+                operation=r.operation,
+                stages=stages,
+                watermark=marked,
+                prompt=r.prompt if r.operation != "variation" else None,
+            )
+            return provenance.stamp(png, record)
+
+        return stamp
 
     # ---- the content policy -------------------------------------------------------------------------------
 
