@@ -1,7 +1,7 @@
 """The `unclip` command: start the stack, generate, vary and edit images, make a tiny model, run the demo.
 
 Exit codes: 0 done; 2 invalid input (the message names the field); 3 refused by the content policy (the
-message says which check); 1 anything else.
+message says which check); 1 anything else. `unclip verify`: 6 ours but altered, 7 not ours (verify_cli.py).
 """
 
 from __future__ import annotations
@@ -400,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     from unclip.audit_cli import add_parser as add_audit_parser
 
     add_audit_parser(commands)  # `unclip audit`: print and filter the safety audit log
+    from unclip.verify_cli import add_parser as add_verify_parser
+
+    add_verify_parser(commands)  # `unclip verify`: provenance check of image files (exit 0 / 6 / 7)
 
     demo = commands.add_parser("demo", help="start the stack on the bundled model and draw 4 pictures")
     demo.add_argument(

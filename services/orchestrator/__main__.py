@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
+    servicer.verifier = provenance.verifier()
     connected: list[Stages] = []
 
     def load() -> None:

@@ -463,7 +463,7 @@ class Pipeline:
             original, known = keep
             final = known * original + (1 - known) * final
         if self.provenance is not None:  # the watermark goes in before the final check: it judges what leaves
-            final = self.provenance.embed(final, r.request_id)
+            final = self.provenance.embed(final, [r.seed + index for index in indices])
         final_proto = to_proto(final)
 
         # Safety on the final images, while a helper encodes the PNGs (and float32 pixels when asked) with

@@ -20,6 +20,7 @@ import torch
 
 from unclip.provenance.c2pa_manifest import C2paSigner, ManifestReader, trust_anchors_from_chain
 from unclip.provenance.metadata import GenerationRecord, add_text_chunks
+from unclip.provenance.verify import Verifier
 from unclip.provenance.watermark import Watermark, payload_for
 
 # The orchestrator's flags for provenance (each also an environment variable; docs/operations.md).
@@ -91,17 +92,26 @@ class Provenance:
             watermark_min_size=args.watermark_min_size,
         )
 
+    def verifier(self) -> Verifier:
+        """What Verify checks with: the same trust anchors, watermark key and deployment id."""
+        return Verifier(self.reader, self.watermark, self.deployment, signs=self.signer is not None)
+
     def marks(self, size: int) -> bool:
         return self.watermark is not None and size >= self.watermark_min_size
 
-    def embed(self, images: torch.Tensor, request_id: str) -> torch.Tensor:
-        """[n, 3, S, S] in [-1, 1] -> the same, watermarked (unchanged when this size is not marked)."""
+    def embed(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """[n, 3, S, S] in [-1, 1] -> the same, watermarked (unchanged when this size is not marked); row i
+        carries payload_for(deployment, seeds[i]): the same seed gives the same pixels."""
         if not self.marks(images.shape[-1]):
             return images
         assert self.watermark is not None
-        payload = payload_for(self.deployment, request_id)
         pixels = (images * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy().astype(np.float64)
-        marked = np.stack([self.watermark.embed(p, payload) for p in pixels])
+        marked = np.stack(
+            [
+                self.watermark.embed(p, payload_for(self.deployment, seed))
+                for p, seed in zip(pixels, seeds, strict=True)
+            ]
+        )
         return torch.from_numpy(marked).permute(0, 3, 1, 2).float() * 2.0 - 1.0
 
     def stamp(self, png: bytes, record: GenerationRecord) -> bytes:

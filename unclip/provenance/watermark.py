@@ -10,8 +10,8 @@ up; the shift is found by the correlation peak), JPEG and downscaling (the patte
 table that sets `THRESHOLD` and the sizes where the mark is reliable.
 
 The mark: a sync pattern (what detection looks for) plus `PAYLOAD_BITS` patterns whose signs carry the
-payload (a hash of the deployment id and the request id). All patterns come from the key, so without the key
-the mark can neither be found nor forged. Equal amounts are added to R, G and B (a luminance change only).
+payload (hashes of the deployment id and of the image's seed). All patterns come from the key, so without the
+key the mark can neither be found nor forged. Equal amounts are added to R, G and B (a luminance change only).
 Known limits: a rescale other than ~1x or ~0.5x, a rotation, or averaging many marked images (which estimates
 the pattern) defeat it.
 """
@@ -109,21 +109,27 @@ class Watermark:
         return score, self._payload(spectrum, weight, peak)
 
     def _payload(self, spectrum: np.ndarray, weight: np.ndarray, peak: tuple) -> int:
-        """Weighted least squares for every pattern's amplitude at the found shift; the bits are the signs."""
+        """Weighted least squares for every pattern's amplitude at the found shift (over the band's
+        frequencies, through the normal equations: 1 + K unknowns); the bits are the signs."""
         freq = np.fft.fftfreq(TILE)
         shift = np.exp(-2j * np.pi * (freq[:, None] * peak[0] + freq[None, :] * peak[1]))
-        design = (self._spectra_plain * shift[None] * weight[None]).reshape(1 + PAYLOAD_BITS, -1).T
-        target = (spectrum * weight).ravel()
-        rows = np.concatenate([design.real, design.imag]), np.concatenate([target.real, target.imag])
-        amplitudes = np.linalg.lstsq(rows[0], rows[1], rcond=None)[0]
+        band = weight > 0
+        design = self._spectra_plain[:, band] * (shift * weight)[band][None]  # [1 + K, bins]
+        target = (spectrum * weight)[band]
+        normal = np.real(design.conj() @ design.T)
+        amplitudes = np.linalg.solve(normal, np.real(design.conj() @ target))
         return sum(1 << bit for bit in range(PAYLOAD_BITS) if amplitudes[1 + bit] > 0)
 
 
-def payload_for(deployment_id: str, request_id: str) -> int:
-    """The PAYLOAD_BITS carried: 4 bits of the deployment id's hash, 12 of the request id's."""
+def payload_for(deployment_id: str, seed: int) -> int:
+    """The PAYLOAD_BITS carried: 4 bits of the deployment id's hash, 12 of the image's seed's.
+
+    The image's seed, not the request id: a request repeated with the same seed must give the same pixels
+    (outputs are reproducible by seed), and the seed leads to the request through the metadata, the C2PA
+    manifest and the audit log."""
     deployment = hashlib.sha256(deployment_id.encode()).digest()[0] & 0xF
-    request = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:2], "big") & 0xFFF
-    return deployment | (request << 4)
+    image = int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:2], "big") & 0xFFF
+    return deployment | (image << 4)
 
 
 def _pattern(rng: np.random.Generator) -> np.ndarray:
