@@ -21,8 +21,7 @@ import torch
 from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
-from unclip.provenance.metadata import GenerationRecord
-from unclip.provenance.stamp import Provenance, now_iso
+from unclip.provenance.stamp import Provenance, stage_parameters
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
 from unclip.runtime.images import (
@@ -500,47 +499,13 @@ class Pipeline:
 
     def _stamper(self, r: Request, params: Params, upsamplers: int):
         """png, index -> the PNG with its provenance (as is without a Provenance)."""
-        provenance = self.provenance
-        if provenance is None:
+        if self.provenance is None:
             return lambda png, index: png
-        stages: dict[str, dict] = {}
-        if r.operation != "variation":
-            stages["prior"] = {
-                "scheduler": "UnCLIPScheduler",
-                "steps": params.prior_num_inference_steps,
-                "guidance_scale": params.prior_guidance_scale,
-                "num_candidates": params.prior_num_candidates,
-            }
-        stages["decoder"] = {
-            "scheduler": "UnCLIPScheduler",
-            "steps": params.decoder_num_inference_steps,
-            "guidance_scale": params.decoder_guidance_scale,
-        }
-        for stage in range(upsamplers):
-            stages[self.cascade[stage + 1].stage] = {
-                "scheduler": "UnCLIPScheduler",
-                "steps": params.super_res_num_inference_steps[stage],
-            }
-        created, marked = now_iso(), provenance.marks(r.size)
-
-        def stamp(png: bytes, index: int) -> bytes:
-            record = GenerationRecord(
-                model=provenance.model,
-                model_sha256=provenance.model_sha256,
-                deployment=provenance.deployment,
-                request_id=r.request_id,
-                index=index,
-                seed=r.seed + index,
-                size=r.size,
-                created=created,
-                operation=r.operation,
-                stages=stages,
-                watermark=marked,
-                prompt=r.prompt if r.operation != "variation" else None,
-            )
-            return provenance.stamp(png, record)
-
-        return stamp
+        stages = stage_parameters(params, [stage.stage for stage in self.cascade[1 : upsamplers + 1]])
+        if r.operation == "variation":
+            del stages["prior"]  # no prior runs
+        prompt = r.prompt if r.operation != "variation" else None
+        return self.provenance.stamper(r.request_id, r.seed, r.size, r.operation, stages, prompt)
 
     # ---- the content policy -------------------------------------------------------------------------------
 

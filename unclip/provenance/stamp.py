@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,31 @@ class Provenance:
         )
         return torch.from_numpy(marked).permute(0, 3, 1, 2).float() * 2.0 - 1.0
 
+    def stamper(
+        self, request_id: str, seed: int, size: int, operation: str, stages: dict, prompt: str | None
+    ) -> Callable[[bytes, int], bytes]:
+        """png, index -> the stamped PNG of one request's image `index` (one creation time per request)."""
+        created, marked = now_iso(), self.marks(size)
+
+        def stamp(png: bytes, index: int) -> bytes:
+            record = GenerationRecord(
+                model=self.model,
+                model_sha256=self.model_sha256,
+                deployment=self.deployment,
+                request_id=request_id,
+                index=index,
+                seed=seed + index,
+                size=size,
+                created=created,
+                operation=operation,
+                stages=stages,
+                watermark=marked,
+                prompt=prompt,
+            )
+            return self.stamp(png, record)
+
+        return stamp
+
     def stamp(self, png: bytes, record: GenerationRecord) -> bytes:
         """Metadata chunks, then the C2PA manifest (signed last: it covers the chunks)."""
         if self.metadata:
@@ -123,6 +149,26 @@ class Provenance:
         if self.signer is not None:
             png = self.signer.sign(png, record)
         return png
+
+
+def stage_parameters(params: Any, upsampler_stages: list[str]) -> dict[str, dict[str, Any]]:
+    """Per stage, what sampled it (services.orchestrator.pipeline.Params, with the upsampler stages run)."""
+    stages: dict[str, dict[str, Any]] = {
+        "prior": {
+            "scheduler": "UnCLIPScheduler",
+            "steps": params.prior_num_inference_steps,
+            "guidance_scale": params.prior_guidance_scale,
+            "num_candidates": params.prior_num_candidates,
+        },
+        "decoder": {
+            "scheduler": "UnCLIPScheduler",
+            "steps": params.decoder_num_inference_steps,
+            "guidance_scale": params.decoder_guidance_scale,
+        },
+    }
+    for stage, steps in zip(upsampler_stages, params.super_res_num_inference_steps, strict=False):
+        stages[stage] = {"scheduler": "UnCLIPScheduler", "steps": steps}
+    return stages
 
 
 def now_iso() -> str:
