@@ -217,6 +217,10 @@ def test_an_image_we_never_made_is_not_ours(stack, client, tmp_path):
     done = verify(stack, tmp_path, files)
     assert done.returncode == 7, done.stdout + done.stderr
     assert done.stdout.count(": not_ours: ") == 4
+    # A file that cannot be checked outranks every verdict: exit 1, and the others are still checked.
+    done = verify(stack, tmp_path, {"world-0.png": files["world-0.png"]}, "missing.png")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "missing.png: error: cannot read" in done.stdout and "world-0.png: not_ours: " in done.stdout
 
     # The RPC, directly: the same verdict, and a file that is no image is INVALID_ARGUMENT naming the field.
     answer = client.Verify(pb.VerifyRequest(image=files["world-0.png"]))
