@@ -180,7 +180,7 @@ def edited(client):
 def test_stripped_manifest_and_jpeg_keep_the_watermark(stack, generated, edited, tmp_path):
     """A PIL re-save drops every chunk (manifest and metadata): with our watermark still in the pixels the
     image is ours but altered (6). After JPEG q75 the mark is found at the rate BENCHMARKS.md states for
-    128 px (89 %): at least half of 8 images here. The 64 px image is not marked: a re-save is not ours."""
+    128 px (99 %): at least 6 of 8 images here. The 64 px image is not marked: a re-save is not ours."""
     _, small = generated
     files = {f"resaved-{i}.png": resave(png, format="PNG") for i, png in enumerate(edited)}
     files |= {f"jpeg-{i}.jpg": resave(png, format="JPEG", quality=75) for i, png in enumerate(edited)}
@@ -192,8 +192,8 @@ def test_stripped_manifest_and_jpeg_keep_the_watermark(stack, generated, edited,
     assert records["small-resaved.png"]["verdict"] == "not_ours"
     resaved = [r for name, r in records.items() if name.startswith("resaved-")]
     jpegs = [r for name, r in records.items() if name.startswith("jpeg-")]
-    assert sum(r["verdict"] == "altered" for r in resaved) >= 5, resaved
-    assert sum(r["verdict"] == "altered" for r in jpegs) >= 4, jpegs
+    assert sum(r["verdict"] == "altered" for r in resaved) >= 6, resaved
+    assert sum(r["verdict"] == "altered" for r in jpegs) >= 6, jpegs
     for record in resaved + jpegs:
         assert record["verdict"] in ("altered", "not_ours") and not record.get("manifest_present")
         assert record["summary"].startswith(record["verdict"] + ": ")
