@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,12 @@ SIGNER_TRUSTED = "signingCredential.trusted"
 
 @dataclass
 class C2paSigner:
-    """Signs PNGs with one certificate chain and key (read once at start)."""
+    """Signs PNGs with one certificate chain and key (read once at start). Thread-safe: every call builds its
+    own c2pa Signer, Context and Builder (a c2pa Signer is consumed by use)."""
 
     cert_chain: str  # PEM, leaf first
     private_key: str  # PEM
     tsa_url: str | None = None  # RFC 3161 time-stamp authority, or none
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_files(cls, cert: str | Path, key: str | Path, tsa_url: str = "") -> C2paSigner:
