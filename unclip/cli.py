@@ -1,8 +1,8 @@
 """The `unclip` command: start the stack, generate, vary and edit images, make a tiny model, run the demo.
 
 Exit codes: 0 done; 2 invalid input (the message names the field); 3 refused by the content policy (the
-message says which check); 1 anything else. Shared client code (where the stack is, flag checks, output
-names, connection errors) is in unclip.cli_common.
+message says which check); 1 anything else. `unclip verify`: 6 ours but altered, 7 not ours (verify_cli.py).
+Shared client code (where the stack is, flag checks, output names, connection errors) is in unclip.cli_common.
 """
 
 from __future__ import annotations
@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     from unclip.audit_cli import add_parser as add_audit_parser
 
     add_audit_parser(commands)  # `unclip audit`: print and filter the safety audit log
+    from unclip.verify_cli import add_parser as add_verify_parser
+
+    add_verify_parser(commands)  # `unclip verify`: provenance check of image files (exit 0 / 6 / 7)
     from unclip.info_cli import add_parser as add_info_parser
 
     add_info_parser(commands)  # `unclip info`: the connected stack's capabilities

@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from unclip import stack_state
 from unclip.runtime.server import health_status
@@ -132,6 +133,7 @@ class Stack:
     replicas: dict[str, int] = field(default_factory=dict)
     interrupted: list[int] = field(default_factory=list)  # a signal arrived: abandon starting
     http_port: int | None = None  # the HTTP gateway's port (services.gateway; 0: any); None: no gateway
+    test_signer: Any = None  # unclip.provenance.certs.TestSigner minted at start, when none was configured
     processes: list[Process] = field(default_factory=list)
     # log_dir was made by start() (a temporary folder): stop() removes it after a run that came up
     owns_log_dir: bool = False
@@ -224,6 +226,7 @@ class Stack:
             orchestrator = self._process(
                 "orchestrator",
                 "services.orchestrator",
+                *model,
                 "--encoder-addr", targets("encoder"),
                 "--prior-addr", targets("prior"),
                 "--decoder-addr", targets("decoder"),
@@ -233,7 +236,12 @@ class Stack:
             )  # fmt: skip
             self.processes.append(orchestrator)
             orchestrator.start(
-                {**sampling_defaults_env(self.model), **model_env(self.model, model_dir), **env}
+                {
+                    **sampling_defaults_env(self.model),
+                    **model_env(self.model, model_dir),
+                    **self._provenance_env(env),
+                    **env,
+                }
             )
             self._wait(self.processes, deadline, need_serving=True)
             if self.http_port is not None:
@@ -259,6 +267,17 @@ class Stack:
         """The gateway's base URL ('' without one)."""
         gateway = next((p for p in self.processes if p.name == "gateway"), None)
         return f"http://{gateway.address}" if gateway and gateway.address else ""
+
+    def _provenance_env(self, env: dict[str, str]) -> dict[str, str]:
+        """Without a configured C2PA signer: a TEST signer and watermark key minted for this stack (the
+        caller's own settings still win: they are applied over this)."""
+        if env.get("UNCLIP_C2PA_CERT") or env.get("UNCLIP_C2PA_KEY"):
+            return {}
+        from unclip.provenance.certs import mint_test_signer
+
+        assert self.log_dir is not None
+        self.test_signer = mint_test_signer(self.log_dir / "provenance")
+        return self.test_signer.env()
 
     def _wait(self, processes: list[Process], deadline: float, need_serving: bool) -> None:
         pending = list(processes)
@@ -433,6 +452,9 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
         print(f"  {process.name:<13} {process.address}   log {process.log_path}", flush=True)
     state_path = stack_state.publish(stack.state())
     print(f"  audit log     {stack.log_dir / 'audit'}", flush=True)
+    if stack.test_signer is not None:
+        print(f"  provenance    C2PA signer and watermark key FOR TESTING ONLY, minted in "
+              f"{stack.test_signer.cert.parent} (not trusted outside this machine)", flush=True)  # fmt: skip
     print(f"  stack state   {state_path} (also {stack.log_dir / stack_state.FILE_NAME})", flush=True)
     if stack.owns_log_dir:
         print("  (logs and audit log are in a temporary folder, removed on exit; --log-dir D keeps them)")

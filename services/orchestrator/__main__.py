@@ -16,6 +16,7 @@ from services.orchestrator.outputs import ImageStore
 from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.servicer import ImageServicer
 from unclip.checks import check_guidance
+from unclip.provenance.stamp import PROVENANCE_SETTINGS, Provenance
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             "images_url",
             "model_name",
             "vocabulary",
+            *PROVENANCE_SETTINGS,
             *SERVER_SETTINGS,
         ],
         port=settings.DEFAULT_PORTS["orchestrator"],
@@ -71,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         vocabulary = load_vocabulary(args.vocabulary) if args.vocabulary else None
     except OSError as error:
         parser.error(f"--vocabulary: cannot read {args.vocabulary}: {error.strerror}")
+    try:  # a signer or watermark key that cannot be used stops the start, naming the setting
+        provenance = Provenance.from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
+    servicer.verifier = provenance.verifier()
     connected: list[Stages] = []
 
     def load() -> None:
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             edit_decoder_guidance_scale=args.edit_decoder_guidance_scale,
             model_name=args.model_name,
             vocabulary=vocabulary,
+            provenance=provenance,
         )
 
     return serve(

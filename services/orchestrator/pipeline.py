@@ -22,6 +22,7 @@ from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
 from unclip.limits import LIMITS
+from unclip.provenance.stamp import Provenance, stage_parameters
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
 from unclip.runtime.images import (
@@ -133,6 +134,8 @@ class Request:
     user: str
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     previews: bool = False  # GenerateStream asked for intermediate images (GenerateRequest.previews)
+    operation: str = "generate"  # "generate", "variation" or "edit" (the images' provenance records)
+    prompt: str = ""
 
 
 class Pipeline:
@@ -149,6 +152,7 @@ class Pipeline:
         edit_decoder_guidance_scale: float = DECODER_GUIDANCE,
         model_name: str = "",
         vocabulary: frozenset[str] | None = None,
+        provenance: Provenance | None = None,
     ):
         self.stages = stages
         self.cascade = cascade  # decoder first, then each upsampler
@@ -160,6 +164,7 @@ class Pipeline:
         self.edit_decoder_guidance_scale = edit_decoder_guidance_scale  # for edits that leave it unset
         self.model_name = model_name  # reported by GetCapabilities
         self.vocabulary = vocabulary  # the model's words (unclip.vocabulary); None: prompts are not checked
+        self.provenance = provenance  # watermark, metadata and C2PA on the final images; None: none
         # Stage calls that run beside the request's own thread (the encoder during the prompt check).
         self._helpers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stage-call")
 
@@ -241,6 +246,7 @@ class Pipeline:
         check_prompt(req.prompt)
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
         r.previews = req.previews and calls.on_event is not None
+        r.prompt = req.prompt
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -274,6 +280,7 @@ class Pipeline:
         image = decode_image(req.image, "image")
         require_square(image, "image")
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.operation = "variation"
         params = Params.from_proto(
             req.params, len(self.cascade) - 1, prior=False, decoder_guidance_scale=self.decoder_guidance_scale
         )
@@ -310,6 +317,7 @@ class Pipeline:
         mask = decode_image(req.mask, "mask") if req.mask else None
         known = known_mask(image, mask)  # [1, S, S], 1 = keep
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.operation, r.prompt = "edit", req.prompt
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -485,12 +493,18 @@ class Pipeline:
             # Resampling blurred the known region: restore it from the original at this size.
             original, known = keep
             final = known * original + (1 - known) * final
+        if self.provenance is not None:  # the watermark goes in before the final check: it judges what leaves
+            final = self.provenance.embed(final, [r.seed + index for index in indices])
         final_proto = to_proto(final)
 
-        # Safety on the final images, while a helper encodes the PNGs (and float32 pixels when asked): nothing
-        # leaves before the verdict, and a withheld image's PNG is dropped.
+        # Safety on the final images, while a helper encodes the PNGs (and float32 pixels when asked) with
+        # their metadata and C2PA manifest: nothing leaves before the verdict, and a withheld image's PNG is
+        # dropped.
         pixels = to_pixels(final)  # [m, S, S, 3] in [0, 1]
-        encoding = self._helpers.submit(lambda: [encode_png(pixels[row]) for row in range(len(indices))])
+        stamp = self._stamper(r, params, upsamplers)
+        encoding = self._helpers.submit(
+            lambda: [stamp(encode_png(pixels[row]), indices[row]) for row in range(len(indices))]
+        )
         _, _, final_indices, more_withheld = self._filter_images(
             final_proto, [], indices, safety_pb2.CHECK_STAGE_FINAL_OUTPUT, r, calls
         )
@@ -526,6 +540,16 @@ class Pipeline:
             stage=stage, size=first.shape[-1], png=encode_png(to_pixels(first)[0]), index=indices[0]
         )
         calls.on_event(orchestrator_pb2.GenerateEvent(preview=preview))
+
+    def _stamper(self, r: Request, params: Params, upsamplers: int):
+        """png, index -> the PNG with its provenance (as is without a Provenance)."""
+        if self.provenance is None:
+            return lambda png, index: png
+        stages = stage_parameters(params, [stage.stage for stage in self.cascade[1 : upsamplers + 1]])
+        if r.operation == "variation":
+            del stages["prior"]  # no prior runs
+        prompt = r.prompt if r.operation != "variation" else None
+        return self.provenance.stamper(r.request_id, r.seed, r.size, r.operation, stages, prompt)
 
     # ---- the content policy -------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import grpc
 
 from services.orchestrator.clients import Calls
 from services.orchestrator.pipeline import Pipeline
+from unclip.provenance.verify import ALTERED, INTACT, Verifier, VerifyResult, verify_png
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
 from unclip.runtime.slots import DETERMINISTIC_KEY
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -73,7 +74,7 @@ class Admission:
 
 def caller_of(request, context: grpc.ServicerContext) -> str:
     """The request's `user`, else the client's address without its port."""
-    if request.user:
+    if getattr(request, "user", ""):  # Verify has no user
         return f"user:{request.user}"
     peer = context.peer() or ""
     return "peer:" + peer.rsplit(":", 1)[0]
@@ -84,6 +85,7 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         self.pipeline: Pipeline | None = None  # set by __main__ once every stage is SERVING
         self.stage_timeout_seconds = stage_timeout_seconds
         self.admission = Admission(max_inflight, max_per_caller)
+        self.verifier: Verifier | None = None  # set by __main__ (needs no stage)
 
     def _run(self, context: grpc.ServicerContext, request=None) -> tuple[Pipeline, Calls]:
         if self.pipeline is None:
@@ -140,3 +142,35 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
                 yield event
                 if event.HasField("result"):
                     return
+
+    @grpc_errors
+    def Verify(self, request: orchestrator_pb2.VerifyRequest, context: grpc.ServicerContext):
+        """Provenance check of one image file (unclip/provenance/verify.py); no stage is called."""
+        if self.verifier is None:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the orchestrator is starting")
+        with self.admission.admit(caller_of(request, context)):
+            return verify_response(verify_png(request.image, self.verifier))
+
+
+VERDICTS = {
+    INTACT: orchestrator_pb2.VERIFY_VERDICT_INTACT,
+    ALTERED: orchestrator_pb2.VERIFY_VERDICT_ALTERED,
+}
+
+
+def verify_response(result: VerifyResult) -> orchestrator_pb2.VerifyResponse:
+    response = orchestrator_pb2.VerifyResponse(
+        verdict=VERDICTS.get(result.verdict, orchestrator_pb2.VERIFY_VERDICT_NOT_OURS),
+        summary=result.summary,
+        validation_state=result.validation_state,
+        manifest_present=result.manifest.present,
+        manifest_ours=result.manifest.ours,
+        manifest_failures=list(result.manifest.failures),
+        watermark_checked=result.watermark is not None,
+        watermark_found=bool(result.watermark and result.watermark.found),
+        watermark_score=result.watermark.score if result.watermark else 0.0,
+        metadata=result.metadata,
+    )
+    if result.watermark_payload_matches is not None:
+        response.watermark_payload_matches = result.watermark_payload_matches
+    return response

@@ -35,7 +35,15 @@ def toy_stack(tmp_path_factory):
 
     if not (MODEL / "decoder").is_dir():
         pytest.fail(f"the bundled model is missing: {MODEL}")
-    running = Stack(model=str(MODEL), port=0, log_dir=tmp_path_factory.mktemp("toy-logs"), grace_seconds=5.0)
+    # The watermark off (UNCLIP_WATERMARK=0): the parity below is with diffusers' pixels as they are; the
+    # mark's own bound is tested in tests/provenance and documented in BENCHMARKS.md ("Provenance").
+    running = Stack(
+        model=str(MODEL),
+        port=0,
+        log_dir=tmp_path_factory.mktemp("toy-logs"),
+        grace_seconds=5.0,
+        extra_env={"UNCLIP_WATERMARK": "0"},
+    )
     address = running.start(timeout=300)
     try:
         yield address

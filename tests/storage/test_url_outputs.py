@@ -6,6 +6,7 @@ whose S3 refuses its credentials answers UNAVAILABLE; one with a bucket but no S
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 import urllib.error
@@ -14,6 +15,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
+import numpy as np
+import PIL.Image
 import pytest
 from s3server import ACCESS_KEY, SECRET_KEY  # noqa: I001 (tests/storage/conftest.py puts it on the path)
 
@@ -140,7 +143,11 @@ def test_url_images_are_the_png_images(stack, s3):
         assert parse_qs(parts.query)["X-Amz-Expires"] == ["3600"]  # 60 minutes
         data = download(url_image.url)
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
-        assert data == png_image.png  # same seed, deterministic: the very same PNG
+        # Same seed, deterministic: the very same pixels; each file's provenance names its own request.
+        stored, inline = PIL.Image.open(io.BytesIO(data)), PIL.Image.open(io.BytesIO(png_image.png))
+        assert np.array_equal(np.asarray(stored), np.asarray(inline))
+        assert stored.text["unclip:request_id"] == by_url.request_id
+        assert inline.text["unclip:request_id"] == by_png.request_id
 
 
 def test_tampered_signature_is_refused(stack):

@@ -320,6 +320,85 @@ SETTINGS: dict[str, Setting] = {
         #
         #
         # ---- provenance
+        # Read by the orchestrator (unclip/provenance/config.py); `unclip up` mints a test signer and key.
+        Setting(
+            "provenance_metadata",
+            "UNCLIP_PROVENANCE_METADATA",
+            True,
+            _bool,
+            "orchestrator: PNG text chunks on every image (model, weights hash, request id, seed, "
+            "parameters)",
+        ),
+        Setting(
+            "provenance_prompt",
+            "UNCLIP_PROVENANCE_PROMPT",
+            False,
+            _bool,
+            "orchestrator: also write the prompt into the PNG metadata (prompts can be private: off by "
+            "default)",
+        ),
+        Setting(
+            "deployment_id",
+            "UNCLIP_DEPLOYMENT_ID",
+            "unclip",
+            str,
+            "orchestrator: this deployment's name, in the metadata, the C2PA manifest and the watermark "
+            "payload",
+        ),
+        Setting(
+            "c2pa",
+            "UNCLIP_C2PA",
+            True,
+            _bool,
+            "orchestrator: sign a C2PA manifest into every PNG when a signer (cert + key) is configured",
+        ),
+        Setting(
+            "c2pa_cert",
+            "UNCLIP_C2PA_CERT",
+            "",
+            str,
+            "orchestrator: C2PA signer certificate chain, PEM, leaf first (CA-issued, emailProtection EKU)",
+        ),
+        Setting(
+            "c2pa_key", "UNCLIP_C2PA_KEY", "", str, "orchestrator: the signer's private key, PEM (EC P-256)"
+        ),
+        Setting(
+            "c2pa_trust_anchors",
+            "UNCLIP_C2PA_TRUST_ANCHORS",
+            "",
+            str,
+            "verify: CA certificates (PEM) whose manifests are ours ('': the CAs in UNCLIP_C2PA_CERT's "
+            "chain)",
+        ),
+        Setting(
+            "c2pa_tsa_url",
+            "UNCLIP_C2PA_TSA_URL",
+            "",
+            str,
+            "orchestrator: RFC 3161 time-stamp authority for C2PA signatures ('': none, the signing time is "
+            "not attested)",
+        ),
+        Setting(
+            "watermark",
+            "UNCLIP_WATERMARK",
+            True,
+            _bool,
+            "orchestrator: embed the invisible watermark when a key is configured",
+        ),
+        Setting(
+            "watermark_key_file",
+            "UNCLIP_WATERMARK_KEY_FILE",
+            "",
+            str,
+            "orchestrator: file holding the watermark's secret key (at least 16 bytes; '': no watermark)",
+        ),
+        Setting(
+            "watermark_min_size",
+            "UNCLIP_WATERMARK_MIN_SIZE",
+            128,
+            int,
+            "orchestrator: smallest image side that is watermarked (below it the mark is not reliable)",
+        ),
         #
         #
         # ---- the CLI and the local stack
