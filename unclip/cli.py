@@ -401,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(commands)  # `unclip audit`: print and filter the safety audit log
 
+    from unclip.interpolate_cli import add_parser as add_interpolate_parser
+
+    add_interpolate_parser(commands)  # `unclip interpolate --from A --to B --frames K`
+
     demo = commands.add_parser("demo", help="start the stack on the bundled model and draw 4 pictures")
     demo.add_argument(
         "--model", default=None, help="model folder (default: models/shapes-toy, else tiny random)"

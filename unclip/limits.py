@@ -47,6 +47,13 @@ LIMITS: dict[str, Limit] = {
             16,
             "prior samples reranked by CLIP similarity (1: no rerank)",
         ),
+        Limit(
+            "frames",
+            "frames",
+            2,
+            32,
+            "frames of an interpolation (4 stage calls of at most 10 rows)",
+        ),
     ]
 }
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import grpc
 
 from services.orchestrator.clients import Calls
+from services.orchestrator.interpolate import Interpolation
 from services.orchestrator.pipeline import Pipeline
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
 from unclip.runtime.slots import DETERMINISTIC_KEY
@@ -139,4 +140,38 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
                     raise event
                 yield event
                 if event.HasField("result"):
+                    return
+
+    @grpc_errors
+    def Interpolate(self, request: orchestrator_pb2.InterpolateRequest, context: grpc.ServicerContext):
+        pipeline, calls = self._run(context)
+        interpolation = Interpolation(pipeline, request, calls)  # validates before admission and work
+        with self.admission.admit(caller_of(request, context)):
+            return interpolation.run()
+
+    @grpc_stream_errors
+    def InterpolateStream(self, request: orchestrator_pb2.InterpolateRequest, context: grpc.ServicerContext):
+        """Interpolate, reporting progress as GenerateStream does; the last event carries the frames."""
+        pipeline, calls = self._run(context)
+        interpolation = Interpolation(
+            pipeline, request, calls
+        )  # an invalid request is refused before accepted
+        events: queue.Queue = queue.Queue()  # bounded by the steps of one request
+        calls.on_event = events.put
+        with self.admission.admit(caller_of(request, context)) as ahead:
+            yield orchestrator_pb2.GenerateEvent(accepted=orchestrator_pb2.Accepted(queue_position=ahead))
+
+            def work() -> None:
+                try:
+                    events.put(orchestrator_pb2.GenerateEvent(interpolation=interpolation.run()))
+                except BaseException as error:  # raised again below, on the handler's thread
+                    events.put(error)
+
+            threading.Thread(target=work, name="interpolate-stream", daemon=True).start()
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.HasField("interpolation"):
                     return
