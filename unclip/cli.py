@@ -53,13 +53,14 @@ def _sampling_params(args: argparse.Namespace):
 
 
 def _common(args: argparse.Namespace) -> dict:
-    from unclip.rng import MAX_SEED
+    from unclip.limits import LIMITS
     from unclip.v1 import orchestrator_pb2
 
     fields: dict = {"n": args.n, "size": args.size, "params": _sampling_params(args)}
     if args.seed is not None:
-        if not 0 <= args.seed <= MAX_SEED:
-            raise UsageError(f"seed must be in 0..{MAX_SEED}, got {args.seed}")
+        seeds = LIMITS["seed"]
+        if not seeds.low <= args.seed <= seeds.high:
+            raise UsageError(f"seed must be in {seeds.low}..{seeds.high}, got {args.seed}")
         fields["seed"] = args.seed
     for name in ("n", "size"):
         if not -(2**31) <= fields[name] < 2**31:
@@ -288,9 +289,13 @@ def _replicas(value: str) -> dict[str, int]:
 
 
 def _add_request_options(parser: argparse.ArgumentParser) -> None:
+    from unclip.limits import LIMITS, default
     from unclip.runtime import settings
 
-    parser.add_argument("-n", type=int, default=1, help="number of images, 1..10 (default 1)")
+    images = LIMITS["n"]
+    parser.add_argument(
+        "-n", type=int, default=1, help=f"number of images, {images.low}..{images.high} (default 1)"
+    )
     parser.add_argument("--size", type=int, default=0, help="square side in pixels (default: the largest)")
     parser.add_argument("--seed", type=int, default=None, help="0..2^63-1 (default: drawn and printed)")
     parser.add_argument("--out", default="unclip-out", help="folder for the PNGs (default ./unclip-out)")
@@ -299,12 +304,18 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
         default=settings.env_default("addr") or DEFAULT_ADDR,
         help=f"orchestrator address [env UNCLIP_ADDR, default {DEFAULT_ADDR}]",
     )
-    parser.add_argument("--prior-steps", type=int, default=None, help="prior denoising steps (default 25)")
+    prior_steps, decoder_steps = default("prior_num_inference_steps"), default("decoder_num_inference_steps")
     parser.add_argument(
-        "--decoder-steps", type=int, default=None, help="decoder denoising steps (default 25)"
+        "--prior-steps", type=int, default=None, help=f"prior denoising steps (default {prior_steps})"
     )
     parser.add_argument(
-        "--super-res-steps", default=None, help="steps per upsampler stage: N for all, or N,N (default 7)"
+        "--decoder-steps", type=int, default=None, help=f"decoder denoising steps (default {decoder_steps})"
+    )
+    parser.add_argument(
+        "--super-res-steps",
+        default=None,
+        help="steps per upsampler stage: N for all, or N,N "
+        f"(default {default('super_res_num_inference_steps')})",
     )
     parser.add_argument(
         "--prior-guidance", type=float, default=None, help="prior guidance scale (default: the stack's)"

@@ -10,6 +10,7 @@ import torch
 
 from services.stage_methods import unary_and_stream
 from unclip.batching.batcher import BatcherConfig
+from unclip.limits import default
 from unclip.rng import MAX_IMAGES
 from unclip.runtime.errors import grpc_errors
 from unclip.runtime.slots import EngineSlot
@@ -23,7 +24,12 @@ from unclip.runtime.tensors import (
 from unclip.runtime.validation import check_guidance, check_steps
 from unclip.v1 import decoder_pb2, decoder_pb2_grpc
 
-DEFAULT_STEPS = {"decoder": 25, "super_res": 7, "super_res_2": 7}  # Karlo's defaults
+# What each stage reports as its default step count (unclip.limits.DEFAULTS: Karlo's).
+DEFAULT_STEPS = {
+    "decoder": default("decoder_num_inference_steps"),
+    "super_res": default("super_res_num_inference_steps"),
+    "super_res_2": default("super_res_num_inference_steps"),
+}
 
 
 def decode_inpaint(request, n: int):

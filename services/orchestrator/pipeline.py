@@ -21,6 +21,7 @@ import torch
 from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
+from unclip.limits import default
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
 from unclip.runtime.images import (
@@ -38,6 +39,7 @@ from unclip.runtime.images import (
 from unclip.runtime.tensors import from_proto, to_proto
 from unclip.runtime.validation import (
     MAX_PROMPT_CHARS,
+    check_candidates,
     check_guidance,
     check_n,
     check_prompt,
@@ -53,13 +55,12 @@ from unclip.v1 import (
     tensor_pb2,
 )
 
-# Karlo's defaults, used for every unset SamplingParams field (the guidance scales: the deployment's
-# UNCLIP_PRIOR_GUIDANCE_SCALE, UNCLIP_DECODER_GUIDANCE_SCALE and UNCLIP_EDIT_DECODER_GUIDANCE_SCALE, since a
-# model may sample best at other values).
-PRIOR_STEPS, PRIOR_GUIDANCE = 25, 4.0
-DECODER_STEPS, DECODER_GUIDANCE = 25, 8.0
-SUPER_RES_STEPS = 7
-MAX_CANDIDATES = 16
+# unclip.limits.DEFAULTS (Karlo's), used for every unset SamplingParams field (the guidance scales: the
+# deployment's UNCLIP_PRIOR_GUIDANCE_SCALE, UNCLIP_DECODER_GUIDANCE_SCALE and
+# UNCLIP_EDIT_DECODER_GUIDANCE_SCALE, since a model may sample best at other values).
+PRIOR_STEPS, PRIOR_GUIDANCE = default("prior_num_inference_steps"), default("prior_guidance_scale")
+DECODER_STEPS, DECODER_GUIDANCE = default("decoder_num_inference_steps"), default("decoder_guidance_scale")
+SUPER_RES_STEPS = default("super_res_num_inference_steps")
 
 
 @dataclass
@@ -94,13 +95,12 @@ class Params:
             decoder_num_inference_steps=int(get("decoder_num_inference_steps", DECODER_STEPS)),
             decoder_guidance_scale=float(get("decoder_guidance_scale", decoder_guidance_scale)),
             super_res_num_inference_steps=list(params.super_res_num_inference_steps),
-            prior_num_candidates=int(get("prior_num_candidates", 1)),
+            prior_num_candidates=int(get("prior_num_candidates", default("prior_num_candidates"))),
         )
         if prior:
             check_steps(resolved.prior_num_inference_steps, "params.prior_num_inference_steps")
             check_guidance(resolved.prior_guidance_scale, "params.prior_guidance_scale")
-            if not 1 <= resolved.prior_num_candidates <= MAX_CANDIDATES:
-                raise ValueError(f"params.prior_num_candidates must be in 1..{MAX_CANDIDATES}")
+            check_candidates(resolved.prior_num_candidates, "params.prior_num_candidates")
         check_steps(resolved.decoder_num_inference_steps, "params.decoder_num_inference_steps")
         check_guidance(resolved.decoder_guidance_scale, "params.decoder_guidance_scale")
         steps = resolved.super_res_num_inference_steps
