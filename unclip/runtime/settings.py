@@ -376,6 +376,14 @@ SETTINGS: dict[str, Setting] = {
             float,
             "orchestrator: DDIM's eta for requests that leave it unset",
         ),
+        Setting(
+            "compile_mode",
+            "UNCLIP_COMPILE_MODE",
+            "",
+            str,
+            "decoder/upsamplers with UNCLIP_COMPILE: torch.compile mode ('': default; 'reduce-overhead': "
+            "CUDA graphs, one per batch size the batcher forms; 'max-autotune')",
+        ),
         #
         #
         # ---- provenance
