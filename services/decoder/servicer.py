@@ -22,6 +22,7 @@ from unclip.runtime.tensors import (
     to_proto,
 )
 from unclip.runtime.validation import check_guidance, check_steps
+from unclip.sampling import check_eta, check_sampler
 from unclip.v1 import decoder_pb2, decoder_pb2_grpc
 
 # What each stage reports as its default step count (unclip.limits.DEFAULTS: Karlo's).
@@ -90,6 +91,7 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
         _, text_embeds, hidden, mask = decode_text_condition(request, n, cfg)
         check_steps(request.num_inference_steps, "num_inference_steps")
         check_guidance(request.guidance_scale, "guidance_scale")
+        sampler, eta = check_sampler(request.sampler, "sampler"), check_eta(request.eta, "eta")
         generators = decode_generators(request.generators, n)
         inpaint = decode_inpaint(request, n)
         output = self.slot.run(
@@ -105,6 +107,8 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
                 guidance_scale=request.guidance_scale,
                 do_classifier_free_guidance=cfg,
                 inpaint=inpaint,
+                sampler=sampler,
+                eta=eta,
             ),
             context,
             on_step=on_step,
@@ -127,13 +131,19 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
         if not 1 <= n <= MAX_IMAGES:
             raise ValueError(f"images must hold n images, n in 1..{MAX_IMAGES}, got {n}")
         check_steps(request.num_inference_steps, "num_inference_steps")
+        sampler, eta = check_sampler(request.sampler, "sampler"), check_eta(request.eta, "eta")
         generators = decode_generators(request.generators, n)
         inpaint = decode_inpaint(request, n)
         output = self.slot.run(
             "Upsample",
             n,
             lambda: self.slot.stage.start(
-                images, generators, num_inference_steps=request.num_inference_steps, inpaint=inpaint
+                images,
+                generators,
+                num_inference_steps=request.num_inference_steps,
+                inpaint=inpaint,
+                sampler=sampler,
+                eta=eta,
             ),
             context,
             on_step=on_step,

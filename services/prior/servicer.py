@@ -7,6 +7,7 @@ from unclip.batching.batcher import BatcherConfig
 from unclip.runtime.slots import EngineSlot
 from unclip.runtime.tensors import decode_generators, decode_text_condition, encode_generators, to_proto
 from unclip.runtime.validation import check_candidates, check_guidance, check_steps
+from unclip.sampling import check_eta, check_sampler
 from unclip.v1 import prior_pb2, prior_pb2_grpc
 
 
@@ -21,6 +22,8 @@ class PriorServicer(prior_pb2_grpc.PriorServicer):
         check_steps(request.num_inference_steps, "num_inference_steps")
         check_guidance(request.guidance_scale, "guidance_scale")
         check_candidates(request.num_candidates, "num_candidates", unset_means_one=True)
+        sampler = check_sampler(request.sampler, "sampler")
+        eta = check_eta(request.eta, "eta")
         generators = decode_generators(request.generators, n)
         output = self.slot.run(
             "Sample",
@@ -34,6 +37,8 @@ class PriorServicer(prior_pb2_grpc.PriorServicer):
                 guidance_scale=request.guidance_scale,
                 do_classifier_free_guidance=cfg,
                 num_candidates=max(1, request.num_candidates),
+                sampler=sampler,
+                eta=eta,
             ),
             context,
             on_step=on_step,
