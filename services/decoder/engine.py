@@ -193,6 +193,7 @@ class DecoderEngine:
         inpaint: InpaintInput | None = None,
         sampler: str = DEFAULT_SAMPLER,
         eta: float = 0.0,
+        latents: torch.Tensor | None = None,
     ) -> Task[DecoderCondition]:
         """``decode``'s checks, conditioning and initial noise: one request, ready to step. sampler: a
         registered sampler's name (unclip.sampling); eta: its stochasticity where it has one (ddim)."""
@@ -223,8 +224,11 @@ class DecoderEngine:
         # 3. Initial latents: per-image noise [n, C, s, s].
         channels = self.decoder.config.in_channels
         dtype = text_encoder_hidden_states.dtype
-        latents = randn_per_image((n, channels, size, size), generators, device, dtype)
-        latents = latents * self.scheduler.init_noise_sigma
+        if latents is None:
+            latents = randn_per_image((n, channels, size, size), generators, device, dtype)
+            latents = latents * self.scheduler.init_noise_sigma
+        else:  # a given start (e.g. a DDIM-inverted image): no draw, as UnCLIPPipeline's decoder_latents
+            latents = check_tensor(latents, "latents", [n, channels, size, size]).to(device, dtype)
 
         return Task(
             stage=self.name,
@@ -258,9 +262,17 @@ class DecoderEngine:
         tasks = renoise_jumps(self.scheduler, tasks)
         if not tasks:
             return 0
+        latents = torch.cat([task.latents for task in tasks])  # [B, C, s, s]
+        noise_pred = self.model_output(tasks, latents)
+        # compute the previous noisy sample x_t -> x_t-1 (edits: the known region pasted back at its level)
+        sampler_step(self.scheduler, tasks, noise_pred, latents)
+        return latents.shape[0]
+
+    def model_output(self, tasks: list[Task[DecoderCondition]], latents: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for ``latents`` [B, C, s, s] (the tasks' rows, in order) at each task's current
+        timestep, guided where the tasks use guidance: [B, 2C, s, s] (noise or sample; learned variance)."""
         do_cfg = tasks[0].cond.do_cfg
         counts = [task.rows for task in tasks]
-        latents = torch.cat([task.latents for task in tasks])  # [B, C, s, s]
 
         # expand the latents if we are doing classifier free guidance: [uncond of all; cond of all]
         latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -286,10 +298,7 @@ class DecoderEngine:
             guidance_scale = guidance_scale_rows(tasks, noise_pred_uncond.dim(), self.device)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
             noise_pred = torch.cat([noise_pred, predicted_variance], dim=1)
-
-        # compute the previous noisy sample x_t -> x_t-1 (edits: the known region pasted back at its level)
-        sampler_step(self.scheduler, tasks, noise_pred, latents)
-        return latents.shape[0]
+        return noise_pred
 
     def finish(self, task: Task) -> DecoderOutput:
         """5. The images, clamped to [-1, 1] as the reference does."""
