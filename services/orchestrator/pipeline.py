@@ -469,8 +469,10 @@ class Pipeline:
         calls: Calls,
         inpaint: decoder_pb2.InpaintInput | None = None,
         keep: tuple[torch.Tensor, torch.Tensor] | None = None,
+        latents: tensor_pb2.Tensor | None = None,
     ) -> orchestrator_pb2.ImagesResponse:
-        # Decoder: image embedding (+ text) -> small images [n, 3, s, s].
+        # Decoder: image embedding (+ text) -> small images [n, 3, s, s] (from `latents` instead of noise when
+        # given: a DDIM-inverted start).
         decoded = calls(
             self.stages.decoder.Decode,
             decoder_pb2.DecodeRequest(
@@ -485,6 +487,7 @@ class Pipeline:
                 inpaint=inpaint,
                 sampler=params.decoder_sampler,
                 eta=params.ddim_eta,
+                latents=latents,
             ),
             "decoder",
         )

@@ -20,6 +20,7 @@ import grpc
 from services.orchestrator.clients import Calls
 from services.orchestrator.interpolate import Interpolation
 from services.orchestrator.pipeline import Pipeline
+from services.orchestrator.textdiff import TextDiff
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
 from unclip.runtime.slots import DETERMINISTIC_KEY
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -148,6 +149,13 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         interpolation = Interpolation(pipeline, request, calls)  # validates before admission and work
         with self.admission.admit(caller_of(request, context)):
             return interpolation.run()
+
+    @grpc_errors
+    def TextDiff(self, request: orchestrator_pb2.TextDiffRequest, context: grpc.ServicerContext):
+        pipeline, calls = self._run(context)
+        diff = TextDiff(pipeline, request, calls)  # validates before admission and work
+        with self.admission.admit(caller_of(request, context)):
+            return diff.run()
 
     @grpc_stream_errors
     def InterpolateStream(self, request: orchestrator_pb2.InterpolateRequest, context: grpc.ServicerContext):
