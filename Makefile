@@ -51,7 +51,7 @@ tools: $(VENV)/.installed
 	$(PY) scripts/install_kubectl.py
 
 k8s-render: tools
-	@for o in dev gpu gpu-hpa gpu-cascade; do \
+	@for o in dev gpu gpu-hpa gpu-cascade gpu-gateway; do \
 		.tools/bin/kubectl kustomize k8s/overlays/$$o > /dev/null && echo "k8s/overlays/$$o renders"; \
 	done
 

@@ -26,6 +26,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 
 from training import components as C
 from training.loop import LoopConfig, train_loop
+from training.vocabulary import write_vocabulary
 from training.world import random_captions, render, sample_scenes
 
 COMPONENTS = ["clip", "prior", "decoder", "super_res"]
@@ -146,6 +147,7 @@ def drop_rows(x: torch.Tensor, replacement: torch.Tensor, p: float) -> torch.Ten
 def train_clip(args, preset: Preset, sz: C.ModelSizes) -> None:
     out, dev = Path(args.out), args.device
     tokenizer = C.build_tokenizer(out / "tokenizer", sz.max_tokens)
+    write_vocabulary(out)  # the words the text encoder will see, for the orchestrator's unknown-word warning
     parts = torch.nn.ModuleDict(
         dict(text=C.build_text_encoder(sz, len(tokenizer)), vision=C.build_image_encoder(sz))
     )

@@ -1,10 +1,11 @@
 """Prints and filters the safety service's audit log (services/safety/audit.py).
 
-    python -m unclip.audit_cli --dir runs/audit --action block --since 2026-11-27T10:00
-    unclip audit ...   (the same, where the CLI hooks `add_parser` in)
+    unclip audit --action block                       the running local stack's refusals
+    python -m unclip.audit_cli --dir runs/audit --since 2026-11-27T10:00
 
-Filters combine (all must hold). Default output: one line per decision; `--json` prints the records as stored.
-Exit codes: 0 done (also when nothing matched); 2 invalid arguments or no such directory.
+Which log: --dir, else UNCLIP_AUDIT_DIR, else the running local `unclip up`'s (unclip.stack_state), else
+runs/audit. Filters combine (all must hold). Default output: one line per decision; `--json` prints the
+records as stored. Exit codes: 0 done (also when nothing matched); 2 invalid arguments or no such directory.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from services.safety.audit import read_records
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dir",
-        default=os.environ.get("UNCLIP_AUDIT_DIR") or "runs/audit",
-        help="audit log directory [env UNCLIP_AUDIT_DIR, default runs/audit]",
+        default=None,
+        help="audit log folder [env UNCLIP_AUDIT_DIR; default: the running `unclip up`'s, else runs/audit]",
     )
     parser.add_argument("--request-id", help="only this request")
     parser.add_argument("--user", help="only this caller (the request's `user` field)")
@@ -48,7 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Hooks `audit` into a CLI's subparsers; the parsed namespace runs with `run(args)`."""
-    parser = subparsers.add_parser("audit", help="print and filter the safety audit log", description=__doc__)
+    parser = subparsers.add_parser(
+        "audit",
+        help="what the content policy decided, and why (the safety audit log)",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -121,11 +128,33 @@ def format_record(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def audit_dir(args: argparse.Namespace) -> tuple[str, str]:
+    """The folder to read and where that choice came from (for the error when it does not exist)."""
+    from unclip.cli_common import configured
+    from unclip.runtime.settings import SETTINGS
+    from unclip.stack_state import current
+
+    if args.dir:
+        return args.dir, "--dir"
+    if configured("audit_dir"):
+        return configured("audit_dir"), "UNCLIP_AUDIT_DIR"
+    running = current()
+    if running is not None:
+        return running.audit_dir, f"the running `unclip up` (pid {running.pid})"
+    return SETTINGS["audit_dir"].default, "the default, as no local `unclip up` is running"
+
+
 def run(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
-    if not os.path.isdir(args.dir):
-        print(f"--dir: no such directory: {args.dir}", file=sys.stderr)
+    directory, source = audit_dir(args)
+    if not os.path.isdir(directory):
+        print(
+            f"unclip audit: no audit log at {directory} ({source}); start a stack with `unclip up` "
+            "(it prints where its audit log is), or pass --dir",
+            file=sys.stderr,
+        )
         return 2
+    args.dir = directory
     records: Iterable[dict[str, Any]] = (r for r in read_records(args.dir) if matches(r, args))
     try:
         for record in records:
@@ -136,8 +165,30 @@ def run(args: argparse.Namespace, out=None) -> int:
     return 0
 
 
+DESCRIPTION = """\
+What the content policy decided about each request, and why: one line per decision (time, action, check,
+request, user, categories, policy version), read from the safety service's audit log.
+
+The log read is --dir, else UNCLIP_AUDIT_DIR, else the log of the `unclip up` running on this machine, else
+runs/audit. Filters combine: a decision is printed when it matches all of them."""
+
+EXAMPLES = """\
+examples:
+  unclip audit                                 every decision of the running stack
+  unclip audit --action block                  only the refusals
+  unclip audit --category violence --since 2026-11-27T10:00
+  unclip audit --request-id 3f2a... --json     one request, as stored
+
+exit status: 0 done (also when nothing matched); 2 invalid arguments or no audit log found"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="unclip audit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="unclip audit",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

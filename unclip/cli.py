@@ -1,7 +1,8 @@
 """The `unclip` command: start the stack, generate, vary and edit images, make a tiny model, run the demo.
 
 Exit codes: 0 done; 2 invalid input (the message names the field); 3 refused by the content policy (the
-message says which check); 1 anything else.
+message says which check); 1 anything else. Shared client code (where the stack is, flag checks, output
+names, connection errors) is in unclip.cli_common.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ from pathlib import Path
 
 import grpc
 
+from unclip.cli_common import UsageError, check_request_flags, connection_problem, output_path
+
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_REFUSED = 0, 1, 2, 3
 DEFAULT_ADDR = "127.0.0.1:50051"
 # Inside the bundled shapes world (one object on a plain background), so the demo shows what the model knows.
 DEMO_PROMPT = "a large yellow star on a blue background"
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-toy"
-
-
-class UsageError(Exception):
-    """Bad input found before any call (exit 2)."""
 
 
 # ---- requests ----------------------------------------------------------------------------------------------
@@ -51,7 +50,7 @@ def _sampling_params(args: argparse.Namespace):
             steps = [int(part) for part in args.super_res_steps.split(",")]
         except ValueError as error:
             raise UsageError(
-                f"--super-res-steps must be N or N,N,..., got {args.super_res_steps!r}"
+                f"--super-res-steps must be N or N,N,... (whole numbers), got {args.super_res_steps}"
             ) from error
         params.super_res_num_inference_steps.extend(steps)
     return params
@@ -61,11 +60,12 @@ def _common(args: argparse.Namespace) -> dict:
     from unclip.limits import LIMITS
     from unclip.v1 import orchestrator_pb2
 
+    check_request_flags(args)
     fields: dict = {"n": args.n, "size": args.size, "params": _sampling_params(args)}
     if args.seed is not None:
-        seeds = LIMITS["seed"]
-        if not seeds.low <= args.seed <= seeds.high:
-            raise UsageError(f"seed must be in {seeds.low}..{seeds.high}, got {args.seed}")
+        seed = LIMITS["seed"]  # checked here without importing torch (unclip.rng): the CLI starts faster
+        if not seed.low <= args.seed <= seed.high:
+            raise UsageError(f"seed must be in {seed.low}..{seed.high}, got {args.seed}")
         fields["seed"] = args.seed
     for name in ("n", "size"):
         if not -(2**31) <= fields[name] < 2**31:
@@ -150,8 +150,10 @@ def _call(args: argparse.Namespace, method: str, request, prefix: str) -> int:
     if response.withheld:
         categories = ", ".join(response.withheld_categories) or "no category given"
         print(f"{response.withheld} image(s) withheld by the content policy ({categories})", file=sys.stderr)
+    for warning in response.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for image in response.images:
-        path = out / f"{prefix}-{image.seed}.png"
+        path = output_path(out, f"{prefix}-{image.seed}", args.overwrite)
         path.write_bytes(image.png)
         print(path)
     return EXIT_OK
@@ -195,6 +197,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         replicas=args.replicas,
         extra_env=compute_env(channels_last=args.channels_last, compile=args.compile),
+        http_port=args.http_port,
     )
     return run_until_signalled(stack, timeout=args.start_timeout)
 
@@ -210,6 +213,11 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
     path = make_tiny_model(args.dir, super_res_stages=args.super_res_stages)
     print(path)
+    print(
+        "note: a tiny model has RANDOM weights: it starts fast (tests, smoke runs), but its pictures are "
+        "noise. For real pictures use the bundled model: unclip up --model models/shapes-toy",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -247,7 +255,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     try:
         print(
-            f"demo: stack up, orchestrator at {address}; generating 4 images of {args.prompt!r}",
+            f'demo: stack up, orchestrator at {address}; generating 4 images of "{args.prompt}"',
             file=sys.stderr,
         )
         request = orchestrator_pb2.GenerateRequest(prompt=args.prompt, n=4, seed=args.seed)
@@ -265,7 +273,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     images = [PIL.Image.open(io.BytesIO(image.png)).convert("RGB") for image in response.images]
     for image, proto in zip(images, response.images, strict=True):
-        path = out / f"demo-{proto.seed}.png"
+        path = output_path(out, f"demo-{proto.seed}", overwrite=False)
         image.save(path)
         print(path)
     if images:
@@ -273,11 +281,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sheet = PIL.Image.new("RGB", (2 * size, ((len(images) + 1) // 2) * size), "white")
         for i, image in enumerate(images):
             sheet.paste(image, ((i % 2) * size, (i // 2) * size))
-        sheet_path = out / "demo-contact-sheet.png"
+        sheet_path = output_path(out, "demo-contact-sheet", overwrite=False)
         sheet.save(sheet_path)
         print(sheet_path)
     if response.withheld:
         print(f"demo: {response.withheld} image(s) withheld by the content policy", file=sys.stderr)
+    for warning in response.warnings:
+        print(f"demo: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -294,39 +304,35 @@ def _replicas(value: str) -> dict[str, int]:
 
 
 def _add_request_options(parser: argparse.ArgumentParser) -> None:
-    from unclip.limits import LIMITS, default
-    from unclip.runtime import settings
+    from unclip.cli_common import addr_help, limit_range
 
-    images = LIMITS["n"]
-    parser.add_argument(
-        "-n", type=int, default=1, help=f"number of images, {images.low}..{images.high} (default 1)"
-    )
+    stacks = "default: the stack's; `unclip info` shows it"
+    parser.add_argument("-n", type=int, default=1, help=f"number of images, {limit_range('n')} (default 1)")
     parser.add_argument("--size", type=int, default=0, help="square side in pixels (default: the largest)")
     parser.add_argument("--seed", type=int, default=None, help="0..2^63-1 (default: drawn and printed)")
     parser.add_argument("--out", default="unclip-out", help="folder for the PNGs (default ./unclip-out)")
     parser.add_argument(
-        "--addr",
-        default=settings.env_default("addr") or DEFAULT_ADDR,
-        help=f"orchestrator address [env UNCLIP_ADDR, default {DEFAULT_ADDR}]",
+        "--overwrite",
+        action="store_true",
+        help="replace a picture of the same name (default: a new name, e.g. generate-7_2.png)",
     )
-    prior_steps, decoder_steps = default("prior_num_inference_steps"), default("decoder_num_inference_steps")
+    parser.add_argument("--addr", default=None, help=addr_help())
+    steps = limit_range("steps")
     parser.add_argument(
-        "--prior-steps", type=int, default=None, help=f"prior denoising steps (default {prior_steps})"
-    )
-    parser.add_argument(
-        "--decoder-steps", type=int, default=None, help=f"decoder denoising steps (default {decoder_steps})"
+        "--prior-steps", type=int, default=None, help=f"prior denoising steps, {steps} ({stacks})"
     )
     parser.add_argument(
-        "--super-res-steps",
+        "--decoder-steps", type=int, default=None, help=f"decoder denoising steps, {steps} ({stacks})"
+    )
+    parser.add_argument(
+        "--super-res-steps", default=None, help=f"steps per upsampler stage: N for all, or N,N ({stacks})"
+    )
+    parser.add_argument("--prior-guidance", type=float, default=None, help=f"prior guidance scale ({stacks})")
+    parser.add_argument(
+        "--decoder-guidance",
+        type=float,
         default=None,
-        help="steps per upsampler stage: N for all, or N,N "
-        f"(default {default('super_res_num_inference_steps')})",
-    )
-    parser.add_argument(
-        "--prior-guidance", type=float, default=None, help="prior guidance scale (default: the stack's)"
-    )
-    parser.add_argument(
-        "--decoder-guidance", type=float, default=None, help="decoder guidance scale (default 8.0)"
+        help=f"decoder guidance scale ({stacks}; edits may have their own)",
     )
     parser.add_argument(
         "--sampler",
@@ -355,10 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start every stage and the orchestrator on 127.0.0.1")
     up.add_argument("--model", default=settings.env_default("model"), help="model folder [env UNCLIP_MODEL]")
+    port = settings.env_default("port")
     up.add_argument(
-        "--port", type=int, default=50051, help="orchestrator port (0: a free one; default 50051)"
+        "--port",
+        type=int,
+        default=50051 if port is None else port,
+        help="orchestrator port (0: a free one) [env UNCLIP_PORT, default 50051]",
     )
-    up.add_argument("--log-dir", default=None, help="one log per process (default: a temporary folder)")
+    up.add_argument(
+        "--log-dir",
+        default=None,
+        help="one log per process, and the audit log (default: a temporary folder, removed on exit)",
+    )
+    up.add_argument(
+        "--http-port", type=int, default=None, help="also start the HTTP gateway (OpenAI API, page) here"
+    )
     up.add_argument(
         "--safety-policy", default=settings.env_default("safety_policy"), help="moderation policy file"
     )
@@ -371,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes per stage, e.g. decoder=2,upsampler=2 (stages: encoder, prior, decoder, upsampler "
         "(every upsampler stage), super_res, super_res_2, safety); the orchestrator fails over between them",
     )
-    # Compute options of the decoder's and upsamplers' UNets (BENCHMARKS.md, "Service overhead — H2" §3).
+    # Compute options of the decoder's and upsamplers' UNets (BENCHMARKS.md, "Caveats").
     # Neither is bit-exact with diffusers' reference, so both are off unless asked for; unset, the stages
     # follow UNCLIP_CHANNELS_LAST / UNCLIP_COMPILE. Each stage's log says what its UNets run with.
     up.add_argument(
@@ -392,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     generate = commands.add_parser("generate", help="text -> images")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", help="what to draw, in words the model knows")
     _add_request_options(generate)
     generate.add_argument(
         "--no-progress",
@@ -403,20 +420,30 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     vary = commands.add_parser("vary", help="variations of an image")
-    vary.add_argument("image")
+    vary.add_argument("image", help="a square PNG, JPEG or WebP file")
     _add_request_options(vary)
     vary.set_defaults(func=cmd_vary)
 
     edit = commands.add_parser("edit", help="regenerate the transparent region of an image from a prompt")
-    edit.add_argument("image")
-    edit.add_argument("prompt")
+    edit.add_argument("image", help="a square PNG file")
+    edit.add_argument(
+        "prompt", help="the whole picture as it should look after the edit, not only the new part"
+    )
     edit.add_argument("--mask", default=None, help="RGBA PNG of the image's size; transparent = regenerate")
     _add_request_options(edit)
     edit.set_defaults(func=cmd_edit)
 
-    tiny = commands.add_parser("make-tiny-model", help="write a tiny random model (tests, smoke runs)")
-    tiny.add_argument("dir")
-    tiny.add_argument("--super-res-stages", type=int, default=1, choices=[1, 2])
+    tiny = commands.add_parser(
+        "make-tiny-model",
+        help="write a tiny RANDOM model (tests, smoke runs): fast, but its pictures are noise",
+        description="Writes a tiny model with random weights into DIR. It loads in seconds, which suits "
+        "tests and smoke runs, but it was never trained: its pictures are noise. For real pictures use the "
+        "bundled model (unclip up --model models/shapes-toy).",
+    )
+    tiny.add_argument("dir", help="folder to write the model into")
+    tiny.add_argument(
+        "--super-res-stages", type=int, default=1, choices=[1, 2], help="upsampler stages (default 1)"
+    )
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     models = commands.add_parser("models", help="model weights in S3 / MinIO: push DIR URL | pull URL")
@@ -426,25 +453,41 @@ def build_parser() -> argparse.ArgumentParser:
     from unclip.audit_cli import add_parser as add_audit_parser
 
     add_audit_parser(commands)  # `unclip audit`: print and filter the safety audit log
+    from unclip.info_cli import add_parser as add_info_parser
 
-    from unclip.interpolate_cli import add_parser as add_interpolate_parser
+    add_info_parser(commands)  # `unclip info`: the connected stack's capabilities
 
-    add_interpolate_parser(commands)  # `unclip interpolate --from A --to B --frames K`
+    from unclip.interpolate_cli import add_parsers as add_interpolate_parsers
 
-    demo = commands.add_parser("demo", help="start the stack on the bundled model and draw 4 pictures")
-    demo.add_argument(
-        "--model", default=None, help="model folder (default: models/shapes-toy, else tiny random)"
+    add_interpolate_parsers(commands)  # `unclip interpolate` and `unclip diff`
+
+    demo = commands.add_parser(
+        "demo",
+        help="start the stack on the bundled model and draw 4 pictures",
+        description="Starts every stage of the stack on the bundled model, draws 4 pictures of one prompt, "
+        "writes them and a contact sheet, prints their paths and stops the stack again. Nothing else needs "
+        "to run.",
     )
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="demo-out")
-    demo.add_argument("--timeout", type=float, default=1800.0)
+    demo.add_argument("--model", default=None, help="model folder (default: the bundled models/shapes-toy)")
+    demo.add_argument(
+        "--prompt",
+        default=DEMO_PROMPT,
+        help=f'what to draw (default "{DEMO_PROMPT}"; the bundled model knows shapes, colours, '
+        "sizes and positions)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the first picture (default 0)")
+    demo.add_argument("--out", default="demo-out", help="folder for the pictures (default ./demo-out)")
+    demo.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds to wait for the pictures (default 1800)"
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from unclip.cli_common import parse
+
+    args = parse(build_parser(), argv)
     if args.command == "up" and not args.model:
         print("unclip up: --model (or UNCLIP_MODEL) is required", file=sys.stderr)
         return EXIT_INVALID
@@ -466,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_REFUSED
+        problem = connection_problem(error, getattr(args, "addr", None) or "?", args)
+        if problem is not None:
+            print(f"unclip {args.command}: {problem}", file=sys.stderr)
+            return EXIT_ERROR
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             print(f"unclip {args.command}: invalid input: {details}", file=sys.stderr)
             return EXIT_INVALID

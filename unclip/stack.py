@@ -12,10 +12,13 @@ in order. A stage that fails to start stops the whole stack, naming the stage an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -135,11 +138,15 @@ class Stack:
     # processes per stage ("decoder": 2, "super_res": 2, ...; see parse_replicas); 1 when absent
     replicas: dict[str, int] = field(default_factory=dict)
     interrupted: list[int] = field(default_factory=list)  # a signal arrived: abandon starting
+    http_port: int | None = None  # the HTTP gateway's port (services.gateway; 0: any); None: no gateway
     processes: list[Process] = field(default_factory=list)
+    # log_dir was made by start() (a temporary folder): stop() removes it after a run that came up
+    owns_log_dir: bool = False
 
     @property
     def address(self) -> str:
-        return self.processes[-1].address if self.processes else ""
+        orchestrator = next((p for p in self.processes if p.name == "orchestrator"), None)
+        return (orchestrator.address or "") if orchestrator else ""
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -183,6 +190,7 @@ class Stack:
             raise InvalidModel(str(error)) from error
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="unclip-up-"))
+            self.owns_log_dir = True
         self.log_dir.mkdir(parents=True, exist_ok=True)
         model = ["--model", str(model_dir)]
         upsamplers = upsampler_stages(model_dir)
@@ -231,12 +239,33 @@ class Stack:
                 port=self.port,
             )  # fmt: skip
             self.processes.append(orchestrator)
-            orchestrator.start({**sampling_defaults_env(self.model), **env})
+            orchestrator.start(
+                {**sampling_defaults_env(self.model), **model_env(self.model, model_dir), **env}
+            )
             self._wait(self.processes, deadline, need_serving=True)
+            if self.http_port is not None:
+                self._start_gateway(orchestrator.address or "", Path(model_dir).name, env, deadline)
         except BaseException:
-            self.stop()
+            self.stop(keep_logs=True)  # the error names a log: it stays
             raise
         return orchestrator.address or ""
+
+    def _start_gateway(self, orchestrator: str, model: str, env: dict[str, str], deadline: float) -> None:
+        """The HTTP door (services.gateway) in front of the running orchestrator."""
+        assert self.log_dir is not None
+        argv = [sys.executable, "-m", "services.gateway", "--port", str(self.http_port)]
+        argv += ["--host", "127.0.0.1", "--metrics-port", "0", "--orchestrator-addr", orchestrator]
+        argv += ["--model-name", model]
+        gateway = Process(name="gateway", argv=argv, log_path=self.log_dir / "gateway.log")
+        self.processes.append(gateway)
+        gateway.start(env)
+        self._wait([gateway], deadline, need_serving=False)  # ready once listening: its orchestrator is
+
+    @property
+    def http_url(self) -> str:
+        """The gateway's base URL ('' without one)."""
+        gateway = next((p for p in self.processes if p.name == "gateway"), None)
+        return f"http://{gateway.address}" if gateway and gateway.address else ""
 
     def _wait(self, processes: list[Process], deadline: float, need_serving: bool) -> None:
         pending = list(processes)
@@ -270,16 +299,19 @@ class Stack:
                 )
                 for p in self.processes
             ],
+            extra={"http_url": self.http_url} if self.http_url else {},
         )
 
     def dead(self) -> list[Process]:
         """Processes that have exited (a running stack has none)."""
         return [p for p in self.processes if p.popen is not None and not p.alive()]
 
-    def stop(self) -> None:
-        """SIGTERM the orchestrator, then the rest; SIGKILL whatever outlives the grace period."""
-        orchestrators = [p for p in self.processes if p.name == "orchestrator"]
-        others = [p for p in self.processes if p.name != "orchestrator"]
+    def stop(self, keep_logs: bool = False) -> None:
+        """SIGTERM the doors (gateway, orchestrator), then the rest; SIGKILL whatever outlives the grace
+        period. Then removes the log folder if start() made it (a temporary one), unless `keep_logs`."""
+        front = ("gateway", "orchestrator")  # the doors first: they drain requests that need the stages
+        orchestrators = [p for p in self.processes if p.name in front]
+        others = [p for p in self.processes if p.name not in front]
         for group in (orchestrators, others):
             for process in group:
                 if process.alive():
@@ -293,6 +325,9 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     process.popen.kill()
                     process.popen.wait()
+        if self.owns_log_dir and not keep_logs and self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            self.owns_log_dir = False
 
     def __enter__(self) -> Stack:
         self.start()
@@ -339,6 +374,49 @@ def parse_replicas(value: str) -> dict[str, int]:
     return counts
 
 
+def model_env(model: str, model_dir: Path) -> dict[str, str]:
+    """The orchestrator's model settings from the model reference: its name (the folder's, or the last part
+    of an s3:// prefix) and, if the folder ships one, its vocabulary file (unclip.vocabulary)."""
+    from unclip.vocabulary import FILE_NAME
+
+    env = {"UNCLIP_MODEL_NAME": model.rstrip("/").rsplit("/", 1)[-1]}
+    if (Path(model_dir) / FILE_NAME).is_file():
+        env["UNCLIP_VOCABULARY"] = str(Path(model_dir) / FILE_NAME)
+    return env
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when `host:port` cannot be bound because something listens there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
+def free_port_near(port: int) -> int:
+    """The first free port after `port` (within 100), else any free port."""
+    for candidate in range(port + 1, min(port + 100, 65536)):
+        if not port_in_use(candidate):
+            return candidate
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def busy_port_message(port: int) -> str:
+    """One line: the port is taken, by what if we know it, and a free port to use instead."""
+    running = stack_state.current()
+    holder = (
+        f"an `unclip up` (pid {running.pid}) already serves there"
+        if running is not None and running.address.endswith(f":{port}")
+        else "another program listens there"
+    )
+    free = free_port_near(port)
+    return f"port {port} is in use: {holder}; port {free} is free: unclip up --port {free} ..."
+
+
 def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
     """`unclip up`: start, print the addresses, wait for Ctrl-C / SIGTERM (or a process dying), stop
     everything."""
@@ -350,6 +428,9 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if stack.port and port_in_use(stack.port):
+        print(f"unclip up: {busy_port_message(stack.port)}", file=sys.stderr, flush=True)
+        return 1
     try:
         address = stack.start(timeout=timeout)
     except StackError as error:
@@ -360,6 +441,10 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
     state_path = stack_state.publish(stack.state())
     print(f"  audit log     {stack.log_dir / 'audit'}", flush=True)
     print(f"  stack state   {state_path} (also {stack.log_dir / stack_state.FILE_NAME})", flush=True)
+    if stack.owns_log_dir:
+        print("  (logs and audit log are in a temporary folder, removed on exit; --log-dir D keeps them)")
+    if stack.http_url:
+        print(f"HTTP (OpenAI Images API, playground) on {stack.http_url}", flush=True)
     print(f"orchestrator listening on {address}", flush=True)
     status = 0
     while not stopping:

@@ -21,6 +21,7 @@ from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
 from unclip.storage import StorageError
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from unclip.vocabulary import load as load_vocabulary
 
 # How long to wait at start for the stages to say SERVING before giving up.
 STAGES_START_TIMEOUT_SECONDS = 600.0
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_inflight",
             "max_inflight_per_caller",
             "images_url",
+            "model_name",
+            "vocabulary",
             *SERVER_SETTINGS,
         ],
         port=settings.DEFAULT_PORTS["orchestrator"],
@@ -84,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         image_store = ImageStore.from_settings(args.images_url)
     except (ValueError, StorageError) as error:
         parser.error(str(error))
+    try:  # a vocabulary that cannot be read stops the start, not a request
+        vocabulary = load_vocabulary(args.vocabulary) if args.vocabulary else None
+    except OSError as error:
+        parser.error(f"--vocabulary: cannot read {args.vocabulary}: {error.strerror}")
     servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
     connected: list[Stages] = []
 
@@ -108,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             decoder_guidance_scale=args.decoder_guidance_scale,
             edit_decoder_guidance_scale=args.edit_decoder_guidance_scale,
             step_defaults=step_defaults,
+            model_name=args.model_name,
+            vocabulary=vocabulary,
         )
 
     return serve(

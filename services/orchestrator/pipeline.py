@@ -21,7 +21,7 @@ import torch
 from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
-from unclip.limits import default
+from unclip.limits import LIMITS, default
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
 from unclip.runtime.images import (
@@ -55,6 +55,8 @@ from unclip.v1 import (
     safety_pb2,
     tensor_pb2,
 )
+from unclip.vocabulary import unknown_words
+from unclip.vocabulary import warning as vocabulary_warning
 
 # unclip.limits.DEFAULTS (Karlo's), used for every unset SamplingParams field (the guidance scales: the
 # deployment's UNCLIP_PRIOR_GUIDANCE_SCALE, UNCLIP_DECODER_GUIDANCE_SCALE and
@@ -179,6 +181,7 @@ class Request:
     output_format: int
     user: str
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    previews: bool = False  # GenerateStream asked for intermediate images (GenerateRequest.previews)
 
 
 class Pipeline:
@@ -194,6 +197,8 @@ class Pipeline:
         decoder_guidance_scale: float = DECODER_GUIDANCE,
         edit_decoder_guidance_scale: float = DECODER_GUIDANCE,
         step_defaults: StepDefaults | None = None,
+        model_name: str = "",
+        vocabulary: frozenset[str] | None = None,
     ):
         self.stages = stages
         self.step_defaults = step_defaults or StepDefaults()  # steps and samplers for unset fields
@@ -204,6 +209,8 @@ class Pipeline:
         self.prior_guidance_scale = prior_guidance_scale  # for requests that leave it unset
         self.decoder_guidance_scale = decoder_guidance_scale  # generations and variations leaving it unset
         self.edit_decoder_guidance_scale = edit_decoder_guidance_scale  # for edits that leave it unset
+        self.model_name = model_name  # reported by GetCapabilities
+        self.vocabulary = vocabulary  # the model's words (unclip.vocabulary); None: prompts are not checked
         # Stage calls that run beside the request's own thread (the encoder during the prompt check).
         self._helpers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stage-call")
 
@@ -263,7 +270,25 @@ class Pipeline:
             max_n=MAX_IMAGES,
             max_prompt_chars=MAX_PROMPT_CHARS,
             samplers=sampler_names(),
+            model_name=self.model_name,
+            limits=[
+                orchestrator_pb2.RequestLimit(
+                    name=limit.name,
+                    field=limit.field,
+                    low=str(limit.low),
+                    high=str(limit.high),
+                    why=limit.why,
+                )
+                for limit in LIMITS.values()
+            ],
+            vocabulary_words=len(self.vocabulary or ()),
         )
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """The response's warnings for a prompt: the words the model does not know (none without a
+        vocabulary)."""
+        unknown = unknown_words(prompt, self.vocabulary) if self.vocabulary else []
+        return [vocabulary_warning(unknown)] if unknown else []
 
     # ---- the three public calls ----------------------------------------------------------------------------
 
@@ -273,6 +298,7 @@ class Pipeline:
         # 1. Validate everything before any work.
         check_prompt(req.prompt)
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.previews = req.previews and calls.on_event is not None
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -297,6 +323,7 @@ class Pipeline:
             r, params, cfg, prior.image_embeds, text, prior.generators, calls
         )
         response.prompt_truncated = any(text.truncated)
+        response.warnings.extend(self.prompt_warnings(req.prompt))
         return response
 
     def create_variation(
@@ -384,6 +411,7 @@ class Pipeline:
             keep=(original, known),
         )
         response.prompt_truncated = any(text.truncated)
+        response.warnings.extend(self.prompt_warnings(req.prompt))
         return response
 
     # ---- the model stages, shared by the three calls -------------------------------------------------------
@@ -505,6 +533,7 @@ class Pipeline:
                 inpaint = decoder_pb2.InpaintInput(
                     image=_select(inpaint.image, indices), mask=_select(inpaint.mask, indices)
                 )
+            self._preview(r, images, indices, "decoder", calls)
 
         # Upsamplers, in cascade order, each drawing from the generators the previous stage handed on.
         for stage in range(upsamplers):
@@ -521,6 +550,8 @@ class Pipeline:
                 self.cascade[stage + 1].stage,
             )
             images, generators = upsampled.images, list(upsampled.generators)
+            if stage < upsamplers - 1:  # the last stage's output is the result, after the final check
+                self._preview(r, images, indices, self.cascade[stage + 1].stage, calls)
 
         # A size between two stage sizes is a high-quality downscale of the next larger.
         final = downscale(from_proto(images, "images", dtype=torch.float32), r.size).clamp(-1, 1)
@@ -557,6 +588,18 @@ class Pipeline:
                 image.url = url
                 image.png = b""
         return response
+
+    def _preview(
+        self, r: Request, images: tensor_pb2.Tensor, indices: list[int], stage: str, calls: Calls
+    ) -> None:
+        """GenerateStream with previews: the first image left, as this stage made it (already checked)."""
+        if not r.previews or not indices:
+            return
+        first = from_proto(images, "images", dtype=torch.float32)[:1].clamp(-1, 1)
+        preview = orchestrator_pb2.Preview(
+            stage=stage, size=first.shape[-1], png=encode_png(to_pixels(first)[0]), index=indices[0]
+        )
+        calls.on_event(orchestrator_pb2.GenerateEvent(preview=preview))
 
     # ---- the content policy -------------------------------------------------------------------------------
 

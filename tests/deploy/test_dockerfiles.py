@@ -17,7 +17,7 @@ from unclip.runtime import settings
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 # Image name in the manifests -> its Dockerfile; the decoder image also runs the super-resolution stages.
-SERVICES = ["orchestrator", "encoder", "prior", "decoder", "safety"]
+SERVICES = ["orchestrator", "encoder", "prior", "decoder", "safety", "gateway"]
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:

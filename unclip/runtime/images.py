@@ -29,6 +29,8 @@ def decode_image(data: bytes, field: str) -> PIL.Image.Image:
         image.load()
     except ValueError:
         raise
+    except PIL.UnidentifiedImageError as error:  # its message quotes a BytesIO object's repr
+        raise ValueError(f"{field} is not an image file (PNG, JPEG or WebP): {len(data)} bytes") from error
     except Exception as error:  # PIL raises many types for bad bytes
         raise ValueError(f"{field} is not a readable image ({type(error).__name__}: {error})") from error
     return image

@@ -31,6 +31,7 @@ DEFAULT_PORTS = {
     "super_res": 50055,
     "super_res_2": 50056,
     "safety": 50057,
+    "gateway": 8080,  # HTTP (services.gateway)
 }
 
 
@@ -98,7 +99,7 @@ SETTINGS: dict[str, Setting] = {
             "per step; unclip.runtime.threads), N > 0 pins N (bit-reproducible across load)",
         ),
         # Compute options of the UNets, read by unclip.models when a stage loads (benchmarks/compute.py
-        # measures each; BENCHMARKS.md "Service overhead — H2" has the numbers behind the defaults).
+        # measures each; BENCHMARKS.md "Caveats" has the numbers behind the defaults).
         Setting(
             "inference_mode",
             "UNCLIP_INFERENCE_MODE",
@@ -398,9 +399,75 @@ SETTINGS: dict[str, Setting] = {
             "where `unclip up` publishes the running local stack (stack.json) for the CLI "
             "('': $XDG_STATE_HOME/unclip, else ~/.local/state/unclip)",
         ),
+        Setting(
+            "model_name",
+            "UNCLIP_MODEL_NAME",
+            "",
+            str,
+            "orchestrator: the served model's name in GetCapabilities; gateway: the name when the "
+            "orchestrator reports none (`unclip up`: the model folder's name)",
+        ),
+        Setting(
+            "vocabulary",
+            "UNCLIP_VOCABULARY",
+            "",
+            str,
+            "orchestrator: the model's vocabulary file (one word a line); a prompt's other words come back "
+            "as a warning ('': no check; `unclip up`: the model folder's vocabulary.txt)",
+        ),
         #
         #
         # ---- HTTP gateway
+        Setting(
+            "orchestrator_addr",
+            "UNCLIP_ORCHESTRATOR_ADDR",
+            "127.0.0.1:50051",
+            str,
+            "gateway -> orchestrator target (host:port or dns:///name:port)",
+        ),
+        Setting(
+            "public_url",
+            "UNCLIP_GATEWAY_PUBLIC_URL",
+            "",
+            str,
+            "gateway: base URL of the image links it serves ('': the request's own scheme and host)",
+        ),
+        Setting(
+            "link_ttl_seconds",
+            "UNCLIP_GATEWAY_LINK_TTL_SECONDS",
+            3600.0,
+            float,
+            "gateway: how long a response_format=url link it serves works (without an image bucket)",
+        ),
+        Setting(
+            "link_cache_bytes",
+            "UNCLIP_GATEWAY_LINK_CACHE_BYTES",
+            512 * 1024 * 1024,
+            int,
+            "gateway: memory for the PNGs behind its links; the oldest are dropped beyond it",
+        ),
+        Setting(
+            "link_secret",
+            "UNCLIP_GATEWAY_LINK_SECRET",
+            "",
+            str,
+            "gateway: HMAC key signing its links ('': a random one per process)",
+        ),
+        Setting(
+            "max_upload_bytes",
+            "UNCLIP_GATEWAY_MAX_UPLOAD_BYTES",
+            4 * 1024 * 1024,
+            int,
+            "gateway: largest uploaded image or mask (OpenAI: under 4 MB); bodies over twice that + 1 MiB "
+            "are refused with 413 before they are read",
+        ),
+        Setting(
+            "request_timeout_seconds",
+            "UNCLIP_GATEWAY_REQUEST_TIMEOUT_SECONDS",
+            600.0,
+            float,
+            "gateway: deadline of one call to the orchestrator",
+        ),
         #
         #
     ]

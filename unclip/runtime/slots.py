@@ -35,9 +35,9 @@ class InferenceModeStage:
 
     The engines run under no_grad; inference mode also skips autograd's version counters and view
     tracking: the same kernels, so bit-exact, and measured ~5 % less CPU per denoising step on the toy
-    model (BENCHMARKS.md, "Service overhead — H2"). Inference mode is per thread, so every method enters it
-    (start runs on the request's thread, step and finish on the batcher's). The tensors a task holds are
-    inference tensors: only these methods and the servicer's read-only conversion touch them.
+    model (`python -m benchmarks.compute`; BENCHMARKS.md, "Caveats"). Inference mode is per thread, so every
+    method enters it (start runs on the request's thread, step and finish on the batcher's). The tensors a
+    task holds are inference tensors: only these methods and the servicer's read-only conversion touch them.
     """
 
     def __init__(self, stage: Any):

@@ -1,0 +1,130 @@
+"""The playground page in a real headless browser (Debian's chromium + chromium-driver, driven by Selenium):
+paste a key, generate with progress and partial previews, make a variation, paint a mask and edit; the
+<img> elements decode to PNGs of the asked size. A screenshot is saved under the test's tmp_path."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import tempfile
+
+import numpy as np
+import PIL.Image
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver; "
+    ".ci/run installs them)",
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1200,1400",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="unclip-chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def png_size(data_url: str) -> tuple[int, int]:
+    assert data_url.startswith("data:image/png;base64,")
+    image = PIL.Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+    assert image.format == "PNG"
+    return image.size
+
+
+def pixels(data_url: str) -> np.ndarray:
+    image = PIL.Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_playground_generate_vary_edit(browser, gateway, api_key, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 90)
+    browser.get(gateway + "/")
+    find = browser.find_element
+
+    # The key is pasted once and kept in the browser's storage only.
+    find(By.ID, "api-key").send_keys(api_key)
+    find(By.ID, "save-key").click()
+    assert browser.execute_script("return localStorage.getItem('unclip.apiKey')") == api_key
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "size")).options) == 3)
+    Select(find(By.ID, "size")).select_by_value("128x128")
+
+    # Generate one image (streamed: progress and partial previews), few steps.
+    find(By.ID, "prompt").send_keys("a red circle on a blue background")
+    find(By.ID, "seed").send_keys("21")
+    find(By.CSS_SELECTOR, "#sampling summary").click()
+    for name in ("prior_num_inference_steps", "decoder_num_inference_steps", "super_res_num_inference_steps"):
+        find(By.ID, name).send_keys("2")
+    find(By.ID, "generate").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))
+    assert find(By.ID, "status").text == "done"
+    assert browser.execute_script("return document.getElementById('progress').value") == 1
+    previews = find(By.ID, "previews").find_elements(By.TAG_NAME, "img")
+    assert [png_size(p.get_attribute("src")) for p in previews] == [(32, 32), (64, 64)]
+    card = find(By.CSS_SELECTOR, "#gallery .card")
+    assert card.get_attribute("data-seed") == "21" and "seed 21" in card.text
+    original = card.find_element(By.TAG_NAME, "img").get_attribute("src")
+    assert png_size(original) == (128, 128)
+    assert card.find_element(By.CSS_SELECTOR, "a.download").get_attribute("download") == "unclip-21.png"
+
+    # A variation of it.
+    card.find_element(By.CSS_SELECTOR, "button.vary").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 2)
+    varied = find(By.CSS_SELECTOR, "#gallery .card[data-how=variation] img").get_attribute("src")
+    assert png_size(varied) == (128, 128)
+
+    # Edit: paint the top-left corner of the original (transparent = regenerate), describe, submit.
+    find(By.CSS_SELECTOR, "#gallery .card[data-how=generated] button.edit").click()
+    wait.until(lambda d: d.find_element(By.ID, "editor").get_attribute("data-ready") == "1")
+    canvas = find(By.ID, "mask-canvas")  # 256 css px showing 128 image px
+    chain = ActionChains(browser).move_to_element_with_offset(canvas, -100, -100).click_and_hold()
+    for step in range(8):
+        chain.move_to_element_with_offset(canvas, -100 + 10 * step, -100 + 5 * (step % 2))
+    chain.release().perform()
+    find(By.ID, "edit-prompt").send_keys("a yellow star")
+    find(By.ID, "edit-submit").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card[data-how=edit]"))
+    assert find(By.ID, "status").text == "done", find(By.ID, "status").text
+    edited = find(By.CSS_SELECTOR, "#gallery .card[data-how=edit] img").get_attribute("src")
+    assert png_size(edited) == (128, 128)
+    difference = np.abs(pixels(edited) - pixels(original))
+    assert difference[96:, 96:].max() <= 2  # far from the painted corner: kept
+    assert difference[:32, :48].mean() > 5  # the painted corner was regenerated
+
+    screenshot = tmp_path / "playground.png"
+    browser.save_screenshot(str(screenshot))
+    assert PIL.Image.open(screenshot).size[0] > 0
+    print(f"screenshot: {screenshot}")
