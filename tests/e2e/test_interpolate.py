@@ -161,3 +161,104 @@ def test_a_refused_prompt_at_either_end_draws_nothing(stub, which):
     refusal = parse_refusal(caught.value)
     assert refusal is not None and "hate" in refusal.categories, caught.value.details()
     assert not {"prior", "decoder"} & set(stages)  # refused before any model drew
+
+
+# ---- inverted noise and text diffs (the decoder's DDIM inversion) ------------------------------------------
+
+
+def test_inverted_interpolation_and_text_diff_are_reproducible(stub, two_images):
+    inverted = pb.InterpolateRequest(
+        start=pb.InterpolationEnd(image=two_images[0]),
+        end=pb.InterpolationEnd(image=two_images[1]),
+        frames=3,
+        noise=pb.INTERPOLATION_NOISE_INVERTED,
+        size=64,
+        seed=4,
+        params=FAST,
+    )
+    first = stub.Interpolate(inverted, timeout=300)
+    assert [image.index for image in first.frames.images] == [0, 1, 2]
+    again = stub.Interpolate(inverted, timeout=300)
+    for a, b in zip(first.frames.images, again.frames.images, strict=True):
+        assert np.abs(pixels(a.png) - pixels(b.png)).max() <= 2
+    fixed = pb.InterpolateRequest()
+    fixed.CopyFrom(inverted)
+    fixed.noise = pb.INTERPOLATION_NOISE_FIXED
+    other = stub.Interpolate(fixed, timeout=300)
+    assert np.abs(pixels(other.frames.images[0].png) - pixels(first.frames.images[0].png)).mean() > 1
+
+    diff = stub.TextDiff(
+        pb.TextDiffRequest(
+            image=two_images[0],
+            from_caption="a red circle",
+            to_caption="a blue circle",
+            frames=3,
+            size=64,
+            seed=4,
+            params=FAST,
+            animation=pb.ANIMATION_FORMAT_WEBP,
+        ),
+        timeout=300,
+    )
+    assert list(diff.thetas) == pytest.approx([0, 0.25, 0.5])  # max_theta 0 means the paper's 0.5
+    assert len(diff.frames.images) == 3 and diff.animation_format == pb.ANIMATION_FORMAT_WEBP
+    assert PIL.Image.open(io.BytesIO(diff.animation)).n_frames == 3
+
+
+def _diff_request(**fields) -> pb.TextDiffRequest:
+    request = pb.TextDiffRequest(
+        image=_png(64), from_caption="a red circle", to_caption="a blue circle", frames=2, params=FAST
+    )
+    for name, value in fields.items():
+        if isinstance(value, pb.SamplingParams):
+            getattr(request, name).MergeFrom(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+BAD_DIFFS = [
+    (dict(image=b""), "image"),
+    (dict(image=_not_an_image()), "image"),
+    (dict(from_caption=""), "from_caption"),
+    (dict(to_caption="x" * 1001), "to_caption"),
+    (dict(frames=40), "frames"),
+    (dict(max_theta=1.5), "max_theta"),
+    (dict(max_theta=-0.2), "max_theta"),
+    (dict(params=pb.SamplingParams(decoder_sampler="unclip")), "params.decoder_sampler"),
+    (dict(params=pb.SamplingParams(ddim_eta=0.5)), "params.ddim_eta"),
+]
+
+
+@pytest.mark.parametrize("fields, field", BAD_DIFFS, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD_DIFFS)])
+def test_bad_text_diffs_name_the_field(stub, fields, field):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.TextDiff(_diff_request(**fields), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert caught.value.details().startswith(field), caught.value.details()
+
+
+def test_a_refused_target_caption_is_refused(stub):
+    from services.safety.refusal import parse_refusal
+
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.TextDiff(_diff_request(to_caption="a swastika"), timeout=60)
+    refusal = parse_refusal(caught.value)
+    assert refusal is not None and "hate" in refusal.categories, caught.value.details()
+
+
+def test_the_decoder_inverts_only_images_of_its_size(stack):
+    import torch
+
+    from unclip.runtime.tensors import to_proto
+    from unclip.v1 import decoder_pb2, decoder_pb2_grpc
+
+    with stack.channel("decoder") as channel:
+        decoder = decoder_pb2_grpc.DecoderStub(channel)
+        size = decoder.GetStageInfo(decoder_pb2.StageInfoRequest()).output_size
+        with pytest.raises(grpc.RpcError) as caught:
+            decoder.Invert(
+                decoder_pb2.InvertRequest(images=to_proto(torch.zeros(1, 3, size * 2, size * 2))), timeout=60
+            )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("images"), caught.value.details()
