@@ -20,8 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Both sides compute with one torch thread (the stages' default, UNCLIP_TORCH_THREADS=1).
-os.environ.setdefault("UNCLIP_TORCH_THREADS", "1")
+# Threads: the stack chooses its own (UNCLIP_TORCH_THREADS unset: automatic, unclip.runtime.threads); the
+# in-process diffusers side runs at torch's default, as a user of diffusers runs it. Set UNCLIP_TORCH_THREADS
+# to pin the stages (the in-process side stays at torch's default).
 
 
 def own_session() -> None:
@@ -81,7 +82,6 @@ def reference_pipeline(model: Path, device: str = "cpu", dtype: str = "float32")
     from services.encoder.engine import EncoderEngine
     from services.prior.engine import PriorEngine
 
-    torch.set_num_threads(int(os.environ.get("UNCLIP_TORCH_THREADS", "1")))
     saved = {name: os.environ.pop(name) for name in COMPUTE_OPTIONS if name in os.environ}
     try:
         encoder, prior = EncoderEngine.from_pretrained(model), PriorEngine.from_pretrained(model)
@@ -181,7 +181,6 @@ def environment() -> dict:
         commit = "?"
     import torch
 
-    torch.set_num_threads(int(os.environ["UNCLIP_TORCH_THREADS"]))
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": commit,
@@ -190,7 +189,8 @@ def environment() -> dict:
         "own_session": os.getsid(0) == os.getpid(),  # see own_session()
         "autogroup": _read("/proc/sys/kernel/sched_autogroup_enabled"),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "in_process_torch_threads": torch.get_num_threads(),  # torch's default in this process
+        "stack_torch_threads": os.environ.get("UNCLIP_TORCH_THREADS", "auto"),
         "stack_compute_options": compute_options(),  # the in-process side runs without them
     }
 

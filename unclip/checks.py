@@ -10,18 +10,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from unclip.limits import LIMITS
 from unclip.rng import MAX_IMAGES
-
-MIN_STEPS, MAX_STEPS = 2, 1000  # UnCLIPScheduler divides by (steps - 1): one step is impossible
 
 
 def check_steps(value: int, field: str = "num_inference_steps") -> int:
+    steps = LIMITS["steps"]
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Integral)
-        or not MIN_STEPS <= value <= MAX_STEPS
+        or not steps.low <= value <= steps.high
     ):
-        raise ValueError(f"{field} must be in {MIN_STEPS}..{MAX_STEPS}, got {value!r}")
+        raise ValueError(f"{field} must be in {steps.low}..{steps.high}, got {value!r}")
     return int(value)
 
 

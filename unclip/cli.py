@@ -36,8 +36,13 @@ def _sampling_params(args: argparse.Namespace):
         ("prior_guidance", "prior_guidance_scale"),
         ("decoder_steps", "decoder_num_inference_steps"),
         ("decoder_guidance", "decoder_guidance_scale"),
+        ("ddim_eta", "ddim_eta"),
+        # --sampler sets every stage; a stage's own flag wins over it
+        *[(f"{stage}_sampler", f"{stage}_sampler") for stage in ("prior", "decoder", "super_res")],
     ]:
         value = getattr(args, flag, None)
+        if value is None and flag.endswith("_sampler"):
+            value = getattr(args, "sampler", None)
         if value is not None:
             setattr(params, field, value)
     if args.super_res_steps:
@@ -329,6 +334,16 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"decoder guidance scale ({stacks}; edits may have their own)",
     )
+    parser.add_argument(
+        "--sampler",
+        default=None,
+        help="sampler of every stage: unclip, ddim or dpmsolver++ (default: the stack's)",
+    )
+    for stage in ("prior", "decoder", "super-res"):
+        parser.add_argument(f"--{stage}-sampler", default=None, help=f"{stage} sampler (default: --sampler)")
+    parser.add_argument(
+        "--ddim-eta", type=float, default=None, help="DDIM's noise, 0..1 (default 0: deterministic)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     parser.add_argument("--wait", action="store_true", help="wait for the orchestrator to come up")
     parser.add_argument(
@@ -444,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     from unclip.info_cli import add_parser as add_info_parser
 
     add_info_parser(commands)  # `unclip info`: the connected stack's capabilities
+
+    from unclip.interpolate_cli import add_parsers as add_interpolate_parsers
+
+    add_interpolate_parsers(commands)  # `unclip interpolate` and `unclip diff`
 
     demo = commands.add_parser(
         "demo",

@@ -1,4 +1,4 @@
-"""The one table of request limits and sampling defaults.
+"""The one table of request limits and sampling defaults (LIMITS, DEFAULTS).
 
 The orchestrator, the stages, the CLI and the HTTP gateway all read a limit from here; nothing else writes a
 limit's number. Import-free (no torch, no grpc) so every front door can use it. docs/interfaces.md prints it
@@ -47,8 +47,45 @@ LIMITS: dict[str, Limit] = {
             16,
             "prior samples reranked by CLIP similarity (1: no rerank)",
         ),
+        Limit(
+            "frames",
+            "frames",
+            2,
+            32,
+            "frames of an interpolation (4 stage calls of at most 10 rows)",
+        ),
     ]
 }
+
+
+@dataclass(frozen=True)
+class Default:
+    name: str  # key in DEFAULTS: the SamplingParams field it fills when a request leaves it unset
+    value: int | float | str
+    why: str  # one line: where the value comes from
+
+
+# What an unset SamplingParams field means (the guidance scales are the deployment's own defaults; these are
+# theirs when the deployment says nothing; a model folder's sampling_defaults.json may override any of them
+# under `unclip up`).
+DEFAULTS: dict[str, Default] = {
+    default.name: default
+    for default in [
+        Default("prior_num_inference_steps", 25, "Karlo's prior steps"),
+        Default("prior_guidance_scale", 4.0, "Karlo's prior guidance"),
+        Default("decoder_num_inference_steps", 25, "Karlo's decoder steps"),
+        Default("decoder_guidance_scale", 8.0, "Karlo's decoder guidance"),
+        Default("super_res_num_inference_steps", 7, "Karlo's super-resolution steps, per upsampler stage"),
+        Default("prior_num_candidates", 1, "no rerank"),
+        Default("sampler", "unclip", "UnCLIPScheduler, Karlo's sampler (unclip.sampling lists the others)"),
+        Default("ddim_eta", 0.0, "DDIM without noise: deterministic, invertible"),
+    ]
+}
+
+
+def default(name: str) -> int | float | str:
+    """DEFAULTS[name].value."""
+    return DEFAULTS[name].value
 
 
 def check(name: str, value: object, field: str | None = None) -> int | float:
@@ -65,10 +102,13 @@ def check(name: str, value: object, field: str | None = None) -> int | float:
 
 
 def table() -> str:
-    """The table as Markdown (docs/interfaces.md)."""
+    """The tables as Markdown (docs/interfaces.md)."""
     rows = ["| limit | field | range | why |", "|---|---|---|---|"]
     for limit in LIMITS.values():
         rows.append(f"| `{limit.name}` | `{limit.field}` | {limit.low}..{limit.high} | {limit.why} |")
+    rows += ["", "| default | value | why |", "|---|---|---|"]
+    for entry in DEFAULTS.values():
+        rows.append(f"| `{entry.name}` | `{entry.value!r}` | {entry.why} |")
     return "\n".join(rows)
 
 

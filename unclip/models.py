@@ -173,7 +173,12 @@ def _tune_unet(module: torch.nn.Module) -> Any:
     if env_default("channels_last"):
         module = module.to(memory_format=torch.channels_last)
     if env_default("compile"):
-        module = torch.compile(module)
+        mode = env_default("compile_mode") or None
+        if mode is not None:
+            # Static shapes, one compiled graph (with "reduce-overhead": one CUDA graph) per batch size the
+            # step batcher forms: up to 2 * max_batch_size shapes with guidance.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        module = torch.compile(module, mode=mode, dynamic=False if mode else None)
     # What the module now is (not what was asked): the stage's log says which compute options its UNets run
     # with, which is how `unclip up --channels-last/--compile` can be checked from outside the process.
     kernels = [p for p in module.parameters() if p.dim() == 4]

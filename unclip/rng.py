@@ -17,14 +17,16 @@ import hashlib
 
 import torch
 
+from unclip.limits import LIMITS
+
 # torch's CPU generator (mt19937) state: 624 words of state + bookkeeping, serialised as 5056 bytes.
 GENERATOR_STATE_BYTES = 5056
 
 # The largest seed a request may carry (seeds are int64 on the wire; seed + i must stay representable).
-MAX_SEED = 2**63 - 1
+MAX_SEED = int(LIMITS["seed"].high)
 
 # The most images one request may ask for (n), checked by every stage so each is callable on its own.
-MAX_IMAGES = 10
+MAX_IMAGES = int(LIMITS["n"].high)
 
 
 def generators_from_seed(seed: int, n: int) -> list[torch.Generator]:

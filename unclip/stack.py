@@ -103,6 +103,13 @@ SAMPLING_DEFAULTS_ENV = {
     "prior_guidance_scale": "UNCLIP_PRIOR_GUIDANCE_SCALE",
     "decoder_guidance_scale": "UNCLIP_DECODER_GUIDANCE_SCALE",
     "edit_decoder_guidance_scale": "UNCLIP_EDIT_DECODER_GUIDANCE_SCALE",
+    "prior_num_inference_steps": "UNCLIP_PRIOR_STEPS",
+    "decoder_num_inference_steps": "UNCLIP_DECODER_STEPS",
+    "super_res_num_inference_steps": "UNCLIP_SUPER_RES_STEPS",
+    "prior_sampler": "UNCLIP_PRIOR_SAMPLER",
+    "decoder_sampler": "UNCLIP_DECODER_SAMPLER",
+    "super_res_sampler": "UNCLIP_SUPER_RES_SAMPLER",
+    "ddim_eta": "UNCLIP_DDIM_ETA",
 }
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from services.decoder.servicer import DEFAULT_STEPS, DecoderServicer, UpsamplerServicer
 from unclip.runtime import settings
 from unclip.runtime.server import BATCHING_SETTINGS, SERVER_SETTINGS, batcher_config, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
+from unclip.runtime.threads import policy_from_setting
 from unclip.v1 import decoder_pb2, decoder_pb2_grpc
 
 
@@ -31,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.port is None:
         args.port = settings.DEFAULT_PORTS[args.stage]
     configure_logging(args.stage)
-    torch.set_num_threads(args.torch_threads)
+    threads = policy_from_setting(args.torch_threads)
+    threads.apply()
     service_metrics, interceptors = instrument_process(args.stage, args.metrics_port)
     config = batcher_config(args)
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if hasattr(engine, "warmup"):
                 engine.warmup()
-        servicer.slot.attach(engine)
+        servicer.slot.attach(engine, threads=threads)
 
     return serve(
         args.stage,

@@ -36,7 +36,7 @@ from unclip.batching.stages import (
     denoise,
     guidance_scale_rows,
     renoise_jumps,
-    scheduler_step,
+    sampler_step,
     timestep_rows,
     timesteps_for,
 )
@@ -50,6 +50,7 @@ from unclip.checks import (
     check_tensor,
 )
 from unclip.rng import randn_per_image
+from unclip.sampling import DEFAULT_SAMPLER, Sampler, build_samplers, check_eta, check_sampler
 
 __all__ = ["DecoderEngine", "DecoderOutput", "InpaintInput", "UpsamplerEngine"]
 
@@ -60,6 +61,35 @@ StepCallback = Callable[[int, int], None]
 class DecoderOutput:
     images: torch.Tensor  # float32 [n, 3, s, s] in [-1, 1]
     generators: list[torch.Generator]  # the n per-image generators, advanced past this stage's draws
+
+
+@dataclass
+class DecoderCondition:
+    """A decoder task's conditioning and options (``Task.cond``)."""
+
+    do_cfg: bool  # classifier-free guidance: rows [uncond of all; cond of all] in the forward pass
+    guidance_scale: float
+    text_encoder_hidden_states: torch.Tensor  # [B, extra + L, H] after text_proj (B = 2n with guidance)
+    additive_clip_time_embeddings: torch.Tensor  # [B, T] text_proj's time embedding term
+    decoder_text_mask: torch.Tensor  # bool [B, extra + L]
+
+
+@dataclass
+class UpsamplerCondition:
+    """An upsampler task's conditioning (``Task.cond``)."""
+
+    image_upscaled: torch.Tensor  # [n, 3, S, S] the low-resolution image, upscaled once
+    input_size: int  # its size before upscaling (tasks of one size share a forward pass)
+
+
+def _sampler(samplers: dict[str, Sampler], name: str, eta: float, inpaint: InpaintInput | None) -> Sampler:
+    """The registered sampler ``name`` (checked), refusing one that cannot walk an edit's known region."""
+    sampler = samplers[check_sampler(name)]
+    check_eta(eta)
+    if inpaint is not None and not sampler.supports_edits:
+        editable = ", ".join(n for n, s in samplers.items() if s.supports_edits)
+        raise ValueError(f"sampler {sampler.name!r} cannot run edits (inpaint); edits use {editable}")
+    return sampler
 
 
 class DecoderEngine:
@@ -80,6 +110,7 @@ class DecoderEngine:
         self.image_embed_dim: int = text_proj.clip_image_embeddings_project_to_time_embeddings.in_features
         self.text_embed_dim: int = text_proj.embedding_proj.in_features
         self.hidden_dim: int = text_proj.encoder_hidden_states_proj.in_features
+        self.samplers = build_samplers(scheduler)  # every registered sampler on this stage's schedule
 
     @classmethod
     def from_pretrained(
@@ -121,6 +152,8 @@ class DecoderEngine:
         do_classifier_free_guidance: bool = True,
         inpaint: InpaintInput | None = None,
         step_callback: StepCallback | None = None,
+        sampler: str = DEFAULT_SAMPLER,
+        eta: float = 0.0,
     ) -> DecoderOutput:
         """Decodes n image embeddings [n, D] into n images [n, 3, s, s] in [-1, 1].
 
@@ -139,6 +172,8 @@ class DecoderEngine:
             guidance_scale=guidance_scale,
             do_classifier_free_guidance=do_classifier_free_guidance,
             inpaint=inpaint,
+            sampler=sampler,
+            eta=eta,
         )
         return denoise(self, task, step_callback)
 
@@ -156,11 +191,16 @@ class DecoderEngine:
         guidance_scale: float = 8.0,
         do_classifier_free_guidance: bool = True,
         inpaint: InpaintInput | None = None,
-    ) -> Task:
-        """``decode``'s checks, conditioning and initial noise: one request, ready to step."""
+        sampler: str = DEFAULT_SAMPLER,
+        eta: float = 0.0,
+        latents: torch.Tensor | None = None,
+    ) -> Task[DecoderCondition]:
+        """``decode``'s checks, conditioning and initial noise: one request, ready to step. sampler: a
+        registered sampler's name (unclip.sampling); eta: its stochasticity where it has one (ddim)."""
         do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
         num_inference_steps = check_steps(num_inference_steps)
         guidance_scale = check_guidance(guidance_scale)
+        stepper = _sampler(self.samplers, sampler, eta, inpaint)
         n = self._check(image_embeds, text_embeds, text_encoder_hidden_states, text_mask, generators, do_cfg)
         check_inpaint(inpaint, n)
         generators = list(generators)
@@ -179,13 +219,16 @@ class DecoderEngine:
         # 2. Timesteps (an edit's known region may walk them with jumps back up: RePaint's resampling)
         size = self.output_size
         known = self.known_region.at_size(inpaint, size, device) if inpaint is not None else None
-        timesteps = timesteps_for(self.scheduler, num_inference_steps, known)
+        timesteps = timesteps_for(stepper, num_inference_steps, known)
 
         # 3. Initial latents: per-image noise [n, C, s, s].
         channels = self.decoder.config.in_channels
         dtype = text_encoder_hidden_states.dtype
-        latents = randn_per_image((n, channels, size, size), generators, device, dtype)
-        latents = latents * self.scheduler.init_noise_sigma
+        if latents is None:
+            latents = randn_per_image((n, channels, size, size), generators, device, dtype)
+            latents = latents * self.scheduler.init_noise_sigma
+        else:  # a given start (e.g. a DDIM-inverted image): no draw, as UnCLIPPipeline's decoder_latents
+            latents = check_tensor(latents, "latents", [n, channels, size, size]).to(device, dtype)
 
         return Task(
             stage=self.name,
@@ -195,30 +238,41 @@ class DecoderEngine:
             generators=generators,
             image_generators=generators,
             known=known,
-            extra={
-                "do_cfg": do_cfg,
-                "guidance_scale": guidance_scale,
-                "text_encoder_hidden_states": text_encoder_hidden_states,
-                "additive_clip_time_embeddings": additive_clip_time_embeddings,
-                "decoder_text_mask": decoder_text_mask,
-            },
+            cond=DecoderCondition(
+                do_cfg=do_cfg,
+                guidance_scale=guidance_scale,
+                text_encoder_hidden_states=text_encoder_hidden_states,
+                additive_clip_time_embeddings=additive_clip_time_embeddings,
+                decoder_text_mask=decoder_text_mask,
+            ),
+            sampler=stepper,
+            sampler_state=stepper.init_state(num_inference_steps, eta),
         )
 
-    def key(self, task: Task) -> tuple:
-        """Tasks with equal keys share a forward pass: guidance on or off, and the text length."""
-        return (task.extra["do_cfg"], task.extra["text_encoder_hidden_states"].shape[1])
+    def key(self, task: Task[DecoderCondition]) -> tuple:
+        """Tasks with equal keys share a forward pass: guidance on or off, and the text length (any samplers
+        and step counts)."""
+        return (task.cond.do_cfg, task.cond.text_encoder_hidden_states.shape[1])
 
     @torch.no_grad()
-    def step(self, tasks: list[Task]) -> int:
+    def step(self, tasks: list[Task[DecoderCondition]]) -> int:
         """4. One denoising step of every task (same key), each at its own timestep, in one forward pass.
         Edits at a jump back up are re-noised instead and stay out of the pass. Returns the rows the forward
         pass held (before guidance doubles them)."""
         tasks = renoise_jumps(self.scheduler, tasks)
         if not tasks:
             return 0
-        do_cfg = tasks[0].extra["do_cfg"]
-        counts = [task.rows for task in tasks]
         latents = torch.cat([task.latents for task in tasks])  # [B, C, s, s]
+        noise_pred = self.model_output(tasks, latents)
+        # compute the previous noisy sample x_t -> x_t-1 (edits: the known region pasted back at its level)
+        sampler_step(self.scheduler, tasks, noise_pred, latents)
+        return latents.shape[0]
+
+    def model_output(self, tasks: list[Task[DecoderCondition]], latents: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for ``latents`` [B, C, s, s] (the tasks' rows, in order) at each task's current
+        timestep, guided where the tasks use guidance: [B, 2C, s, s] (noise or sample; learned variance)."""
+        do_cfg = tasks[0].cond.do_cfg
+        counts = [task.rows for task in tasks]
 
         # expand the latents if we are doing classifier free guidance: [uncond of all; cond of all]
         latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -228,12 +282,12 @@ class DecoderEngine:
             sample=latent_model_input,
             timestep=torch.cat([t] * 2) if do_cfg else t,
             encoder_hidden_states=cat_halves(
-                [task.extra["text_encoder_hidden_states"] for task in tasks], counts, do_cfg
+                [task.cond.text_encoder_hidden_states for task in tasks], counts, do_cfg
             ),
             class_labels=cat_halves(
-                [task.extra["additive_clip_time_embeddings"] for task in tasks], counts, do_cfg
+                [task.cond.additive_clip_time_embeddings for task in tasks], counts, do_cfg
             ),
-            attention_mask=cat_halves([task.extra["decoder_text_mask"] for task in tasks], counts, do_cfg),
+            attention_mask=cat_halves([task.cond.decoder_text_mask for task in tasks], counts, do_cfg),
         ).sample
 
         if do_cfg:
@@ -244,10 +298,7 @@ class DecoderEngine:
             guidance_scale = guidance_scale_rows(tasks, noise_pred_uncond.dim(), self.device)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
             noise_pred = torch.cat([noise_pred, predicted_variance], dim=1)
-
-        # compute the previous noisy sample x_t -> x_t-1 (edits: the known region pasted back at its level)
-        scheduler_step(self.scheduler, tasks, noise_pred, latents)
-        return latents.shape[0]
+        return noise_pred
 
     def finish(self, task: Task) -> DecoderOutput:
         """5. The images, clamped to [-1, 1] as the reference does."""
@@ -285,6 +336,7 @@ class UpsamplerEngine:
         self.output_size: int = first.config.sample_size  # pixels of the images it makes
         # Pixels of the images it takes (the previous stage's output size); 0 = any square size.
         self.input_size: int = input_size
+        self.samplers = build_samplers(scheduler)  # every registered sampler on this stage's schedule
 
     @classmethod
     def from_pretrained(
@@ -319,6 +371,8 @@ class UpsamplerEngine:
         num_inference_steps: int = 7,
         inpaint: InpaintInput | None = None,
         step_callback: StepCallback | None = None,
+        sampler: str = DEFAULT_SAMPLER,
+        eta: float = 0.0,
     ) -> DecoderOutput:
         """Upsamples n images [n, 3, input_size, input_size] in [-1, 1] to [n, 3, output_size, output_size].
 
@@ -326,7 +380,7 @@ class UpsamplerEngine:
         so it can feed the next stage of a cascade. step_callback(step, total) as in ``DecoderEngine.decode``.
         """
         check_callback(step_callback)
-        task = self.start(images, generators, num_inference_steps=num_inference_steps, inpaint=inpaint)
+        task = self.start(images, generators, num_inference_steps, inpaint=inpaint, sampler=sampler, eta=eta)
         return denoise(self, task, step_callback)
 
     # ---- the denoising loop in steps (unclip.batching.stages): start, step until done, finish --------------
@@ -338,9 +392,12 @@ class UpsamplerEngine:
         generators: list[torch.Generator],
         num_inference_steps: int = 7,
         inpaint: InpaintInput | None = None,
-    ) -> Task:
+        sampler: str = DEFAULT_SAMPLER,
+        eta: float = 0.0,
+    ) -> Task[UpsamplerCondition]:
         """``upsample``'s checks, upscaled image and initial noise: one request, ready to step."""
         num_inference_steps = check_steps(num_inference_steps)
+        stepper = _sampler(self.samplers, sampler, eta, inpaint)
         n = self._check(images, generators)
         check_inpaint(inpaint, n)
         generators = list(generators)
@@ -349,7 +406,7 @@ class UpsamplerEngine:
         # 1. Timesteps (an edit's known region may walk them with jumps back up: RePaint's resampling)
         size = self.output_size
         known = self.known_region.at_size(inpaint, size, device) if inpaint is not None else None
-        timesteps = timesteps_for(self.scheduler, num_inference_steps, known)
+        timesteps = timesteps_for(stepper, num_inference_steps, known)
 
         # 2. Initial latents: per-image noise [n, C, S, S], drawn where the previous stage left the
         # generators.
@@ -374,16 +431,18 @@ class UpsamplerEngine:
             generators=generators,
             image_generators=generators,
             known=known,
-            extra={"image_upscaled": image_upscaled, "input_size": images.shape[-1]},
+            cond=UpsamplerCondition(image_upscaled=image_upscaled, input_size=images.shape[-1]),
+            sampler=stepper,
+            sampler_state=stepper.init_state(num_inference_steps, eta),
         )
 
-    def key(self, task: Task) -> tuple:
+    def key(self, task: Task[UpsamplerCondition]) -> tuple:
         """Tasks with equal keys share a forward pass: the UNet their step needs (``last`` at a task's final
-        entry, else ``first``) and the input size."""
-        return (task.last, task.extra["input_size"])
+        entry, else ``first``) and the input size (any samplers and step counts)."""
+        return (task.last, task.cond.input_size)
 
     @torch.no_grad()
-    def step(self, tasks: list[Task]) -> int:
+    def step(self, tasks: list[Task[UpsamplerCondition]]) -> int:
         """4. One denoising step of every task (same key), each at its own timestep, in one forward pass (no
         classifier-free guidance). Edits at a jump back up are re-noised instead and stay out of the pass.
         Returns the rows the forward pass held."""
@@ -392,14 +451,14 @@ class UpsamplerEngine:
             return 0
         unet = self.last if tasks[0].last else self.first
         latents = torch.cat([task.latents for task in tasks])  # [B, C, S, S]
-        image_upscaled = torch.cat([task.extra["image_upscaled"] for task in tasks])
+        image_upscaled = torch.cat([task.cond.image_upscaled for task in tasks])
 
         latent_model_input = torch.cat([latents, image_upscaled], dim=1)
 
         noise_pred = unet(sample=latent_model_input, timestep=timestep_rows(tasks, self.device)).sample
 
         # compute the previous noisy sample x_t -> x_t-1 (edits: the known region pasted back at its level)
-        scheduler_step(self.scheduler, tasks, noise_pred, latents)
+        sampler_step(self.scheduler, tasks, noise_pred, latents)
         return latents.shape[0]
 
     def finish(self, task: Task) -> DecoderOutput:

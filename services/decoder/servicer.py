@@ -8,8 +8,10 @@ from __future__ import annotations
 import grpc
 import torch
 
+from services.decoder.invert import invert
 from services.stage_methods import unary_and_stream
 from unclip.batching.batcher import BatcherConfig
+from unclip.limits import default
 from unclip.rng import MAX_IMAGES
 from unclip.runtime.errors import grpc_errors
 from unclip.runtime.slots import EngineSlot
@@ -21,9 +23,15 @@ from unclip.runtime.tensors import (
     to_proto,
 )
 from unclip.runtime.validation import check_guidance, check_steps
+from unclip.sampling import check_eta, check_sampler
 from unclip.v1 import decoder_pb2, decoder_pb2_grpc
 
-DEFAULT_STEPS = {"decoder": 25, "super_res": 7, "super_res_2": 7}  # Karlo's defaults
+# What each stage reports as its default step count (unclip.limits.DEFAULTS: Karlo's).
+DEFAULT_STEPS = {
+    "decoder": default("decoder_num_inference_steps"),
+    "super_res": default("super_res_num_inference_steps"),
+    "super_res_2": default("super_res_num_inference_steps"),
+}
 
 
 def decode_inpaint(request, n: int):
@@ -84,8 +92,17 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
         _, text_embeds, hidden, mask = decode_text_condition(request, n, cfg)
         check_steps(request.num_inference_steps, "num_inference_steps")
         check_guidance(request.guidance_scale, "guidance_scale")
+        sampler, eta = check_sampler(request.sampler, "sampler"), check_eta(request.eta, "eta")
         generators = decode_generators(request.generators, n)
         inpaint = decode_inpaint(request, n)
+        latents = None
+        if request.HasField("latents"):
+            if inpaint is not None:
+                raise ValueError("latents cannot be given with inpaint (an edit starts from noise)")
+            size = self.slot.get().output_size
+            latents = from_field(
+                request, "latents", dtype=torch.float32, shape=[n, 3, size, size], finite=True
+            )
         output = self.slot.run(
             "Decode",
             n,
@@ -99,6 +116,9 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
                 guidance_scale=request.guidance_scale,
                 do_classifier_free_guidance=cfg,
                 inpaint=inpaint,
+                sampler=sampler,
+                eta=eta,
+                latents=latents,
             ),
             context,
             on_step=on_step,
@@ -111,6 +131,34 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
     # the unary call and its streaming twin (progress events, then the same output)
     Decode, DecodeStream = unary_and_stream(_decode, decoder_pb2.ImagesEvent, "Decode")
 
+    @grpc_errors
+    def Invert(self, request: decoder_pb2.InvertRequest, context: grpc.ServicerContext):
+        """DDIM inversion (services.decoder.invert), on the request's thread: it is not a denoising task the
+        step batcher could share, and it is asked for rarely (text diffs, inverted interpolations)."""
+        engine = self.slot.get()
+        cfg = request.do_classifier_free_guidance
+        size = engine.output_size
+        images = from_field(request, "images", dtype=torch.float32, shape=[None, 3, size, size], finite=True)
+        n = images.shape[0]
+        if not 1 <= n <= MAX_IMAGES:
+            raise ValueError(f"images must have n rows, n in 1..{MAX_IMAGES}, got {n}")
+        image_embeds = from_field(request, "image_embeds", dtype=torch.float32, shape=[n, None], finite=True)
+        _, text_embeds, hidden, mask = decode_text_condition(request, n, cfg)
+        check_steps(request.num_inference_steps, "num_inference_steps")
+        check_guidance(request.guidance_scale, "guidance_scale")
+        latents = invert(
+            engine,
+            images,
+            request.num_inference_steps,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            text_encoder_hidden_states=hidden,
+            text_mask=mask,
+            guidance_scale=request.guidance_scale,
+            do_classifier_free_guidance=cfg,
+        )
+        return decoder_pb2.InvertOutput(latents=to_proto(latents))
+
 
 class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
     def _upsample(self, request, context, on_accepted=None, on_step=None) -> decoder_pb2.ImagesOutput:
@@ -121,13 +169,19 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
         if not 1 <= n <= MAX_IMAGES:
             raise ValueError(f"images must hold n images, n in 1..{MAX_IMAGES}, got {n}")
         check_steps(request.num_inference_steps, "num_inference_steps")
+        sampler, eta = check_sampler(request.sampler, "sampler"), check_eta(request.eta, "eta")
         generators = decode_generators(request.generators, n)
         inpaint = decode_inpaint(request, n)
         output = self.slot.run(
             "Upsample",
             n,
             lambda: self.slot.stage.start(
-                images, generators, num_inference_steps=request.num_inference_steps, inpaint=inpaint
+                images,
+                generators,
+                num_inference_steps=request.num_inference_steps,
+                inpaint=inpaint,
+                sampler=sampler,
+                eta=eta,
             ),
             context,
             on_step=on_step,

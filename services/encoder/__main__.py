@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from services.encoder.servicer import EncoderServicer
 from unclip.runtime import settings
 from unclip.runtime.server import BATCHING_SETTINGS, SERVER_SETTINGS, batcher_config, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
+from unclip.runtime.threads import policy_from_setting
 from unclip.v1 import encoder_pb2, encoder_pb2_grpc
 
 
@@ -25,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model:
         parser.error("--model (or UNCLIP_MODEL) is required")
     configure_logging("encoder")
-    torch.set_num_threads(args.torch_threads)
+    threads = policy_from_setting(args.torch_threads)
+    threads.apply()
     service_metrics, interceptors = instrument_process("encoder", args.metrics_port)
     # Text requests are batched across callers (max_batch_size prompts, max_queue_delay_ms, max_queue_size;
     # deterministic turns it off), as the other model stages do at step level.
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = EncoderEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
             if hasattr(engine, "warmup"):
                 engine.warmup()
-        servicer.attach(engine)
+        servicer.attach(engine, threads)
 
     return serve(
         "encoder",

@@ -17,13 +17,14 @@ import PIL.Image
 import torch
 
 from unclip import models
+from unclip.limits import LIMITS
 from unclip.rng import MAX_IMAGES
 
 logger = logging.getLogger(__name__)
 
 # Longest prompt accepted, in characters (the tokenizer truncates far earlier; this bounds the work per
 # request).
-MAX_PROMPT_CHARS = 1000
+MAX_PROMPT_CHARS = int(LIMITS["prompt_chars"].high)
 
 
 @dataclass

@@ -35,9 +35,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self.slot = EngineSlot("encoder", metrics, config)  # __main__ calls attach() once loaded
         self.batcher: DynamicBatcher | None = None
 
-    def attach(self, engine: Any) -> None:
-        """Makes the loaded engine available, with the text batcher in front of it."""
+    def attach(self, engine: Any, threads: Any = None) -> None:
+        """Makes the loaded engine available, with the text batcher in front of it. `threads`: the
+        process's unclip.runtime.threads.ThreadPolicy, applied on every thread before it runs the engine."""
         self.batcher = DynamicBatcher("encoder", self._encode_batch, self.slot.config)
+        self.slot.threads = threads
         self.slot.engine = engine
 
     def _encode_batch(self, batch: list[tuple[list[str], bool]]) -> list[Any]:
@@ -45,6 +47,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         batcher's key). A request alone takes exactly encode_text's path, the reference's."""
         engine = self.slot.engine
         with self.slot.lock:  # one thing on the engine at a time (image requests take the lock too)
+            if self.slot.threads is not None:
+                self.slot.threads.apply()
             if self.slot.metrics is not None:
                 self.slot.metrics.forward_pass(sum(len(prompts) for prompts, _ in batch))
             if len(batch) == 1:

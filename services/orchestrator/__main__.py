@@ -13,7 +13,7 @@ import sys
 
 from services.orchestrator.clients import Stages
 from services.orchestrator.outputs import ImageStore
-from services.orchestrator.pipeline import Pipeline
+from services.orchestrator.pipeline import Pipeline, StepDefaults
 from services.orchestrator.servicer import ImageServicer
 from unclip.checks import check_guidance
 from unclip.provenance.stamp import PROVENANCE_SETTINGS, Provenance
@@ -27,6 +27,16 @@ from unclip.vocabulary import load as load_vocabulary
 # How long to wait at start for the stages to say SERVING before giving up.
 STAGES_START_TIMEOUT_SECONDS = 600.0
 
+# The deployment's steps and samplers for unset request fields (services.orchestrator.pipeline.StepDefaults).
+STEP_DEFAULT_SETTINGS = [
+    "prior_steps",
+    "decoder_steps",
+    "super_res_steps",
+    "prior_sampler",
+    "decoder_sampler",
+    "super_res_sampler",
+    "ddim_eta",
+]
 ADDRESS_SETTINGS = ["encoder_addr", "prior_addr", "decoder_addr", "upsampler_addrs", "safety_addr"]
 
 
@@ -41,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             "prior_guidance_scale",
             "decoder_guidance_scale",
             "edit_decoder_guidance_scale",
+            *STEP_DEFAULT_SETTINGS,
             "max_inflight",
             "max_inflight_per_caller",
             "images_url",
@@ -59,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         check_guidance(args.prior_guidance_scale, "--prior-guidance-scale")
         check_guidance(args.decoder_guidance_scale, "--decoder-guidance-scale")
         check_guidance(args.edit_decoder_guidance_scale, "--edit-decoder-guidance-scale")
+        step_defaults = StepDefaults(
+            prior_num_inference_steps=args.prior_steps,
+            decoder_num_inference_steps=args.decoder_steps,
+            super_res_num_inference_steps=args.super_res_steps,
+            prior_sampler=args.prior_sampler,
+            decoder_sampler=args.decoder_sampler,
+            super_res_sampler=args.super_res_sampler,
+            ddim_eta=args.ddim_eta,
+        ).check()
     except ValueError as error:
         parser.error(str(error))
     if args.max_inflight < 1 or args.max_inflight_per_caller < 1:
@@ -101,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             prior_guidance_scale=args.prior_guidance_scale,
             decoder_guidance_scale=args.decoder_guidance_scale,
             edit_decoder_guidance_scale=args.edit_decoder_guidance_scale,
+            step_defaults=step_defaults,
             model_name=args.model_name,
             vocabulary=vocabulary,
             provenance=provenance,

@@ -21,7 +21,7 @@ import torch
 from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
-from unclip.limits import LIMITS
+from unclip.limits import LIMITS, default
 from unclip.provenance.stamp import Provenance, stage_parameters
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
@@ -40,12 +40,14 @@ from unclip.runtime.images import (
 from unclip.runtime.tensors import from_proto, to_proto
 from unclip.runtime.validation import (
     MAX_PROMPT_CHARS,
+    check_candidates,
     check_guidance,
     check_n,
     check_prompt,
     check_seed,
     check_steps,
 )
+from unclip.sampling import DEFAULT_SAMPLER, check_eta, check_sampler, sampler_names
 from unclip.v1 import (
     decoder_pb2,
     encoder_pb2,
@@ -57,13 +59,36 @@ from unclip.v1 import (
 from unclip.vocabulary import unknown_words
 from unclip.vocabulary import warning as vocabulary_warning
 
-# Karlo's defaults, used for every unset SamplingParams field (the guidance scales: the deployment's
-# UNCLIP_PRIOR_GUIDANCE_SCALE, UNCLIP_DECODER_GUIDANCE_SCALE and UNCLIP_EDIT_DECODER_GUIDANCE_SCALE, since a
-# model may sample best at other values).
-PRIOR_STEPS, PRIOR_GUIDANCE = 25, 4.0
-DECODER_STEPS, DECODER_GUIDANCE = 25, 8.0
-SUPER_RES_STEPS = 7
-MAX_CANDIDATES = 16
+# unclip.limits.DEFAULTS (Karlo's), used for every unset SamplingParams field (the guidance scales: the
+# deployment's UNCLIP_PRIOR_GUIDANCE_SCALE, UNCLIP_DECODER_GUIDANCE_SCALE and
+# UNCLIP_EDIT_DECODER_GUIDANCE_SCALE, since a model may sample best at other values).
+PRIOR_STEPS, PRIOR_GUIDANCE = default("prior_num_inference_steps"), default("prior_guidance_scale")
+DECODER_STEPS, DECODER_GUIDANCE = default("decoder_num_inference_steps"), default("decoder_guidance_scale")
+SUPER_RES_STEPS = default("super_res_num_inference_steps")
+
+
+@dataclass
+class StepDefaults:
+    """The deployment's steps and samplers for unset SamplingParams fields (unclip.limits.DEFAULTS unless
+    the orchestrator's settings, e.g. a model folder's sampling_defaults.json under `unclip up`, say
+    otherwise)."""
+
+    prior_num_inference_steps: int = PRIOR_STEPS
+    decoder_num_inference_steps: int = DECODER_STEPS
+    super_res_num_inference_steps: int = SUPER_RES_STEPS  # every upsampler stage
+    prior_sampler: str = DEFAULT_SAMPLER
+    decoder_sampler: str = DEFAULT_SAMPLER
+    super_res_sampler: str = DEFAULT_SAMPLER
+    ddim_eta: float = default("ddim_eta")
+
+    def check(self) -> StepDefaults:
+        """ValueError naming the setting's flag when a default is out of range."""
+        for stage in ("prior", "decoder", "super_res"):
+            check_steps(getattr(self, f"{stage}_num_inference_steps"), f"--{stage.replace('_', '-')}-steps")
+        for name in ("prior_sampler", "decoder_sampler", "super_res_sampler"):
+            check_sampler(getattr(self, name), f"--{name.replace('_', '-')}")
+        check_eta(self.ddim_eta, "--ddim-eta")
+        return self
 
 
 @dataclass
@@ -76,6 +101,10 @@ class Params:
     decoder_guidance_scale: float
     super_res_num_inference_steps: list[int]  # one per upsampler stage of the cascade
     prior_num_candidates: int
+    prior_sampler: str = DEFAULT_SAMPLER
+    decoder_sampler: str = DEFAULT_SAMPLER
+    super_res_sampler: str = DEFAULT_SAMPLER  # every upsampler stage
+    ddim_eta: float = 0.0  # the stages that run ddim use it
 
     @classmethod
     def from_proto(
@@ -85,31 +114,51 @@ class Params:
         prior: bool = True,
         prior_guidance_scale: float = PRIOR_GUIDANCE,
         decoder_guidance_scale: float = DECODER_GUIDANCE,
+        defaults: StepDefaults | None = None,
+        edit: bool = False,
     ) -> Params:
         """Fills defaults and checks ranges; `prior=False` (variations) ignores the prior's fields.
-        prior_guidance_scale, decoder_guidance_scale: the defaults for the unset request fields."""
+        prior_guidance_scale, decoder_guidance_scale: the defaults for the unset request fields; defaults:
+        the deployment's steps and samplers. `edit`: the image stages run ``unclip`` (the only sampler that
+        walks an edit's known region): another one asked for is refused, a deployment default is not used."""
+        defaults = defaults or StepDefaults()
 
         def get(name: str, default: float) -> float:
             return getattr(params, name) if params.HasField(name) else default
 
+        image_sampler = DEFAULT_SAMPLER if edit else None
         resolved = cls(
-            prior_num_inference_steps=int(get("prior_num_inference_steps", PRIOR_STEPS)),
+            prior_num_inference_steps=int(
+                get("prior_num_inference_steps", defaults.prior_num_inference_steps)
+            ),
             prior_guidance_scale=float(get("prior_guidance_scale", prior_guidance_scale)),
-            decoder_num_inference_steps=int(get("decoder_num_inference_steps", DECODER_STEPS)),
+            decoder_num_inference_steps=int(
+                get("decoder_num_inference_steps", defaults.decoder_num_inference_steps)
+            ),
             decoder_guidance_scale=float(get("decoder_guidance_scale", decoder_guidance_scale)),
             super_res_num_inference_steps=list(params.super_res_num_inference_steps),
-            prior_num_candidates=int(get("prior_num_candidates", 1)),
+            prior_num_candidates=int(get("prior_num_candidates", default("prior_num_candidates"))),
+            prior_sampler=str(get("prior_sampler", defaults.prior_sampler)),
+            decoder_sampler=str(get("decoder_sampler", image_sampler or defaults.decoder_sampler)),
+            super_res_sampler=str(get("super_res_sampler", image_sampler or defaults.super_res_sampler)),
+            ddim_eta=float(get("ddim_eta", defaults.ddim_eta)),
         )
         if prior:
             check_steps(resolved.prior_num_inference_steps, "params.prior_num_inference_steps")
             check_guidance(resolved.prior_guidance_scale, "params.prior_guidance_scale")
-            if not 1 <= resolved.prior_num_candidates <= MAX_CANDIDATES:
-                raise ValueError(f"params.prior_num_candidates must be in 1..{MAX_CANDIDATES}")
+            check_candidates(resolved.prior_num_candidates, "params.prior_num_candidates")
+            resolved.prior_sampler = check_sampler(resolved.prior_sampler, "params.prior_sampler")
         check_steps(resolved.decoder_num_inference_steps, "params.decoder_num_inference_steps")
         check_guidance(resolved.decoder_guidance_scale, "params.decoder_guidance_scale")
+        for name in ("decoder_sampler", "super_res_sampler"):
+            value = check_sampler(getattr(resolved, name), f"params.{name}")
+            if edit and value != DEFAULT_SAMPLER:
+                raise ValueError(f"params.{name} must be {DEFAULT_SAMPLER!r} for edits, got {value!r}")
+            setattr(resolved, name, value)
+        resolved.ddim_eta = check_eta(resolved.ddim_eta, "params.ddim_eta")
         steps = resolved.super_res_num_inference_steps
         if not steps:
-            steps = [SUPER_RES_STEPS]
+            steps = [defaults.super_res_num_inference_steps]
         if len(steps) == 1:
             steps = steps * upsamplers
         if len(steps) != upsamplers:
@@ -150,11 +199,13 @@ class Pipeline:
         prior_guidance_scale: float = PRIOR_GUIDANCE,
         decoder_guidance_scale: float = DECODER_GUIDANCE,
         edit_decoder_guidance_scale: float = DECODER_GUIDANCE,
+        step_defaults: StepDefaults | None = None,
         model_name: str = "",
         vocabulary: frozenset[str] | None = None,
         provenance: Provenance | None = None,
     ):
         self.stages = stages
+        self.step_defaults = step_defaults or StepDefaults()  # steps and samplers for unset fields
         self.cascade = cascade  # decoder first, then each upsampler
         self.sizes = [stage.output_size for stage in cascade]  # ascending
         self.stage_timeout_seconds = stage_timeout_seconds
@@ -200,23 +251,30 @@ class Pipeline:
         return next(i for i, stage_size in enumerate(self.sizes) if stage_size >= size)
 
     def capabilities(self) -> orchestrator_pb2.Capabilities:
+        steps = self.step_defaults
         defaults = orchestrator_pb2.SamplingParams(
-            prior_num_inference_steps=PRIOR_STEPS,
+            prior_num_inference_steps=steps.prior_num_inference_steps,
             prior_guidance_scale=self.prior_guidance_scale,
-            decoder_num_inference_steps=DECODER_STEPS,
+            decoder_num_inference_steps=steps.decoder_num_inference_steps,
             decoder_guidance_scale=self.decoder_guidance_scale,
-            super_res_num_inference_steps=[s.default_num_inference_steps for s in self.cascade[1:]],
-            prior_num_candidates=1,
+            super_res_num_inference_steps=[steps.super_res_num_inference_steps] * (len(self.cascade) - 1),
+            prior_num_candidates=default("prior_num_candidates"),
+            prior_sampler=steps.prior_sampler,
+            decoder_sampler=steps.decoder_sampler,
+            super_res_sampler=steps.super_res_sampler,
+            ddim_eta=steps.ddim_eta,
         )
         edit_defaults = orchestrator_pb2.SamplingParams()
         edit_defaults.CopyFrom(defaults)
         edit_defaults.decoder_guidance_scale = self.edit_decoder_guidance_scale
+        edit_defaults.decoder_sampler = edit_defaults.super_res_sampler = DEFAULT_SAMPLER
         return orchestrator_pb2.Capabilities(
             sizes=self.sizes,
             defaults=defaults,
             edit_defaults=edit_defaults,
             max_n=MAX_IMAGES,
             max_prompt_chars=MAX_PROMPT_CHARS,
+            samplers=sampler_names(),
             model_name=self.model_name,
             limits=[
                 orchestrator_pb2.RequestLimit(
@@ -252,6 +310,7 @@ class Pipeline:
             len(self.cascade) - 1,
             prior_guidance_scale=self.prior_guidance_scale,
             decoder_guidance_scale=self.decoder_guidance_scale,
+            defaults=self.step_defaults,
         )
         # Guidance is on or off for all stages at once, as UnCLIPPipeline decides it.
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
@@ -282,7 +341,11 @@ class Pipeline:
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
         r.operation = "variation"
         params = Params.from_proto(
-            req.params, len(self.cascade) - 1, prior=False, decoder_guidance_scale=self.decoder_guidance_scale
+            req.params,
+            len(self.cascade) - 1,
+            prior=False,
+            decoder_guidance_scale=self.decoder_guidance_scale,
+            defaults=self.step_defaults,
         )
         cfg = params.decoder_guidance_scale > 1.0  # as UnCLIPImageVariationPipeline
         generators = _generator_states(r.seed, r.n)
@@ -323,6 +386,8 @@ class Pipeline:
             len(self.cascade) - 1,
             prior_guidance_scale=self.prior_guidance_scale,
             decoder_guidance_scale=self.edit_decoder_guidance_scale,
+            defaults=self.step_defaults,
+            edit=True,
         )
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
         generators = _generator_states(r.seed, r.n)
@@ -423,6 +488,8 @@ class Pipeline:
                 guidance_scale=params.prior_guidance_scale,
                 do_classifier_free_guidance=cfg,
                 num_candidates=params.prior_num_candidates,
+                sampler=params.prior_sampler,
+                eta=params.ddim_eta,
             ),
             "prior",
         )
@@ -438,8 +505,10 @@ class Pipeline:
         calls: Calls,
         inpaint: decoder_pb2.InpaintInput | None = None,
         keep: tuple[torch.Tensor, torch.Tensor] | None = None,
+        latents: tensor_pb2.Tensor | None = None,
     ) -> orchestrator_pb2.ImagesResponse:
-        # Decoder: image embedding (+ text) -> small images [n, 3, s, s].
+        # Decoder: image embedding (+ text) -> small images [n, 3, s, s] (from `latents` instead of noise when
+        # given: a DDIM-inverted start).
         decoded = calls(
             self.stages.decoder.Decode,
             decoder_pb2.DecodeRequest(
@@ -452,6 +521,9 @@ class Pipeline:
                 guidance_scale=params.decoder_guidance_scale,
                 do_classifier_free_guidance=cfg,
                 inpaint=inpaint,
+                sampler=params.decoder_sampler,
+                eta=params.ddim_eta,
+                latents=latents,
             ),
             "decoder",
         )
@@ -480,6 +552,8 @@ class Pipeline:
                     generators=generators,
                     num_inference_steps=params.super_res_num_inference_steps[stage],
                     inpaint=inpaint,
+                    sampler=params.super_res_sampler,
+                    eta=params.ddim_eta,
                 ),
                 self.cascade[stage + 1].stage,
             )

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 import grpc
 
 from services.orchestrator.clients import Calls
+from services.orchestrator.interpolate import Interpolation
 from services.orchestrator.pipeline import Pipeline
+from services.orchestrator.textdiff import TextDiff
 from unclip.provenance.verify import ALTERED, INTACT, Verifier, VerifyResult, verify_png
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
 from unclip.runtime.slots import DETERMINISTIC_KEY
@@ -150,6 +152,50 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the orchestrator is starting")
         with self.admission.admit(caller_of(request, context)):
             return verify_response(verify_png(request.image, self.verifier))
+
+    @grpc_errors
+    def Interpolate(self, request: orchestrator_pb2.InterpolateRequest, context: grpc.ServicerContext):
+        pipeline, calls = self._run(context)
+        interpolation = Interpolation(pipeline, request, calls)  # validates before admission and work
+        with self.admission.admit(caller_of(request, context)):
+            return interpolation.run()
+
+    @grpc_errors
+    def TextDiff(self, request: orchestrator_pb2.TextDiffRequest, context: grpc.ServicerContext):
+        pipeline, calls = self._run(context)
+        diff = TextDiff(pipeline, request, calls)  # validates before admission and work
+        with self.admission.admit(caller_of(request, context)):
+            return diff.run()
+
+    @grpc_stream_errors
+    def InterpolateStream(self, request: orchestrator_pb2.InterpolateRequest, context: grpc.ServicerContext):
+        """Interpolate, reporting progress as GenerateStream does; the last event carries the frames."""
+        pipeline, calls = self._run(context)
+        interpolation = Interpolation(pipeline, request, calls)  # invalid: refused before "accepted"
+        yield from self._stream(request, context, calls, interpolation.run, "interpolation")
+
+    def _stream(self, request, context: grpc.ServicerContext, calls: Calls, run, field: str):
+        """A request's progress as GenerateEvents: accepted (with the requests ahead), the stages' events,
+        then `field` set to what `run()` returned (its error is raised on the handler's thread)."""
+        events: queue.Queue = queue.Queue()  # bounded by the steps of one request
+        calls.on_event = events.put
+        with self.admission.admit(caller_of(request, context)) as ahead:
+            yield orchestrator_pb2.GenerateEvent(accepted=orchestrator_pb2.Accepted(queue_position=ahead))
+
+            def work() -> None:
+                try:
+                    events.put(orchestrator_pb2.GenerateEvent(**{field: run()}))
+                except BaseException as error:  # raised again below, on the handler's thread
+                    events.put(error)
+
+            threading.Thread(target=work, name=f"{field}-stream", daemon=True).start()
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.HasField(field):
+                    return
 
 
 VERDICTS = {

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from services.prior.servicer import PriorServicer
 from unclip.runtime import settings
 from unclip.runtime.server import BATCHING_SETTINGS, SERVER_SETTINGS, batcher_config, configure_logging, serve
 from unclip.runtime.telemetry import instrument_process
+from unclip.runtime.threads import policy_from_setting
 from unclip.v1 import prior_pb2, prior_pb2_grpc
 
 
@@ -25,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model:
         parser.error("--model (or UNCLIP_MODEL) is required")
     configure_logging("prior")
-    torch.set_num_threads(args.torch_threads)
+    threads = policy_from_setting(args.torch_threads)
+    threads.apply()
     service_metrics, interceptors = instrument_process("prior", args.metrics_port)
     servicer = PriorServicer(service_metrics, batcher_config(args))
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = PriorEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
             if hasattr(engine, "warmup"):
                 engine.warmup()
-        servicer.slot.attach(engine)
+        servicer.slot.attach(engine, threads=threads)
 
     return serve(
         "prior",

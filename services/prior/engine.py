@@ -24,7 +24,7 @@ from unclip.batching.stages import (
     cat_halves,
     denoise,
     guidance_scale_rows,
-    scheduler_step,
+    sampler_step,
     timestep_rows,
     timesteps_for,
 )
@@ -37,10 +37,21 @@ from unclip.checks import (
     check_steps,
     check_tensor,
 )
+from unclip.limits import LIMITS
 from unclip.rng import derive_generator, randn_per_image
+from unclip.sampling import DEFAULT_SAMPLER, build_samplers, check_eta, check_sampler
 
-# The most candidates the rerank may draw per image (each candidate costs a full prior sample).
-MAX_CANDIDATES = 16
+
+@dataclass
+class PriorCondition:
+    """A prior task's conditioning and options (``Task.cond``)."""
+
+    do_cfg: bool  # classifier-free guidance: rows [uncond of all; cond of all] in the forward pass
+    guidance_scale: float
+    num_candidates: int  # k embeddings drawn per image (rerank when > 1)
+    text_embeds: torch.Tensor  # [B * k, D] (B = 2n with guidance), candidate j of image i at row i * k + j
+    text_encoder_hidden_states: torch.Tensor  # [B * k, L, H]
+    text_mask: torch.Tensor  # bool [B * k, L]
 
 
 @dataclass
@@ -62,6 +73,7 @@ class PriorEngine:
         self.text_embed_dim: int = prior.embedding_proj.in_features  # D of the text embedding it reads
         self.hidden_dim: int = prior.encoder_hidden_states_proj.in_features  # H of the text hidden states
         self.num_tokens: int = prior.config.num_embeddings  # L: the tokenizer's model_max_length
+        self.samplers = build_samplers(scheduler)  # every registered sampler on this stage's schedule
 
     @classmethod
     def from_pretrained(
@@ -100,6 +112,8 @@ class PriorEngine:
         do_classifier_free_guidance: bool = True,
         num_candidates: int = 1,
         step_callback: Callable[[int, int], None] | None = None,
+        sampler: str = DEFAULT_SAMPLER,
+        eta: float = 0.0,
     ) -> PriorOutput:
         """Samples one image embedding per generator.
 
@@ -107,6 +121,8 @@ class PriorEngine:
         B = 2n with guidance (rows [0, n) unconditional), else n. num_candidates k > 1 reranks: k embeddings
         are drawn per image and the one with the highest dot product with the image's text embedding is kept.
         step_callback(step, total) runs after every step (step = steps done, 1..total); it may raise to stop.
+        sampler: a registered sampler's name (unclip.sampling); eta: its stochasticity where it has one
+        (ddim).
         """
         check_callback(step_callback)
         task = self.start(
@@ -118,6 +134,8 @@ class PriorEngine:
             guidance_scale=guidance_scale,
             do_classifier_free_guidance=do_classifier_free_guidance,
             num_candidates=num_candidates,
+            sampler=sampler,
+            eta=eta,
         )
         return denoise(self, task, step_callback)
 
@@ -134,17 +152,20 @@ class PriorEngine:
         guidance_scale: float = 4.0,
         do_classifier_free_guidance: bool = True,
         num_candidates: int = 1,
-    ) -> Task:
+        sampler: str = DEFAULT_SAMPLER,
+        eta: float = 0.0,
+    ) -> Task[PriorCondition]:
         """``sample``'s checks, conditioning and initial noise: one request, ready to step."""
         do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
         num_inference_steps = check_steps(num_inference_steps)
         guidance_scale = check_guidance(guidance_scale)
+        stepper = self.samplers[check_sampler(sampler)]
+        eta = check_eta(eta)
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int):
             raise ValueError(f"num_candidates must be an integer, got {type(num_candidates).__name__}")
-        if not 0 <= num_candidates <= MAX_CANDIDATES:
-            raise ValueError(
-                f"num_candidates must be in 0..{MAX_CANDIDATES} (0 or 1: no rerank), got {num_candidates}"
-            )
+        most = LIMITS["prior_candidates"].high
+        if not 0 <= num_candidates <= most:
+            raise ValueError(f"num_candidates must be in 0..{most} (0 or 1: no rerank), got {num_candidates}")
         if num_candidates > 1 and self.text_embed_dim != self.embedding_dim:
             raise ValueError("num_candidates > 1 needs text and image embeddings of the same size (rerank)")
         n = self._check(text_embeds, text_encoder_hidden_states, text_mask, generators, do_cfg)
@@ -172,7 +193,7 @@ class PriorEngine:
         ]
 
         # 2. Timesteps
-        timesteps = timesteps_for(self.scheduler, num_inference_steps)
+        timesteps = timesteps_for(stepper, num_inference_steps)
 
         # 3. Initial latents: per-image noise [n * k, D].
         latents = randn_per_image((n * k, self.embedding_dim), row_generators, device, text_embeds.dtype)
@@ -185,25 +206,27 @@ class PriorEngine:
             timesteps=timesteps,
             generators=row_generators,
             image_generators=list(generators),
-            extra={
-                "do_cfg": do_cfg,
-                "guidance_scale": guidance_scale,
-                "num_candidates": k,
-                "text_embeds": text_embeds,
-                "text_encoder_hidden_states": text_encoder_hidden_states,
-                "text_mask": text_mask,
-            },
+            cond=PriorCondition(
+                do_cfg=do_cfg,
+                guidance_scale=guidance_scale,
+                num_candidates=k,
+                text_embeds=text_embeds,
+                text_encoder_hidden_states=text_encoder_hidden_states,
+                text_mask=text_mask,
+            ),
+            sampler=stepper,
+            sampler_state=stepper.init_state(num_inference_steps, eta),
         )
 
-    def key(self, task: Task) -> tuple:
-        """Tasks with equal keys share a forward pass: guidance on or off."""
-        return (task.extra["do_cfg"],)
+    def key(self, task: Task[PriorCondition]) -> tuple:
+        """Tasks with equal keys share a forward pass: guidance on or off (any samplers and step counts)."""
+        return (task.cond.do_cfg,)
 
     @torch.no_grad()
-    def step(self, tasks: list[Task]) -> int:
+    def step(self, tasks: list[Task[PriorCondition]]) -> int:
         """4. One denoising step of every task (same key), each at its own timestep, in one forward pass.
         Returns the rows the forward pass held (before guidance doubles them)."""
-        do_cfg = tasks[0].extra["do_cfg"]
+        do_cfg = tasks[0].cond.do_cfg
         counts = [task.rows for task in tasks]
         latents = torch.cat([task.latents for task in tasks])  # [B, D]
 
@@ -214,11 +237,11 @@ class PriorEngine:
         predicted_image_embedding = self.prior(
             latent_model_input,
             timestep=torch.cat([t] * 2) if do_cfg else t,
-            proj_embedding=cat_halves([task.extra["text_embeds"] for task in tasks], counts, do_cfg),
+            proj_embedding=cat_halves([task.cond.text_embeds for task in tasks], counts, do_cfg),
             encoder_hidden_states=cat_halves(
-                [task.extra["text_encoder_hidden_states"] for task in tasks], counts, do_cfg
+                [task.cond.text_encoder_hidden_states for task in tasks], counts, do_cfg
             ),
-            attention_mask=cat_halves([task.extra["text_mask"] for task in tasks], counts, do_cfg),
+            attention_mask=cat_halves([task.cond.text_mask for task in tasks], counts, do_cfg),
         ).predicted_image_embedding
 
         if do_cfg:
@@ -228,21 +251,21 @@ class PriorEngine:
                 predicted_text - predicted_uncond
             )
 
-        # x_t -> x_t-1, each row with its own generator
-        scheduler_step(self.scheduler, tasks, predicted_image_embedding, latents)
+        # x_t -> x_t-1, each task with its own sampler, each row with its own generator
+        sampler_step(self.scheduler, tasks, predicted_image_embedding, latents)
         return latents.shape[0]
 
     @torch.no_grad()
-    def finish(self, task: Task) -> PriorOutput:
+    def finish(self, task: Task[PriorCondition]) -> PriorOutput:
         """5. The image embeddings, reranked (DALL-E 2 §2.2) when k > 1 candidates were drawn per image."""
-        k = task.extra["num_candidates"]
+        k = task.cond.num_candidates
         image_embeds = self.prior.post_process_latents(task.latents)  # [n * k, D]
 
         # keep the candidate with the highest dot product with the (conditional) text embedding
         if k > 1:
             n = task.rows // k
-            text_embeds = task.extra["text_embeds"]
-            cond_text_embeds = text_embeds[n * k :] if task.extra["do_cfg"] else text_embeds  # [n * k, D]
+            text_embeds = task.cond.text_embeds
+            cond_text_embeds = text_embeds[n * k :] if task.cond.do_cfg else text_embeds  # [n * k, D]
             scores = (image_embeds * cond_text_embeds).sum(dim=-1).view(n, k)
             best = scores.argmax(dim=1)  # [n]
             image_embeds = image_embeds.view(n, k, -1)[torch.arange(n, device=image_embeds.device), best]

@@ -6,11 +6,9 @@ from services.stage_methods import unary_and_stream
 from unclip.batching.batcher import BatcherConfig
 from unclip.runtime.slots import EngineSlot
 from unclip.runtime.tensors import decode_generators, decode_text_condition, encode_generators, to_proto
-from unclip.runtime.validation import check_guidance, check_steps
+from unclip.runtime.validation import check_candidates, check_guidance, check_steps
+from unclip.sampling import check_eta, check_sampler
 from unclip.v1 import prior_pb2, prior_pb2_grpc
-
-# Rerank draws at most this many embeddings per image.
-MAX_CANDIDATES = 16
 
 
 class PriorServicer(prior_pb2_grpc.PriorServicer):
@@ -23,8 +21,9 @@ class PriorServicer(prior_pb2_grpc.PriorServicer):
         n, text_embeds, hidden, mask = decode_text_condition(request, None, cfg)
         check_steps(request.num_inference_steps, "num_inference_steps")
         check_guidance(request.guidance_scale, "guidance_scale")
-        if not 0 <= request.num_candidates <= MAX_CANDIDATES:
-            raise ValueError(f"num_candidates must be in 0..{MAX_CANDIDATES}, got {request.num_candidates}")
+        check_candidates(request.num_candidates, "num_candidates", unset_means_one=True)
+        sampler = check_sampler(request.sampler, "sampler")
+        eta = check_eta(request.eta, "eta")
         generators = decode_generators(request.generators, n)
         output = self.slot.run(
             "Sample",
@@ -38,6 +37,8 @@ class PriorServicer(prior_pb2_grpc.PriorServicer):
                 guidance_scale=request.guidance_scale,
                 do_classifier_free_guidance=cfg,
                 num_candidates=max(1, request.num_candidates),
+                sampler=sampler,
+                eta=eta,
             ),
             context,
             on_step=on_step,

@@ -14,14 +14,13 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
 from services.safety.audit import AuditLog
 from services.safety.engine import SafetyEngine
 from services.safety.servicer import SafetyServicer
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
 from unclip.runtime.settings import DEFAULT_PORTS, add_arguments, env_default
 from unclip.runtime.telemetry import instrument_process
+from unclip.runtime.threads import policy_from_setting
 from unclip.v1 import safety_pb2, safety_pb2_grpc
 
 log = logging.getLogger("services.safety")
@@ -52,7 +51,7 @@ def _ship_hook(spec: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("safety")
-    torch.set_num_threads(args.torch_threads)  # model-backed filters share the machine (UNCLIP_TORCH_THREADS)
+    policy_from_setting(args.torch_threads).apply()  # model-backed filters share the machine
     # Traces (one per request, across every stage) and the metrics endpoint, as every service has them.
     _service_metrics, interceptors = instrument_process("safety", args.metrics_port)
     servicer = SafetyServicer()

@@ -10,12 +10,13 @@ import torch
 from services.safety.audit import AuditError
 from services.safety.engine import Decision, SafetyEngine
 from services.safety.filters.base import CheckInput
+from unclip.limits import LIMITS
 from unclip.runtime.errors import StatusError, grpc_errors
 from unclip.runtime.tensors import from_field
 from unclip.v1 import safety_pb2, safety_pb2_grpc
 
-MAX_PROMPT_CHARS = 1000  # the public API's limit (orchestrator.proto)
-MAX_IMAGES = 10
+MAX_PROMPT_CHARS = int(LIMITS["prompt_chars"].high)  # the public API's limit (unclip.limits)
+MAX_IMAGES = int(LIMITS["n"].high)
 _STAGES = {
     safety_pb2.CHECK_STAGE_INPUT_IMAGE: "input_image",
     safety_pb2.CHECK_STAGE_DECODER_OUTPUT: "decoder_output",

@@ -24,7 +24,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the batcher itself stays torch-free
+    from unclip.batching.stages import DenoisingStage, Task
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class Cancelled(Exception):
 class Ticket:
     """One request inside a batcher: wait on ``result()``, stop it with ``cancel()``."""
 
-    def __init__(self, task: Any, deterministic: bool, deadline: float | None, is_cancelled, on_step):
+    def __init__(self, task: Task, deterministic: bool, deadline: float | None, is_cancelled, on_step):
         self.task = task
         self.deterministic = deterministic
         self.deadline = deadline  # time.monotonic() value, or None
@@ -135,11 +138,14 @@ class Ticket:
 class StepBatcher:
     """Runs a stage's tasks step by step on one worker thread (see the module docstring).
 
-    ``stage`` has ``key(task)`` (tasks with equal keys can share a forward pass), ``step(tasks)`` (one step of
-    each, in one forward pass) and ``finish(task)`` (the output once ``task.done``); tasks have ``rows``.
+    ``stage`` is a ``DenoisingStage`` (``unclip.batching.stages``: its docstring has the rules): ``key(task)``
+    (tasks with equal keys can share a forward pass), ``step(tasks)`` (one step of each, in one forward pass)
+    and ``finish(task)`` (the output once ``task.done``); tasks have ``rows``, ``steps_done`` and ``total``.
     """
 
-    def __init__(self, stage: Any, config: BatcherConfig | None = None, on_batch: Callable | None = None):
+    def __init__(
+        self, stage: DenoisingStage, config: BatcherConfig | None = None, on_batch: Callable | None = None
+    ):
         self.stage = stage
         self.config = config or BatcherConfig()
         self.on_batch = on_batch  # Callable[[int], None] | None: images in each forward pass (metrics)
@@ -171,7 +177,7 @@ class StepBatcher:
 
     def submit(
         self,
-        task: Any,
+        task: Task,
         *,
         deterministic: bool = False,
         deadline: float | None = None,
@@ -187,11 +193,11 @@ class StepBatcher:
             self._cond.notify_all()
         return ticket
 
-    def run(self, task: Any, **kwargs: Any) -> Any:
+    def run(self, task: Task, **kwargs: Any) -> Any:
         """submit() and wait for the output (cancellation is polled by the worker through is_cancelled)."""
         return self.submit(task, **kwargs).result()
 
-    def call(self, start: Callable[[], Any], **kwargs: Any) -> Any:
+    def call(self, start: Callable[[], Task], **kwargs: Any) -> Any:
         """Refuses at once when full, else prepares the task (``start()``: checks, conditioning, initial
         noise) in the caller's thread, then runs it: the queue never holds work it would refuse."""
         self.check_capacity()

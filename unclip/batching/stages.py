@@ -1,8 +1,9 @@
-"""What the denoising stages share to run in steps: the Task, forward-pass batching helpers, the scheduler
-step (with edits' resampling) and ``denoise``, the one-request driver.
+"""The contract between a denoising stage and the step batcher (``DenoisingStage``), the per-request ``Task``,
+and what the stages share to run in steps: forward-pass batching helpers, the sampler step (with edits'
+resampling) and ``denoise``, the one-request driver.
 
-Every denoising engine is a stage: ``PriorEngine`` (services/prior/engine.py), ``DecoderEngine`` and
-``UpsamplerEngine`` (services/decoder/engine.py) each write their denoising loop once, as
+Every denoising engine is a ``DenoisingStage``: ``PriorEngine`` (services/prior/engine.py), ``DecoderEngine``
+and ``UpsamplerEngine`` (services/decoder/engine.py) each write their denoising loop once, as
 ``start(**the engine call's arguments) -> Task`` (checks, conditioning, initial noise: what comes before the
 loop), ``step(tasks)`` (one iteration of the loop for a group of requests, each at its own step of its own
 schedule, in one forward pass), ``finish(task)`` (what comes after the loop) and ``key(task)`` (tasks with
@@ -10,9 +11,13 @@ equal keys can share a forward pass). The engine's own call (``sample``, ``decod
 ``denoise(engine, engine.start(...), step_callback)``: start, step until done, finish;
 ``unclip.batching.batcher.StepBatcher`` steps many requests' tasks together instead.
 
+How a step turns the model's output into the next sample is the task's ``Sampler`` (``unclip.sampling``):
+``sampler_step`` gives each sampler the rows of its own tasks, so requests with different samplers or step
+counts share the forward pass (the model does not care how its output is used) and never share state.
+
 What batching keeps and what it changes:
 - every row draws from its own image's generator, in the engine's order (initial noise in ``start``, the
-  scheduler's draw in ``batched_step``, the edit's draw right after it), so batching never changes the noise;
+  sampler's draws in its step, the edit's draw right after it), so batching never changes the noise;
 - with classifier-free guidance the forward pass holds [unconditional rows of every task; conditional rows of
   every task], the two halves of guidance in one pass, each task with its own guidance scale;
 - the float rounding of a forward pass depends on its batch (kernels differ by batch size), so an image
@@ -24,19 +29,46 @@ This module imports no engine (the engines import it).
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from unclip.batching.scheduler import batched_step
+from unclip.sampling import Sampler, UnCLIPSampler
+
+CondT = TypeVar("CondT")
+
+
+@runtime_checkable
+class DenoisingStage(Protocol):
+    """What ``StepBatcher`` drives. Rules:
+
+    - ``start`` does everything before the loop (checks: ValueError naming the field; conditioning; timesteps;
+      initial noise drawn from each image's generator) and returns a ready ``Task``; it runs in the caller's
+      thread, never on the batcher's.
+    - ``key(task)`` is hashable; tasks with equal keys may be given to one ``step`` call.
+    - ``step(tasks)`` advances every task by exactly one entry of its schedule (``steps_done += 1``), in as
+      few forward passes as it can (one), and returns the rows the forward pass held (0: none ran). A task
+      stepped alone must give the engine's own call bit for bit.
+    - ``finish(task)`` turns a done task into the stage's output; called once, after the last step.
+    """
+
+    name: str  # the stage's name (batcher thread, metrics, messages)
+
+    def start(self, *args: Any, **kwargs: Any) -> Task: ...
+
+    def key(self, task: Task) -> Hashable: ...
+
+    def step(self, tasks: list[Task]) -> int: ...
+
+    def finish(self, task: Task) -> Any: ...
 
 
 @dataclass(eq=False)
-class Task:
-    """One request's denoising state inside a stage."""
+class Task(Generic[CondT]):
+    """One request's denoising state inside a stage; ``cond`` is the stage's own typed conditioning
+    (``PriorCondition``, ``DecoderCondition``, ``UpsamplerCondition``)."""
 
     stage: str  # "prior", "decoder", "super_res", ...
     rows: int  # samples it adds to a forward pass (images; n * k for a reranking prior), before guidance
@@ -44,7 +76,9 @@ class Task:
     timesteps: list[int]  # the schedule it walks: the scheduler's, or an edit's with jumps back up
     generators: list[torch.Generator]  # one per row
     image_generators: list[torch.Generator]  # one per image: what the output hands on
-    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific conditioning
+    cond: CondT  # stage-specific conditioning and options (guidance, text states, the upscaled image, ...)
+    sampler: Sampler  # how its steps use the model's output (unclip.sampling)
+    sampler_state: Any = None  # the sampler's per-task state (multistep history, eta); only it touches it
     known: Any = None  # edits: the known region (services.decoder.inpaint.KnownRegion), else None
     steps_done: int = 0  # schedule entries walked: the stage's own step counter (progress, cancellation)
 
@@ -79,11 +113,12 @@ class Task:
         return self.steps_done == len(self.timesteps) - 1
 
 
-def timesteps_for(scheduler, num_inference_steps: int, known: Any = None) -> list[int]:
-    """The schedule a task walks: the scheduler's timesteps, or for an edit ``known.schedule`` of them."""
-    scheduler = copy.deepcopy(scheduler)  # set_timesteps mutates the scheduler; requests run concurrently
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = [int(t) for t in scheduler.timesteps]
+def timesteps_for(sampler: Sampler | Any, num_inference_steps: int, known: Any = None) -> list[int]:
+    """The schedule a task walks: the sampler's grid (a bare UnCLIPScheduler: its own), or for an edit
+    ``known.schedule`` of it."""
+    if not isinstance(sampler, Sampler):
+        sampler = UnCLIPSampler(sampler)
+    timesteps = sampler.timesteps(num_inference_steps)
     return timesteps if known is None else [int(t) for t in known.schedule(timesteps)]
 
 
@@ -122,31 +157,54 @@ def cat_halves(tensors: list[torch.Tensor], counts: list[int], do_cfg: bool) -> 
 
 def guidance_scale_rows(tasks: list[Task], ndim: int, device: torch.device) -> float | torch.Tensor:
     """One float when the group shares a guidance scale (diffusers' arithmetic), else [B, 1, ...] per row."""
-    scales = [task.extra["guidance_scale"] for task in tasks]
+    scales = [task.cond.guidance_scale for task in tasks]
     if all(s == scales[0] for s in scales):
         return scales[0]
     per_row = torch.tensor([s for task, s in zip(tasks, scales, strict=True) for _ in range(task.rows)])
     return per_row.reshape(-1, *([1] * (ndim - 1))).to(device)
 
 
-def scheduler_step(scheduler, tasks: list[Task], model_output: torch.Tensor, latents: torch.Tensor) -> None:
-    """x_t -> x_t-1 for every task's rows at once (each at its own timestep), then each task's latents set,
-    its edit's known region pasted back (drawn after the step's own draw) and its counter advanced."""
-    timesteps = [task.timestep for task in tasks for _ in range(task.rows)]
-    prev_timesteps = [task.prev_timestep for task in tasks for _ in range(task.rows)]
-    generators = [g for task in tasks for g in task.generators]
-    prev_sample = batched_step(scheduler, model_output, timesteps, latents, prev_timesteps, generators)
-    for task, rows in zip(tasks, prev_sample.split([task.rows for task in tasks]), strict=True):
+def sampler_step(scheduler, tasks: list[Task], model_output: torch.Tensor, latents: torch.Tensor) -> None:
+    """x_t -> x_t-1 for every task's rows (each at its own timestep, each with its own sampler), then each
+    task's latents set, its edit's known region pasted back (drawn after the step's own draw) and its counter
+    advanced. Tasks sharing a sampler are stepped in one call; ``scheduler`` (the stage's UnCLIPScheduler)
+    is what edits' known region noises with."""
+    groups: dict[int, list[int]] = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault(id(task.sampler), []).append(i)
+    if len(groups) == 1:  # one sampler: the whole batch as is
+        prev_samples = list(
+            tasks[0].sampler.step(model_output, latents, tasks).split([t.rows for t in tasks])
+        )
+    else:
+        starts = [0]
+        for task in tasks:
+            starts.append(starts[-1] + task.rows)
+        prev_samples: list[Any] = [None] * len(tasks)
+        for members in groups.values():
+            rows = torch.tensor(
+                [r for i in members for r in range(starts[i], starts[i + 1])], device=latents.device
+            )
+            group = [tasks[i] for i in members]
+            stepped = group[0].sampler.step(model_output[rows], latents[rows], group)
+            for i, part in zip(members, stepped.split([t.rows for t in group]), strict=True):
+                prev_samples[i] = part
+    for task, rows in zip(tasks, prev_samples, strict=True):
         if task.known is not None:  # edits: the original at the sample's new noise level
             rows = task.known.paste(rows, scheduler, task.prev_timestep, task.generators)
         task.latents = rows
         task.steps_done += 1
 
 
+scheduler_step = sampler_step  # the name the stages used before samplers were pluggable
+
+
 # ---- one request, start to finish -------------------------------------------------------------------------
 
 
-def denoise(stage: Any, task: Task, step_callback: Callable[[int, int], None] | None = None) -> Any:
+def denoise(
+    stage: DenoisingStage, task: Task, step_callback: Callable[[int, int], None] | None = None
+) -> Any:
     """The engine's call: ``task`` (from ``stage.start``) stepped alone until done, then ``stage.finish``.
 
     step_callback(step, total) runs after every step (step = entries walked, 1..total); it may raise to stop.
@@ -158,9 +216,11 @@ def denoise(stage: Any, task: Task, step_callback: Callable[[int, int], None] | 
     return stage.finish(task)
 
 
-def stage_for(engine: Any) -> Any:
-    """The step-wise view of a loaded engine: the engine itself (it has start, key, step and finish)."""
-    if all(callable(getattr(engine, method, None)) for method in ("start", "key", "step", "finish")):
+def stage_for(engine: Any) -> DenoisingStage:
+    """The step-wise view of a loaded engine: the engine itself (it implements ``DenoisingStage``)."""
+    if isinstance(engine, DenoisingStage) and all(
+        callable(getattr(engine, method, None)) for method in ("start", "key", "step", "finish")
+    ):
         return engine
     raise ValueError(
         f"engine must be a PriorEngine, DecoderEngine or UpsamplerEngine, got {type(engine).__name__}"

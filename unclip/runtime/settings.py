@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from unclip import limits
+
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 # Default ports of each process (docs/interfaces.md).
@@ -88,7 +90,14 @@ SETTINGS: dict[str, Setting] = {
             _dtype,
             "model stages: weights' precision (float32, float16, bfloat16); wire tensors stay float32",
         ),
-        Setting("torch_threads", "UNCLIP_TORCH_THREADS", 1, int, "torch.set_num_threads in model stages"),
+        Setting(
+            "torch_threads",
+            "UNCLIP_TORCH_THREADS",
+            0,
+            int,
+            "model stages: torch threads; 0 = the stack's choice (the pod's CPU limit or the idle cores, "
+            "per step; unclip.runtime.threads), N > 0 pins N (bit-reproducible across load)",
+        ),
         # Compute options of the UNets, read by unclip.models when a stage loads (benchmarks/compute.py
         # measures each; BENCHMARKS.md "Caveats" has the numbers behind the defaults).
         Setting(
@@ -317,6 +326,65 @@ SETTINGS: dict[str, Setting] = {
         #
         #
         # ---- samplers
+        # The orchestrator's steps and samplers for requests that leave them unset (unclip.limits.DEFAULTS;
+        # `unclip up` takes a model folder's sampling_defaults.json).
+        Setting(
+            "prior_steps",
+            "UNCLIP_PRIOR_STEPS",
+            limits.default("prior_num_inference_steps"),
+            int,
+            "orchestrator: prior steps for requests that leave them unset",
+        ),
+        Setting(
+            "decoder_steps",
+            "UNCLIP_DECODER_STEPS",
+            limits.default("decoder_num_inference_steps"),
+            int,
+            "orchestrator: decoder steps for requests that leave them unset",
+        ),
+        Setting(
+            "super_res_steps",
+            "UNCLIP_SUPER_RES_STEPS",
+            limits.default("super_res_num_inference_steps"),
+            int,
+            "orchestrator: steps of every upsampler stage for requests that leave them unset",
+        ),
+        Setting(
+            "prior_sampler",
+            "UNCLIP_PRIOR_SAMPLER",
+            limits.default("sampler"),
+            str,
+            "orchestrator: prior sampler for requests that leave it unset (unclip, ddim, dpmsolver++)",
+        ),
+        Setting(
+            "decoder_sampler",
+            "UNCLIP_DECODER_SAMPLER",
+            limits.default("sampler"),
+            str,
+            "orchestrator: decoder sampler for generations and variations leaving it unset (edits: unclip)",
+        ),
+        Setting(
+            "super_res_sampler",
+            "UNCLIP_SUPER_RES_SAMPLER",
+            limits.default("sampler"),
+            str,
+            "orchestrator: upsamplers' sampler for generations, variations leaving it unset (edits: unclip)",
+        ),
+        Setting(
+            "ddim_eta",
+            "UNCLIP_DDIM_ETA",
+            limits.default("ddim_eta"),
+            float,
+            "orchestrator: DDIM's eta for requests that leave it unset",
+        ),
+        Setting(
+            "compile_mode",
+            "UNCLIP_COMPILE_MODE",
+            "",
+            str,
+            "decoder/upsamplers with UNCLIP_COMPILE: torch.compile mode ('': default; 'reduce-overhead': "
+            "CUDA graphs, one per batch size the batcher forms; 'max-autotune')",
+        ),
         #
         #
         # ---- provenance

@@ -19,6 +19,7 @@ import grpc
 from unclip.batching.batcher import BatcherConfig, Cancelled, QueueFull, StepBatcher
 from unclip.runtime.errors import RequestCancelled, StatusError, resource_exhausted
 from unclip.runtime.settings import env_default
+from unclip.runtime.threads import ThreadPolicy
 
 # Metadata key of a per-request "deterministic" switch: "1" steps the request alone (bit-exact).
 DETERMINISTIC_KEY = "x-unclip-deterministic"
@@ -64,6 +65,31 @@ class InferenceModeStage:
         return getattr(self.stage, name)
 
 
+class ThreadedStage:
+    """A step-wise stage whose start, step and finish first set the calling thread's torch thread count
+    (``unclip.runtime.threads``: OpenMP's count is per OS thread; start runs on the request's thread, step
+    and finish on the batcher's; an automatic policy re-decides before every step)."""
+
+    def __init__(self, stage: Any, threads: ThreadPolicy):
+        self.stage = stage
+        self.threads = threads
+
+    def start(self, *args: Any, **kwargs: Any) -> Any:
+        self.threads.apply()
+        return self.stage.start(*args, **kwargs)
+
+    def step(self, tasks: list[Any]) -> Any:
+        self.threads.apply()
+        return self.stage.step(tasks)
+
+    def finish(self, task: Any) -> Any:
+        self.threads.apply()
+        return self.stage.finish(task)
+
+    def __getattr__(self, name: str) -> Any:  # name, key, engine attributes: the stage's own
+        return getattr(self.stage, name)
+
+
 class EngineSlot:
     def __init__(self, name: str, metrics: Any = None, config: BatcherConfig | None = None):
         self.name = name  # the stage, for messages
@@ -75,15 +101,20 @@ class EngineSlot:
         self.lock = threading.Lock()
         self._waiting = 0  # call(): requests waiting for the lock
         self._count_lock = threading.Lock()
+        self.threads: ThreadPolicy | None = None  # torch threads of the calling thread, set by attach()
 
-    def attach(self, engine: Any, batched: bool = True) -> None:
-        """Makes the loaded engine available; `batched` puts a step-level batcher in front of it."""
+    def attach(self, engine: Any, batched: bool = True, threads: ThreadPolicy | None = None) -> None:
+        """Makes the loaded engine available; `batched` puts a step-level batcher in front of it.
+        `threads`: the process's thread policy, applied on every thread before it runs the engine."""
+        self.threads = threads
         if batched:
             from unclip.batching.stages import stage_for
 
             self.stage = stage_for(engine)
             if env_default("inference_mode"):
                 self.stage = InferenceModeStage(self.stage)
+            if threads is not None:
+                self.stage = ThreadedStage(self.stage, threads)
             on_batch = None
             if self.metrics is not None:
                 on_batch = self.metrics.forward_pass
@@ -113,6 +144,8 @@ class EngineSlot:
                 with self._count_lock:
                     self._waiting -= 1
                 holding = True
+                if self.threads is not None:
+                    self.threads.apply()
                 yield
         finally:
             if not holding:

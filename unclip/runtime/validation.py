@@ -1,18 +1,28 @@
-"""Range checks shared by the orchestrator and the stages (each stage is callable on its own)."""
+"""Range checks shared by the orchestrator and the stages (each stage is callable on its own); the numbers
+are unclip.limits'."""
 
 from __future__ import annotations
 
 import math
 
+from unclip.limits import LIMITS
 from unclip.rng import MAX_IMAGES, MAX_SEED
 
-MIN_STEPS, MAX_STEPS = 2, 1000  # UnCLIPScheduler cannot take a single step
-MAX_PROMPT_CHARS = 1000
+MAX_PROMPT_CHARS = int(LIMITS["prompt_chars"].high)
 
 
 def check_steps(value: int, field: str) -> None:
-    if not MIN_STEPS <= value <= MAX_STEPS:
-        raise ValueError(f"{field} must be in {MIN_STEPS}..{MAX_STEPS}, got {value}")
+    steps = LIMITS["steps"]
+    if not steps.low <= value <= steps.high:
+        raise ValueError(f"{field} must be in {steps.low}..{steps.high}, got {value}")
+
+
+def check_candidates(value: int, field: str, unset_means_one: bool = False) -> None:
+    """Prior rerank candidates; ``unset_means_one``: 0 (a stage request's unset field) means 1."""
+    candidates = LIMITS["prior_candidates"]
+    low = 0 if unset_means_one else candidates.low
+    if not low <= value <= candidates.high:
+        raise ValueError(f"{field} must be in {low}..{candidates.high}, got {value}")
 
 
 def check_guidance(value: float, field: str) -> None:
