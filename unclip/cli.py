@@ -1,7 +1,9 @@
 """The `unclip` command: start the stack, generate, vary and edit images, make a tiny model, run the demo.
 
 Exit codes: 0 done; 2 invalid input (the message names the field); 3 refused by the content policy (the
-message says which check); 1 anything else.
+message says which check); 4 not authenticated / not permitted (no, unknown or revoked API key; a missing
+scope); 5 RESOURCE_EXHAUSTED (quota, rate limit or backpressure; the message gives the retry time); 1 anything
+else.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_REFUSED, EXIT_DENIED, EXIT_EXHAUSTED = 0, 1, 2, 3, 4, 5
 DEFAULT_ADDR = "127.0.0.1:50051"
 # Inside the bundled shapes world (one object on a plain background), so the demo shows what the model knows.
 DEMO_PROMPT = "a large yellow star on a blue background"
@@ -121,10 +123,12 @@ class ProgressBar:
 
 
 def _call(args: argparse.Namespace, method: str, request, prefix: str) -> int:
+    from unclip.access.client import resolve_address, resolve_key, with_key
     from unclip.runtime.server import create_channel
     from unclip.v1 import orchestrator_pb2_grpc
 
-    with create_channel(args.addr) as channel:
+    address = resolve_address(args.addr)
+    with with_key(create_channel(address), resolve_key(args.api_key, address)) as channel:
         stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
         if method == "Generate" and args.progress:
             progress, response = ProgressBar(), None
@@ -189,6 +193,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         replicas=args.replicas,
         extra_env=compute_env(channels_last=args.channels_last, compile=args.compile),
+        auth=args.auth,
+        tls=args.tls,
     )
     return run_until_signalled(stack, timeout=args.start_timeout)
 
@@ -213,7 +219,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import PIL.Image
 
-    from unclip.runtime.server import create_channel
     from unclip.stack import Stack, StackError
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -246,7 +251,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         request = orchestrator_pb2.GenerateRequest(prompt=args.prompt, n=4, seed=args.seed)
         started = time.perf_counter()  # every stage ran a warm-up before reporting SERVING
-        with create_channel(address) as channel:
+        with stack.channel("orchestrator") as channel:  # carries the stack's own API key
             response = orchestrator_pb2_grpc.ImageServiceStub(channel).Generate(request, timeout=args.timeout)
         print(
             f"demo: {len(response.images)} images at {response.size} px in "
@@ -288,16 +293,19 @@ def _replicas(value: str) -> dict[str, int]:
 
 
 def _add_request_options(parser: argparse.ArgumentParser) -> None:
-    from unclip.runtime import settings
-
     parser.add_argument("-n", type=int, default=1, help="number of images, 1..10 (default 1)")
     parser.add_argument("--size", type=int, default=0, help="square side in pixels (default: the largest)")
     parser.add_argument("--seed", type=int, default=None, help="0..2^63-1 (default: drawn and printed)")
     parser.add_argument("--out", default="unclip-out", help="folder for the PNGs (default ./unclip-out)")
     parser.add_argument(
         "--addr",
-        default=settings.env_default("addr") or DEFAULT_ADDR,
-        help=f"orchestrator address [env UNCLIP_ADDR, default {DEFAULT_ADDR}]",
+        default=None,
+        help=f"orchestrator address [env UNCLIP_ADDR, else the running `unclip up`, else {DEFAULT_ADDR}]",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="API key [env UNCLIP_API_KEY, else the key the running `unclip up` stack minted]",
     )
     parser.add_argument("--prior-steps", type=int, default=None, help="prior denoising steps (default 25)")
     parser.add_argument(
@@ -363,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of compiling at start-up per stage; not bit-exact) [sets UNCLIP_COMPILE for the stages; default: "
         "the environment's, else off]",
     )
+    up.add_argument(
+        "--no-auth",
+        dest="auth",
+        action="store_false",
+        help="no API keys: anyone who can reach the orchestrator may call it (said in the log)",
+    )
+    up.add_argument("--no-tls", dest="tls", action="store_false", help="no mTLS between the services")
     up.set_defaults(func=cmd_up)
 
     generate = commands.add_parser("generate", help="text -> images")
@@ -400,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     from unclip.audit_cli import add_parser as add_audit_parser
 
     add_audit_parser(commands)  # `unclip audit`: print and filter the safety audit log
+    from unclip.keys_cli import add_parser as add_keys_parser
+
+    add_keys_parser(commands)  # `unclip keys create|list|revoke`
 
     demo = commands.add_parser("demo", help="start the stack on the bundled model and draw 4 pictures")
     demo.add_argument(
@@ -444,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
 
             hint = retry_after(error)
             when = f"; retry in {hint:.1f} s" if hint is not None else ""
-            print(f"unclip {args.command}: busy: {details}{when}", file=sys.stderr)
-            return EXIT_ERROR
+            print(f"unclip {args.command}: refused for now: {details}{when}", file=sys.stderr)
+            return EXIT_EXHAUSTED
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            print(f"unclip {args.command}: {code.name}: {details}", file=sys.stderr)
+            return EXIT_DENIED
         print(f"unclip {args.command}: {code.name}: {details}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

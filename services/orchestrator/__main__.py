@@ -9,12 +9,15 @@ replica, and SERVING again once it has (checked every --stage-health-period-seco
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from services.orchestrator.clients import Stages
 from services.orchestrator.outputs import ImageStore
 from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.servicer import ImageServicer
+from unclip.access.interceptor import FrontDoor
+from unclip.access.keys import KeyStore
 from unclip.checks import check_guidance
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
@@ -24,6 +27,8 @@ from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 # How long to wait at start for the stages to say SERVING before giving up.
 STAGES_START_TIMEOUT_SECONDS = 600.0
+
+log = logging.getLogger("orchestrator")
 
 ADDRESS_SETTINGS = ["encoder_addr", "prior_addr", "decoder_addr", "upsampler_addrs", "safety_addr"]
 
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_inflight",
             "max_inflight_per_caller",
             "images_url",
+            "keys_file",
             *SERVER_SETTINGS,
         ],
         port=settings.DEFAULT_PORTS["orchestrator"],
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StorageError) as error:
         parser.error(str(error))
     servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
+    interceptors = [*interceptors, *front_door(args)]
     connected: list[Stages] = []
 
     def load() -> None:
@@ -98,7 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         interceptors=interceptors,
         readiness=lambda: every_stage_serving(connected[0]),
         readiness_period_s=args.stage_health_period_seconds,
+        front_door=True,
     )
+
+
+def front_door(args: argparse.Namespace) -> list:
+    """The authentication interceptor from --keys-file; none (and a warning) without one."""
+    if not args.keys_file:
+        log.warning("authentication is OFF (no --keys-file / UNCLIP_KEYS_FILE): every caller is anonymous")
+        return []
+    try:
+        store = KeyStore(args.keys_file)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--keys-file: {error}") from error
+    log.info("authentication on: keys file %s", args.keys_file)
+    return [FrontDoor(store)]
 
 
 def every_stage_serving(stages: Stages) -> bool:

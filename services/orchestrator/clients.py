@@ -19,7 +19,7 @@ from opentelemetry import propagate
 
 from services.orchestrator.replicas import RETRYABLE, Replicas, ReplicatedMethod, parse_targets
 from unclip.runtime.errors import StatusError, resource_exhausted, retry_after
-from unclip.runtime.server import create_channel, health_status
+from unclip.runtime.server import stage_channel, stage_health_status
 from unclip.runtime.telemetry import instrument_channel
 from unclip.v1 import (
     decoder_pb2,
@@ -79,13 +79,13 @@ class Stages:
 
         def replicas(value: str, stage: str, stub_class: type) -> Replicas:
             def channel(target: str) -> grpc.Channel:
-                plain = create_channel(target, max_message_bytes=max_message_bytes)
+                plain = stage_channel(target, max_message_bytes=max_message_bytes)
                 if metrics is None:
                     return plain
                 return instrument_channel(plain, metrics.client_interceptor(stage))
 
             def plain(target: str) -> grpc.Channel:
-                return create_channel(target, max_message_bytes=max_message_bytes)
+                return stage_channel(target, max_message_bytes=max_message_bytes)
 
             return Replicas(stage, parse_targets(value), stub_class, channel, plain)
 
@@ -113,7 +113,7 @@ class Stages:
         deadline = time.monotonic() + timeout
         waiting = dict(self.addresses)
         while waiting and time.monotonic() < deadline:
-            waiting = {name: a for name, a in waiting.items() if health_status(a, timeout=1.0) != "SERVING"}
+            waiting = {n: a for n, a in waiting.items() if stage_health_status(a, timeout=1.0) != "SERVING"}
             if waiting:
                 time.sleep(0.2)
         if waiting:
@@ -149,6 +149,8 @@ class Calls:
         self._in_flight: set[grpc.Future] = set()
         self._cancelled = False
         self.metadata: tuple[tuple[str, str], ...] = ()  # sent with every stage call (e.g. deterministic)
+        self.identity = ""  # the authenticated caller ("key:NAME" / "cert:SUBJECT"), for the safety audit
+        self.tenant = ""  # its tenant
         # GenerateStream: receives each GenerateEvent (stage started/finished, denoising steps) as it happens.
         self.on_event: Callable[[orchestrator_pb2.GenerateEvent], None] | None = None
         if context is not None:

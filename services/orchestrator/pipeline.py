@@ -129,6 +129,8 @@ class Request:
     output_format: int
     user: str
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    identity: str = ""  # the authenticated caller (Calls.identity), recorded by the safety audit
+    tenant: str = ""
 
 
 class Pipeline:
@@ -214,6 +216,7 @@ class Pipeline:
         # 1. Validate everything before any work.
         check_prompt(req.prompt)
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.identity, r.tenant = calls.identity, calls.tenant
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -246,6 +249,7 @@ class Pipeline:
         image = decode_image(req.image, "image")
         require_square(image, "image")
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.identity, r.tenant = calls.identity, calls.tenant
         params = Params.from_proto(
             req.params, len(self.cascade) - 1, prior=False, decoder_guidance_scale=self.decoder_guidance_scale
         )
@@ -282,6 +286,7 @@ class Pipeline:
         mask = decode_image(req.mask, "mask") if req.mask else None
         known = known_mask(image, mask)  # [1, S, S], 1 = keep
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
+        r.identity, r.tenant = calls.identity, calls.tenant
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -486,7 +491,7 @@ class Pipeline:
     # ---- the content policy -------------------------------------------------------------------------------
 
     def _context(self, r: Request) -> safety_pb2.RequestContext:
-        return safety_pb2.RequestContext(request_id=r.request_id, user=r.user)
+        return safety_pb2.RequestContext(request_id=r.request_id, user=r.user, identity=r.identity)
 
     def _check_prompt(self, prompt: str, r: Request, calls: Calls) -> None:
         verdict = calls(

@@ -2,7 +2,8 @@
 admits requests (backpressure) and streams progress.
 
 Admission: at most `max_inflight` requests in progress, and `max_inflight_per_caller` per caller (the
-request's `user`, else the client's address), so one caller cannot starve the rest. A request beyond either is
+authenticated identity: key name or certificate subject; with authentication off, the client's address — never
+the client-chosen `user`), so one caller cannot starve the rest. A request beyond either is
 refused at once with RESOURCE_EXHAUSTED and a retry hint (google.rpc.RetryInfo and `retry-after-ms` trailing
 metadata) instead of queueing: accepted requests keep their latency and memory stays bounded.
 """
@@ -19,6 +20,7 @@ import grpc
 
 from services.orchestrator.clients import Calls
 from services.orchestrator.pipeline import Pipeline
+from unclip.access.interceptor import current_identity
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
 from unclip.runtime.slots import DETERMINISTIC_KEY
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -72,9 +74,11 @@ class Admission:
 
 
 def caller_of(request, context: grpc.ServicerContext) -> str:
-    """The request's `user`, else the client's address without its port."""
-    if request.user:
-        return f"user:{request.user}"
+    """The authenticated identity; with authentication off, the client's address without its port (the
+    request's `user` is the client's to choose, so it cannot key a limit)."""
+    identity = current_identity()
+    if identity.kind != "anonymous":
+        return identity.principal
     peer = context.peer() or ""
     return "peer:" + peer.rsplit(":", 1)[0]
 
@@ -89,6 +93,8 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         if self.pipeline is None:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the orchestrator is waiting for its stages")
         calls = Calls(context, self.stage_timeout_seconds)
+        identity = current_identity()
+        calls.identity, calls.tenant = identity.principal, identity.tenant
         if request is not None and request.deterministic:
             calls.metadata = ((DETERMINISTIC_KEY, "1"),)
         return self.pipeline, calls
