@@ -4,8 +4,8 @@
 so one stack covers text-to-image, variations, edits and the two-stage cascade.
 `stack`: ONE multi-process stack on that model (each stage its own process, real gRPC on loopback), started
 once per session, with access control on as `unclip up` has it (API keys at the orchestrator, mTLS between the
-services): `stack.channel(name)` and `stack.env` carry the credentials. Tests using it must leave it as they found it; tests that kill or reconfigure start their
-own.
+services): `stack.channel(name)` and `stack.env` carry the credentials. Tests using it must leave it as they
+found it; tests that kill or reconfigure start their own.
 """
 
 from __future__ import annotations

@@ -491,7 +491,9 @@ class Pipeline:
     # ---- the content policy -------------------------------------------------------------------------------
 
     def _context(self, r: Request) -> safety_pb2.RequestContext:
-        return safety_pb2.RequestContext(request_id=r.request_id, user=r.user, identity=r.identity)
+        return safety_pb2.RequestContext(
+            request_id=r.request_id, user=r.user, identity=r.identity, tenant=r.tenant
+        )
 
     def _check_prompt(self, prompt: str, r: Request, calls: Calls) -> None:
         verdict = calls(
