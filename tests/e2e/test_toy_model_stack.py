@@ -36,9 +36,9 @@ def toy_stack(tmp_path_factory):
     if not (MODEL / "decoder").is_dir():
         pytest.fail(f"the bundled model is missing: {MODEL}")
     running = Stack(model=str(MODEL), port=0, log_dir=tmp_path_factory.mktemp("toy-logs"), grace_seconds=5.0)
-    address = running.start(timeout=300)
+    running.start(timeout=300)
     try:
-        yield address
+        yield running
     finally:
         running.stop()
 
@@ -51,11 +51,10 @@ def _read(pngs: list[bytes]) -> list[dict[str, int]]:
 
 
 def test_bundled_model_draws_the_prompt_through_the_stack(toy_stack):
-    import grpc
 
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
     assert list(capabilities.sizes) == [32, 128]
     # The model's sampling_defaults.json reached the orchestrator: unset prior guidance is 2, not 4, and the
@@ -92,7 +91,6 @@ def test_bundled_model_draws_the_prompt_through_the_stack(toy_stack):
 
 
 def test_variation_through_the_stack_keeps_shape_and_colours(toy_stack):
-    import grpc
 
     from training.world import render, scenes_from_attributes
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -105,7 +103,7 @@ def test_variation_through_the_stack_keeps_shape_and_colours(toy_stack):
         buffer, "PNG"
     )
 
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     response = stub.CreateVariation(
         orchestrator_pb2.VariationRequest(image=buffer.getvalue(), n=N, seed=5), timeout=600
     )
@@ -121,13 +119,11 @@ def test_edit_uses_the_models_edit_guidance_and_draws_the_prompt(toy_stack):
     regenerated (transparent) right half."""
     import random
 
-    import grpc
-
     from training.edits import edit_cases, edit_hit
     from training.evaluate import to_pil
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
     assert capabilities.edit_defaults.decoder_guidance_scale == 4.0
     assert capabilities.defaults.decoder_guidance_scale == 5.0  # generation's own recommendation
@@ -166,7 +162,6 @@ def test_edit_uses_the_models_edit_guidance_and_draws_the_prompt(toy_stack):
 def test_stack_equals_the_reference_pipeline_on_the_bundled_model(toy_stack):
     """The foundation's parity on the shipped weights: the stack's float32 images equal diffusers'
     UnCLIPPipeline built from the model's folders, within 1e-4, at the model's recommended guidance."""
-    import grpc
 
     from training.evaluate import reference_pipelines
     from unclip.runtime.tensors import from_proto
@@ -175,7 +170,7 @@ def test_stack_equals_the_reference_pipeline_on_the_bundled_model(toy_stack):
     torch.set_num_threads(1)
     prompt, n, seed, steps = PROMPTS[1], 2, 31, 5
     guidance = dict(prior_guidance_scale=2.0, decoder_guidance_scale=5.0)
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     response = stub.Generate(
         orchestrator_pb2.GenerateRequest(
             prompt=prompt,

@@ -13,6 +13,7 @@ in a few minutes on a shared 2-core machine. Every wait is bounded.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
 import signal
 import time
@@ -21,7 +22,6 @@ import grpc
 import pytest
 
 from unclip.runtime.errors import retry_after
-from unclip.runtime.server import create_channel
 from unclip.stack import Stack
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -70,7 +70,7 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stub(stack):
-    channel = create_channel(stack.address)
+    channel = stack.channel()  # with the stack's API key
     yield orchestrator_pb2_grpc.ImageServiceStub(channel)
     channel.close()
 
@@ -115,7 +115,7 @@ def test_progress_stream_and_cli_progress(stack, stub, tmp_path):
     cli = subprocess.run(
         [sys.executable, "-m", "unclip", "generate", "a red circle", "--addr", stack.address, "--seed", "3",
          "--prior-steps", "2", "--decoder-steps", "3", "--super-res-steps", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, **stack.client_env()},
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     assert "decoder: started" in cli.stderr and "decoder: done in" in cli.stderr and "done in" in cli.stderr

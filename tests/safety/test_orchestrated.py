@@ -50,7 +50,7 @@ def stack(tmp_path_factory):
         running.vendor = vendor
         running.audit_dir = root / "logs" / "audit"
         running.policy = policy
-        running.channel = grpc.insecure_channel(address)
+        running.channel = running.channel("orchestrator")  # with the stack's API key
         running.stub = orchestrator_pb2_grpc.ImageServiceStub(running.channel)
         yield running
     finally:
@@ -73,7 +73,7 @@ def test_prompt_refused_before_any_model_work_and_cli_exits_3(stack, tmp_path):
     cli = subprocess.run(
         [sys.executable, "-m", "unclip.cli", "generate", "please b.e.h.e.a.d him", "--addr", stack.address_,
          "--out", str(tmp_path), "--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2"],
-        cwd=ROOT, env=service_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env={**service_env(), **stack.client_env()}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert cli.returncode == 3, cli.stderr
     assert "prompt" in cli.stderr and "violence" in cli.stderr
