@@ -18,6 +18,7 @@ from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.servicer import ImageServicer
 from unclip.access.interceptor import FrontDoor
 from unclip.access.keys import KeyStore
+from unclip.access.quotas import Quotas
 from unclip.checks import check_guidance
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_inflight_per_caller",
             "images_url",
             "keys_file",
+            "max_request_compute",
             *SERVER_SETTINGS,
         ],
         port=settings.DEFAULT_PORTS["orchestrator"],
@@ -70,8 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         image_store = ImageStore.from_settings(args.images_url)
     except (ValueError, StorageError) as error:
         parser.error(str(error))
-    servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
-    interceptors = [*interceptors, *front_door(args)]
+    store = key_store(args)
+    servicer = ImageServicer(
+        args.stage_timeout_seconds,
+        args.max_inflight,
+        args.max_inflight_per_caller,
+        quotas=Quotas(store.tenant_limits) if store else None,
+        max_request_compute=args.max_request_compute,
+    )
+    if store is not None:
+        interceptors = [*interceptors, FrontDoor(store)]
     connected: list[Stages] = []
 
     def load() -> None:
@@ -109,17 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def front_door(args: argparse.Namespace) -> list:
-    """The authentication interceptor from --keys-file; none (and a warning) without one."""
+def key_store(args: argparse.Namespace) -> KeyStore | None:
+    """The keys file of --keys-file; None (and a warning: authentication is off) without one."""
     if not args.keys_file:
         log.warning("authentication is OFF (no --keys-file / UNCLIP_KEYS_FILE): every caller is anonymous")
-        return []
+        return None
     try:
         store = KeyStore(args.keys_file)
     except (OSError, ValueError) as error:
         raise SystemExit(f"--keys-file: {error}") from error
     log.info("authentication on: keys file %s", args.keys_file)
-    return [FrontDoor(store)]
+    return store
 
 
 def every_stage_serving(stages: Stages) -> bool:

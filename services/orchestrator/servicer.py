@@ -19,8 +19,9 @@ from collections.abc import Iterator
 import grpc
 
 from services.orchestrator.clients import Calls
-from services.orchestrator.pipeline import Pipeline
+from services.orchestrator.pipeline import Params, Pipeline
 from unclip.access.interceptor import current_identity
+from unclip.access.quotas import Quotas, check_compute, compute_units
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
 from unclip.runtime.slots import DETERMINISTIC_KEY
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -55,6 +56,7 @@ class Admission:
                     f"caller {caller!r} has {mine} requests in progress (limit {self.max_per_caller}); "
                     f"retry in {hint:.1f} s",
                     hint,
+                    limit="max_inflight_per_caller",
                 )
             ahead = self._inflight
             self._inflight += 1
@@ -84,10 +86,43 @@ def caller_of(request, context: grpc.ServicerContext) -> str:
 
 
 class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
-    def __init__(self, stage_timeout_seconds: float, max_inflight: int = 16, max_per_caller: int = 4) -> None:
+    def __init__(
+        self,
+        stage_timeout_seconds: float,
+        max_inflight: int = 16,
+        max_per_caller: int = 4,
+        quotas: Quotas | None = None,
+        max_request_compute: float = 0.0,
+    ) -> None:
         self.pipeline: Pipeline | None = None  # set by __main__ once every stage is SERVING
         self.stage_timeout_seconds = stage_timeout_seconds
         self.admission = Admission(max_inflight, max_per_caller)
+        self.quotas = quotas  # per key / tenant (None: authentication off)
+        self.max_request_compute = max_request_compute  # compute units one request may ask for (0: any)
+
+    @contextlib.contextmanager
+    def _admit(self, request, context: grpc.ServicerContext, prior: bool = True) -> Iterator[int]:
+        """The compute ceiling (INVALID_ARGUMENT), the service's capacity and per-caller cap, then the
+        caller's quotas (RESOURCE_EXHAUSTED); yields the number of requests ahead."""
+        assert self.pipeline is not None
+        n = request.n or 1
+        sizes = [stage.output_size for stage in self.pipeline.cascade]
+        params = Params.from_proto(request.params, upsamplers=len(sizes) - 1, prior=prior)
+        units = compute_units(
+            n,
+            params.prior_num_inference_steps if prior else 0,
+            params.prior_num_candidates,
+            params.decoder_num_inference_steps,
+            params.super_res_num_inference_steps,
+            sizes,
+        )
+        check_compute(units, self.max_request_compute)
+        with self.admission.admit(caller_of(request, context)) as ahead:
+            if self.quotas is None:
+                yield ahead
+                return
+            with self.quotas.admit(current_identity(), n):
+                yield ahead
 
     def _run(self, context: grpc.ServicerContext, request=None) -> tuple[Pipeline, Calls]:
         if self.pipeline is None:
@@ -102,19 +137,19 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
     @grpc_errors
     def Generate(self, request: orchestrator_pb2.GenerateRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context, request)
-        with self.admission.admit(caller_of(request, context)):
+        with self._admit(request, context):
             return pipeline.generate(request, calls)
 
     @grpc_errors
     def CreateVariation(self, request: orchestrator_pb2.VariationRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context, request)
-        with self.admission.admit(caller_of(request, context)):
+        with self._admit(request, context, prior=False):
             return pipeline.create_variation(request, calls)
 
     @grpc_errors
     def Edit(self, request: orchestrator_pb2.EditRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context, request)
-        with self.admission.admit(caller_of(request, context)):
+        with self._admit(request, context):
             return pipeline.edit(request, calls)
 
     @grpc_errors
@@ -128,7 +163,7 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         pipeline, calls = self._run(context, request)
         events: queue.Queue = queue.Queue()  # bounded by the steps of one request
         calls.on_event = events.put
-        with self.admission.admit(caller_of(request, context)) as ahead:
+        with self._admit(request, context) as ahead:
             accepted = orchestrator_pb2.Accepted(queue_position=ahead)
             yield orchestrator_pb2.GenerateEvent(accepted=accepted)
 

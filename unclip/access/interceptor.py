@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from prometheus_client import Counter
 
 from unclip.access.keys import ANONYMOUS, Identity, KeyStore
 from unclip.access.tls import peer_common_name, peer_names
@@ -46,6 +48,22 @@ DEFAULT_CALLERS = ("orchestrator",)  # the upsamplers and anything else
 
 OPEN_PREFIXES = ("/grpc.health.v1.",)
 
+# Requests by tenant at the front door. The label is bounded: the keys file's tenants (at most
+# MAX_TENANT_LABELS of them), "anonymous" with authentication off, "other" beyond that.
+MAX_TENANT_LABELS = 100
+TENANT_REQUESTS = Counter(
+    "unclip_tenant_requests",
+    "Authenticated requests at the front door by tenant, method and outcome.",
+    ["tenant", "method", "outcome"],
+)
+
+
+def tenant_label(tenant: str, known: set[str]) -> str:
+    """`tenant` when it is one of the first MAX_TENANT_LABELS known tenants (or "anonymous"), else "other"."""
+    if tenant == "anonymous" or (tenant in known and sorted(known).index(tenant) < MAX_TENANT_LABELS):
+        return tenant
+    return "other"
+
 
 def current_identity() -> Identity:
     """The identity of the call being handled on this thread (ANONYMOUS when authentication is off)."""
@@ -58,24 +76,36 @@ class Refused(Exception):
         self.code, self.message = code, message
 
 
-def _wrap(handler: Any, check: Callable[[grpc.ServicerContext], Identity | None]) -> Any:
-    """The same handler with `check(context)` run first (its identity set for the servicer)."""
+def _wrap(
+    handler: Any,
+    check: Callable[[grpc.ServicerContext], Identity],
+    done: Callable[[Identity, grpc.ServicerContext], None] | None = None,
+) -> Any:
+    """The same handler with `check(context)` run first: its identity is set for the servicer and put on the
+    current span (tenant and principal); `done(identity, context)` runs once a unary call has returned."""
 
-    def guarded(inner: Callable[..., Any]) -> Callable[..., Any]:
+    def guarded(inner: Callable[..., Any], unary: bool = False) -> Callable[..., Any]:
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 identity = check(context)
             except Refused as refused:
                 context.abort(refused.code, refused.message)
-            if identity is not None:
-                _IDENTITY.set(identity)
-            return inner(request, context)
+            _IDENTITY.set(identity)
+            span = trace.get_current_span()
+            span.set_attribute("unclip.tenant", identity.tenant)
+            span.set_attribute("unclip.principal", identity.principal)
+            if done is None or not unary:  # (a stream's outcome is known only once it is consumed)
+                return inner(request, context)
+            try:
+                return inner(request, context)
+            finally:
+                done(identity, context)
 
         return behavior
 
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            guarded(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            guarded(handler.unary_unary, True), handler.request_deserializer, handler.response_serializer
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
@@ -103,7 +133,16 @@ class FrontDoor(grpc.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         scope = METHOD_SCOPES.get(method) if details.method.startswith("/unclip.") else None
         header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
-        return _wrap(handler, lambda context: self.authorize(header, context, scope))
+        return _wrap(handler, lambda context: self.authorize(header, context, scope), self._count(method))
+
+    def _count(self, method: str) -> Callable[[Identity, grpc.ServicerContext], None]:
+        def count(identity: Identity, context: grpc.ServicerContext) -> None:
+            from unclip.runtime.metrics import outcome_of
+
+            tenant = tenant_label(identity.tenant, self.store.tenant_names())
+            TENANT_REQUESTS.labels(tenant, method, outcome_of(context.code(), context.details())).inc()
+
+        return count
 
     def authenticate(self, header: str | None, context: grpc.ServicerContext) -> Identity:
         if header is not None:

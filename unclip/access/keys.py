@@ -289,10 +289,12 @@ class KeyStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _refresh(self, force: bool = False) -> None:
+    def _refresh(self, force: bool = False, stat_now: bool = False) -> None:
+        """Re-reads the file if it changed; its stat is checked at most every check_interval_s unless
+        `stat_now` (an unknown key: a key created a moment ago works at once)."""
         now = time.monotonic()
         with self._lock:
-            if not force and now - self._checked < self.check_interval_s:
+            if not force and not stat_now and now - self._checked < self.check_interval_s:
                 return
             self._checked = now
             stamp = self._stat()
@@ -325,10 +327,13 @@ class KeyStore:
         """The record of `key` (revoked ones included: the caller says why it refuses), or None."""
         self._refresh()
         digest = hash_key(key)
-        with self._lock:
-            for known, record in self._by_hash.items():  # constant-time compare per entry
-                if hmac.compare_digest(known, digest):
-                    return record
+        for attempt in range(2):
+            with self._lock:
+                for known, record in self._by_hash.items():  # constant-time compare per entry
+                    if hmac.compare_digest(known, digest):
+                        return record
+            if attempt == 0:
+                self._refresh(stat_now=True)  # one stat(): cheap, even for a flood of unknown keys
         return None
 
     def by_subject(self, subjects: list[str]) -> KeyRecord | None:

@@ -356,6 +356,14 @@ SETTINGS: dict[str, Setting] = {
             "CA that signed the stages' certificates ('': stage channels are plaintext)",
         ),
         Setting(
+            "max_request_compute",
+            "UNCLIP_MAX_REQUEST_COMPUTE",
+            40000.0,
+            float,
+            "orchestrator: compute one request may ask for, in decoder-step equivalents (n x (prior steps x "
+            "candidates + decoder steps + upsampler steps x size ratio^2)); more is INVALID_ARGUMENT; 0: any",
+        ),
+        Setting(
             "api_key",
             "UNCLIP_API_KEY",
             "",
