@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     from unclip.keys_cli import add_parser as add_keys_parser
 
     add_keys_parser(commands)  # `unclip keys create|list|revoke`
+    from unclip.usage_cli import add_parser as add_usage_parser
+
+    add_usage_parser(commands)  # `unclip usage`: images, compute and energy by key or tenant
 
     demo = commands.add_parser("demo", help="start the stack on the bundled model and draw 4 pictures")
     demo.add_argument(

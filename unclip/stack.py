@@ -387,13 +387,20 @@ class Stack:
         ]  # fmt: skip
 
     def _orchestrator_access_args(self) -> list[str]:
-        args = self._client_args("orchestrator") if self.tls else []
+        assert self.log_dir is not None
+        args = ["--usage-dir", str(self.log_dir / "usage")]  # the usage ledger, beside the audit log
+        args += self._client_args("orchestrator") if self.tls else []
         if self.auth:
             args += ["--keys-file", str(self.keys_file)]
         return args
 
     def _access_extra(self) -> dict[str, object]:
-        extra: dict[str, object] = {"auth": self.auth, "tls": self.tls}
+        assert self.log_dir is not None
+        extra: dict[str, object] = {
+            "auth": self.auth,
+            "tls": self.tls,
+            "usage_dir": str(self.log_dir / "usage"),
+        }
         if self.auth:
             extra["keys_file"] = str(self.keys_file)
             extra["api_key_file"] = str(self.access_dir / "api-key") if self.access_dir else ""

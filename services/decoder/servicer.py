@@ -12,7 +12,7 @@ from services.stage_methods import unary_and_stream
 from unclip.batching.batcher import BatcherConfig
 from unclip.rng import MAX_IMAGES
 from unclip.runtime.errors import grpc_errors
-from unclip.runtime.slots import EngineSlot
+from unclip.runtime.slots import EngineSlot, last_compute_seconds
 from unclip.runtime.tensors import (
     decode_generators,
     decode_text_condition,
@@ -105,7 +105,9 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
             on_accepted=on_accepted,
         )
         return decoder_pb2.ImagesOutput(
-            images=to_proto(output.images), generators=encode_generators(output.generators)
+            images=to_proto(output.images),
+            generators=encode_generators(output.generators),
+            compute_seconds=last_compute_seconds(),
         )
 
     # the unary call and its streaming twin (progress events, then the same output)
@@ -134,7 +136,9 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
             on_accepted=on_accepted,
         )
         return decoder_pb2.ImagesOutput(
-            images=to_proto(output.images), generators=encode_generators(output.generators)
+            images=to_proto(output.images),
+            generators=encode_generators(output.generators),
+            compute_seconds=last_compute_seconds(),
         )
 
     # the unary call and its streaming twin (progress events, then the same output)

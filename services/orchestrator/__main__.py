@@ -16,9 +16,10 @@ from services.orchestrator.clients import Stages
 from services.orchestrator.outputs import ImageStore
 from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.servicer import ImageServicer
-from unclip.access.interceptor import FrontDoor
+from unclip.access.interceptor import FrontDoor, tenant_label
 from unclip.access.keys import KeyStore
 from unclip.access.quotas import Quotas
+from unclip.access.usage import Accounting, UsageLedger
 from unclip.checks import check_guidance
 from unclip.runtime import settings
 from unclip.runtime.server import SERVER_SETTINGS, configure_logging, serve
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             "images_url",
             "keys_file",
             "max_request_compute",
+            "usage_dir",
+            "device_watts",
             *SERVER_SETTINGS,
         ],
         port=settings.DEFAULT_PORTS["orchestrator"],
@@ -79,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         args.max_inflight_per_caller,
         quotas=Quotas(store.tenant_limits) if store else None,
         max_request_compute=args.max_request_compute,
+        accounting=Accounting(
+            UsageLedger(args.usage_dir) if args.usage_dir else None,
+            args.device_watts,
+            (lambda tenant: tenant_label(tenant, store.tenant_names())) if store else (lambda tenant: tenant),
+        ),
     )
     if store is not None:
         interceptors = [*interceptors, FrontDoor(store)]

@@ -149,6 +149,8 @@ class Calls:
         self._in_flight: set[grpc.Future] = set()
         self._cancelled = False
         self.metadata: tuple[tuple[str, str], ...] = ()  # sent with every stage call (e.g. deterministic)
+        self.stage_seconds: dict[str, float] = {}  # usage: each stage's reported compute for this request
+        self.batch = False  # the batch priority class (admission and the stages' batchers serve it last)
         self.identity = ""  # the authenticated caller ("key:NAME" / "cert:SUBJECT"), for the safety audit
         self.tenant = ""  # its tenant
         # GenerateStream: receives each GenerateEvent (stage started/finished, denoising steps) as it happens.
@@ -203,6 +205,7 @@ class Calls:
                 if on_event is not None:
                     finished = orchestrator_pb2.StageEvent(stage=stage, seconds=time.monotonic() - started)
                     on_event(orchestrator_pb2.GenerateEvent(stage_finished=finished))
+                self._account(stage, output)
                 return output
             except grpc.RpcError as error:
                 code = error.code()
@@ -223,6 +226,13 @@ class Calls:
                         ) from error
                 self._raise(error, stage)
         raise AssertionError("unreachable")
+
+    def _account(self, stage: str, output: Any) -> None:
+        """Adds a stage's reported compute seconds (its `compute_seconds` field) to this request's usage."""
+        seconds = getattr(output, "compute_seconds", 0.0)
+        if seconds:
+            with self._lock:
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     def _call_blocking(self, method: Callable[..., Any], request: Any) -> Any:
         """A short call (no denoising steps to stop between) on this thread: gRPC polls its completion on the

@@ -21,9 +21,11 @@ import grpc
 from services.orchestrator.clients import Calls
 from services.orchestrator.pipeline import Params, Pipeline
 from unclip.access.interceptor import current_identity
+from unclip.access.keys import Identity
 from unclip.access.quotas import Quotas, check_compute, compute_units
+from unclip.access.usage import Accounting
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
-from unclip.runtime.slots import DETERMINISTIC_KEY
+from unclip.runtime.slots import DETERMINISTIC_KEY, PRIORITY_KEY
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 
@@ -39,11 +41,13 @@ class Admission:
         self._seconds = 1.0  # running average of a request's duration, for retry hints
 
     @contextlib.contextmanager
-    def admit(self, caller: str) -> Iterator[int]:
-        """Yields the number of requests in progress ahead of this one; raises RESOURCE_EXHAUSTED if full."""
+    def admit(self, caller: str, batch: bool = False) -> Iterator[int]:
+        """Yields the number of requests in progress ahead of this one; raises RESOURCE_EXHAUSTED if full.
+        Batch-priority requests may fill all but a quarter of the slots: interactive work finds room."""
         with self._lock:
             hint = max(0.1, self._seconds / max(1, self.max_inflight))
-            if self._inflight >= self.max_inflight:
+            limit = self.max_inflight - (max(1, self.max_inflight // 4) if batch else 0)
+            if self._inflight >= max(1, limit):
                 raise resource_exhausted(
                     f"the service is at capacity ({self._inflight} requests in progress); retry in "
                     f"{hint:.1f} s",
@@ -85,6 +89,19 @@ def caller_of(request, context: grpc.ServicerContext) -> str:
     return "peer:" + peer.rsplit(":", 1)[0]
 
 
+def priority_of(request, identity: Identity) -> str:
+    """The request's priority class: the key's, or lower when the request asks (never higher)."""
+    asked = request.priority
+    if asked == orchestrator_pb2.PRIORITY_INTERACTIVE and identity.priority == "batch":
+        raise StatusError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"priority: {identity.principal} is in the batch class; a request may only lower its priority",
+        )
+    return (
+        "batch" if asked == orchestrator_pb2.PRIORITY_BATCH or identity.priority == "batch" else "interactive"
+    )
+
+
 class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
     def __init__(
         self,
@@ -93,15 +110,25 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         max_per_caller: int = 4,
         quotas: Quotas | None = None,
         max_request_compute: float = 0.0,
+        accounting: Accounting | None = None,
     ) -> None:
         self.pipeline: Pipeline | None = None  # set by __main__ once every stage is SERVING
         self.stage_timeout_seconds = stage_timeout_seconds
         self.admission = Admission(max_inflight, max_per_caller)
         self.quotas = quotas  # per key / tenant (None: authentication off)
         self.max_request_compute = max_request_compute  # compute units one request may ask for (0: any)
+        self.accounting = accounting or Accounting(None, 0.0)  # usage: responses, counters, ledger
+
+    def _settle(self, response, calls: Calls, method: str):
+        """The response with its usage filled in and recorded (counters, ledger)."""
+        identity = current_identity()
+        self.accounting.settle(response, dict(calls.stage_seconds), identity, method, response.request_id)
+        return response
 
     @contextlib.contextmanager
-    def _admit(self, request, context: grpc.ServicerContext, prior: bool = True) -> Iterator[int]:
+    def _admit(
+        self, request, context: grpc.ServicerContext, prior: bool = True, batch: bool = False
+    ) -> Iterator[int]:
         """The compute ceiling (INVALID_ARGUMENT), the service's capacity and per-caller cap, then the
         caller's quotas (RESOURCE_EXHAUSTED); yields the number of requests ahead."""
         assert self.pipeline is not None
@@ -117,7 +144,7 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
             sizes,
         )
         check_compute(units, self.max_request_compute)
-        with self.admission.admit(caller_of(request, context)) as ahead:
+        with self.admission.admit(caller_of(request, context), batch=batch) as ahead:
             if self.quotas is None:
                 yield ahead
                 return
@@ -132,25 +159,28 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         calls.identity, calls.tenant = identity.principal, identity.tenant
         if request is not None and request.deterministic:
             calls.metadata = ((DETERMINISTIC_KEY, "1"),)
+        if request is not None and priority_of(request, identity) == "batch":
+            calls.metadata += ((PRIORITY_KEY, "batch"),)  # the stages' batchers hold its rows back
+            calls.batch = True
         return self.pipeline, calls
 
     @grpc_errors
     def Generate(self, request: orchestrator_pb2.GenerateRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context, request)
-        with self._admit(request, context):
-            return pipeline.generate(request, calls)
+        with self._admit(request, context, batch=calls.batch):
+            return self._settle(pipeline.generate(request, calls), calls, "Generate")
 
     @grpc_errors
     def CreateVariation(self, request: orchestrator_pb2.VariationRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context, request)
-        with self._admit(request, context, prior=False):
-            return pipeline.create_variation(request, calls)
+        with self._admit(request, context, prior=False, batch=calls.batch):
+            return self._settle(pipeline.create_variation(request, calls), calls, "CreateVariation")
 
     @grpc_errors
     def Edit(self, request: orchestrator_pb2.EditRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context, request)
-        with self._admit(request, context):
-            return pipeline.edit(request, calls)
+        with self._admit(request, context, batch=calls.batch):
+            return self._settle(pipeline.edit(request, calls), calls, "Edit")
 
     @grpc_errors
     def GetCapabilities(self, request: orchestrator_pb2.CapabilitiesRequest, context: grpc.ServicerContext):
@@ -163,13 +193,18 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         pipeline, calls = self._run(context, request)
         events: queue.Queue = queue.Queue()  # bounded by the steps of one request
         calls.on_event = events.put
-        with self._admit(request, context) as ahead:
+        with self._admit(request, context, batch=calls.batch) as ahead:
             accepted = orchestrator_pb2.Accepted(queue_position=ahead)
             yield orchestrator_pb2.GenerateEvent(accepted=accepted)
 
+            identity = current_identity()
+
             def work() -> None:
                 try:
-                    events.put(orchestrator_pb2.GenerateEvent(result=pipeline.generate(request, calls)))
+                    result = pipeline.generate(request, calls)
+                    self.accounting.settle(result, dict(calls.stage_seconds), identity, "Generate",
+                                           result.request_id)  # fmt: skip
+                    events.put(orchestrator_pb2.GenerateEvent(result=result))
                 except BaseException as error:  # raised again below, on the handler's thread
                     events.put(error)
 

@@ -19,6 +19,7 @@ from safety_helpers import HERE, ROOT, service_env, spawn, stop, wait_serving
 
 from services.safety.audit import read_records
 from services.safety.refusal import parse_refusal
+from unclip.access.client import with_key
 from unclip.stack import Stack
 from unclip.tiny import make_tiny_model
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -43,6 +44,8 @@ def stack(tmp_path_factory):
     env = {
         k: v for k, v in service_env().items() if k.startswith(("UNCLIP_", "OMP_", "HF_", "TRANSFORMERS_"))
     }
+    # The burst's six workers share the stack's one key: the per-caller cap follows the key, not `user`.
+    env["UNCLIP_MAX_INFLIGHT_PER_CALLER"] = "8"
     running = Stack(model=str(model), port=0, log_dir=root / "logs", safety_policy=str(policy), extra_env=env)
     try:
         address = running.start(timeout=600)
@@ -206,7 +209,7 @@ def test_orchestrator_sigkill_during_a_burst_loses_no_audit_record(stack):
     again = spawn(orchestrator.argv[1:])
     try:
         wait_serving(again)
-        with grpc.insecure_channel(again.addr) as channel:
+        with with_key(grpc.insecure_channel(again.addr), stack.api_key) as channel:
             stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
             request = orchestrator_pb2.GenerateRequest(
                 prompt="after the restart", seed=1, params=orchestrator_pb2.SamplingParams(**STEPS)

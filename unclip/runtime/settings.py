@@ -364,6 +364,20 @@ SETTINGS: dict[str, Setting] = {
             "candidates + decoder steps + upsampler steps x size ratio^2)); more is INVALID_ARGUMENT; 0: any",
         ),
         Setting(
+            "usage_dir",
+            "UNCLIP_USAGE_DIR",
+            "",
+            str,
+            "orchestrator: folder of the usage ledger (JSON lines per UTC day; `unclip usage`); '': none",
+        ),
+        Setting(
+            "device_watts",
+            "UNCLIP_DEVICE_WATTS",
+            65.0,
+            float,
+            "orchestrator: estimated power (W) of a stage's device while computing (usage energy_joules)",
+        ),
+        Setting(
             "api_key",
             "UNCLIP_API_KEY",
             "",
