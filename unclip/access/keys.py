@@ -29,6 +29,8 @@ half-edited file must not open the door, nor lock every caller out.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -147,6 +149,9 @@ def _record(data: Any, where: str, kind: str) -> KeyRecord:
     unknown = sorted(set(data) - known)
     if unknown:
         raise KeysFileError(f"{where}: unknown fields {unknown}")
+    for required in ("name", "tenant"):
+        if not isinstance(data.get(required), str) or not data[required]:
+            raise KeysFileError(f"{where}.{required} is required (a non-empty string)")
     record = KeyRecord(**data)
     if not record.name or not isinstance(record.name, str):
         raise KeysFileError(f"{where}.name is required")
@@ -227,6 +232,23 @@ def save(path: str | os.PathLike[str], keys_file: KeysFile) -> None:
     os.replace(temporary, path)
 
 
+@contextlib.contextmanager
+def _editing(path: str | os.PathLike[str]):
+    """Serializes edits of one keys file (read, change, write) across threads and processes: two `unclip keys
+    create` at once must not lose a key. A lock file beside it, held with flock."""
+    lock_path = Path(path).with_name(f".{Path(path).name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with _thread_lock, open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_thread_lock = threading.Lock()  # flock does not exclude threads sharing the process's open file table
+
+
 def create(
     path: str | os.PathLike[str],
     name: str,
@@ -238,6 +260,11 @@ def create(
     max_concurrent: int = 0,
 ) -> str:
     """Adds a key named `name` to the file and returns the key (the only time it exists in clear)."""
+    with _editing(path):
+        return _create(path, name, tenant, scopes, priority, images_per_minute, max_concurrent)
+
+
+def _create(path, name, tenant, scopes, priority, images_per_minute, max_concurrent) -> str:  # noqa: ANN001
     keys_file = load(path)
     if any(r.name == name for r in keys_file.keys + keys_file.clients):
         raise KeysFileError(f"name {name!r} already exists in {path}")
@@ -259,12 +286,13 @@ def create(
 
 
 def revoke(path: str | os.PathLike[str], name: str) -> None:
-    keys_file = load(path)
-    for record in keys_file.keys + keys_file.clients:
-        if record.name == name:
-            record.revoked = True
-            save(path, keys_file)
-            return
+    with _editing(path):
+        keys_file = load(path)
+        for record in keys_file.keys + keys_file.clients:
+            if record.name == name:
+                record.revoked = True
+                save(path, keys_file)
+                return
     raise KeysFileError(f"no key named {name!r} in {path}")
 
 
