@@ -143,11 +143,15 @@ def generate_request(prompt: str, n: int, seed: int, steps: tuple[int, int, int]
     )
 
 
-def stub(address: str):
+def stub(address: str, api_key: str | None = None):
+    """An ImageService stub for `address`, sending `api_key` (a Stack's `api_key`; None: UNCLIP_API_KEY or the
+    running `unclip up` stack's key)."""
+    from unclip.access.client import resolve_key, with_key
     from unclip.runtime.server import create_channel
     from unclip.v1 import orchestrator_pb2_grpc
 
-    return orchestrator_pb2_grpc.ImageServiceStub(create_channel(address))
+    channel = with_key(create_channel(address), resolve_key(api_key, address))
+    return orchestrator_pb2_grpc.ImageServiceStub(channel)
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -54,7 +54,7 @@ def main() -> None:
 
     stack = start_stack(model)
     try:
-        client = stub(stack.address)
+        client = stub(stack.address, stack.api_key)
         first, accepted = [], []
         for i in range(args.repeats + 1):
             began = time.perf_counter()

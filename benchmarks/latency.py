@@ -56,7 +56,7 @@ def main() -> None:
     pipe = reference_pipeline(model)
     stack = start_stack(model)
     try:
-        client = stub(stack.address)
+        client = stub(stack.address, stack.api_key)
         for n in (int(v) for v in args.sizes.split(",")):
             request = generate_request(PROMPT, n, 0, steps)
             run_reference(pipe, PROMPT, n, 0, steps)  # warm both sides
@@ -113,7 +113,7 @@ def trace_breakdown(model: Path, steps: tuple[int, int, int], repeats: int) -> d
     env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     stack = start_stack(model, log_dir=logs, extra_env=env)
     try:
-        client = stub(stack.address)
+        client = stub(stack.address, stack.api_key)
         request = generate_request(PROMPT, 1, 0, steps)
         client.Generate(request, timeout=600)
         time.sleep(1.0)  # the warm-up's spans leave first: it is dropped below

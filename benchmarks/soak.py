@@ -56,7 +56,7 @@ def main() -> None:
     done, failed, lock = [0], [0], threading.Lock()
     stop_at = time.monotonic() + 60 * args.minutes
     try:
-        client = stub(stack.address)
+        client = stub(stack.address, stack.api_key)
 
         def worker(index: int) -> None:
             seed = 10_000 * index

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
     stack = start_stack(model, replicas=parse_replicas(args.replicas))
     try:
-        client = stub(stack.address)
+        client = stub(stack.address, stack.api_key)
         one_streamed(client, generate_request(PROMPT, 1, 0, steps))  # warm
         for clients in (int(c) for c in args.clients.split(",")):
             before, mine = process_cpu(stack), time.process_time()

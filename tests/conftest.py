@@ -3,8 +3,9 @@
 `stack_model_dir`: a tiny random model with two upsampler stages (32 -> 64 -> 128 px) and the image encoder,
 so one stack covers text-to-image, variations, edits and the two-stage cascade.
 `stack`: ONE multi-process stack on that model (each stage its own process, real gRPC on loopback), started
-once per session. Tests using it must leave it as they found it; tests that kill or reconfigure start their
-own.
+once per session, with access control on as `unclip up` has it (API keys at the orchestrator, mTLS between the
+services): `stack.channel(name)` and `stack.env` carry the credentials. Tests using it must leave it as they
+found it; tests that kill or reconfigure start their own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,16 +42,20 @@ class RunningStack:
     addresses: dict[str, str]  # process name ("encoder", "prior", "decoder", "super_res", ...) -> host:port
     model_dir: Path
     log_dir: Path
+    running: Any = None  # the unclip.stack.Stack (its keys file, certificates, health-only ports)
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for a CLI subprocess talking to this stack (os.environ + what it needs to reach it)."""
-        return {**os.environ, "UNCLIP_ADDR": self.address}
+        """Environment for a CLI subprocess talking to this stack (os.environ + its address and API key)."""
+        return {**os.environ, **self.running.client_env()}
 
     def channel(self, name: str = "orchestrator"):
-        from unclip.runtime.server import create_channel
+        """A channel to one process, with its credentials (the API key; a client certificate for stages)."""
+        return self.running.channel(name)
 
-        return create_channel(self.addresses[name])
+    def health_address(self, name: str) -> str:
+        """Where a plaintext grpc.health.v1 check reaches the process (a stage's health-only port)."""
+        return next(p.probe_address for p in self.running.processes if p.name == name)
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +71,7 @@ def stack(stack_model_dir, tmp_path_factory):
             addresses={p.name: p.address for p in running.processes},
             model_dir=stack_model_dir,
             log_dir=log_dir,
+            running=running,
         )
     finally:
         running.stop()

@@ -165,7 +165,9 @@ class InProcess:
 class Stack:
     """The running stack: the orchestrator's ImageService over gRPC."""
 
-    def __init__(self, addr: str, sampling: dict | None = None, concurrency: int = 1):
+    def __init__(
+        self, addr: str, sampling: dict | None = None, concurrency: int = 1, api_key: str | None = None
+    ):
         import grpc
 
         from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -179,7 +181,11 @@ class Stack:
         self.variation_params = orchestrator_pb2.SamplingParams(
             **{k: v for k, v in sampling.items() if not k.startswith("prior")}
         )
-        self.stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(addr))
+        from unclip.access.client import resolve_key, with_key
+
+        # The key: `api_key`, else UNCLIP_API_KEY, else the running `unclip up` stack's (when addr is its).
+        channel = with_key(grpc.insecure_channel(addr), resolve_key(api_key, addr))
+        self.stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
         self.name = f"the stack at {addr}"
         # Requests in flight at once: each image keeps its seed, so the images are the same whatever the
         # concurrency (up to the float rounding of cross-request batching); > 1 keeps every stage busy.

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--request-id", help="only this request")
     parser.add_argument("--user", help="only this caller (the request's `user` field)")
-    parser.add_argument("--identity", help="only this authenticated identity")
+    parser.add_argument("--identity", help="only this authenticated identity (key:NAME, cert:SUBJECT)")
+    parser.add_argument("--tenant", help="only this tenant")
     parser.add_argument(
         "--stage", choices=["prompt", "input_image", "decoder_output", "final_output"], help="only this check"
     )
@@ -80,6 +81,7 @@ def matches(record: dict[str, Any], args: argparse.Namespace) -> bool:
         (args.request_id, record.get("request_id")),
         (args.user, record.get("user")),
         (args.identity, record.get("identity")),
+        (args.tenant, record.get("tenant")),
         (args.stage, record.get("stage")),
         (args.action, record.get("action")),
         (args.policy_version, record.get("policy_version")),
@@ -118,6 +120,8 @@ def format_record(record: dict[str, Any]) -> str:
     ]
     if record.get("identity"):
         parts.append(f"identity={record['identity']}")
+    if record.get("tenant"):
+        parts.append(f"tenant={record['tenant']}")
     parts.append(f"categories={','.join(categories) or '-'}")
     if record.get("items", 1) > 1:
         withheld = sum(1 for v in record["verdicts"] if v["action"] == "withhold")

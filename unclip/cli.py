@@ -1,8 +1,10 @@
 """The `unclip` command: start the stack, generate, vary and edit images, make a tiny model, run the demo.
 
 Exit codes: 0 done; 2 invalid input (the message names the field); 3 refused by the content policy (the
-message says which check); 1 anything else. `unclip verify`: 6 ours but altered, 7 not ours (verify_cli.py).
-Shared client code (where the stack is, flag checks, output names, connection errors) is in unclip.cli_common.
+message says which check); 4 not authenticated / not permitted (no, unknown or revoked API key; a missing
+scope); 5 RESOURCE_EXHAUSTED (quota, rate limit or backpressure; the message gives the retry time); 1 anything
+else. `unclip verify`: 6 ours but altered, 7 not ours (verify_cli.py). Shared client code (where the stack is,
+flag checks, output names, connection errors) is in unclip.cli_common.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import grpc
 
 from unclip.cli_common import UsageError, check_request_flags, connection_problem, output_path
 
-EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_REFUSED, EXIT_DENIED, EXIT_EXHAUSTED = 0, 1, 2, 3, 4, 5
 DEFAULT_ADDR = "127.0.0.1:50051"
 # Inside the bundled shapes world (one object on a plain background), so the demo shows what the model knows.
 DEMO_PROMPT = "a large yellow star on a blue background"
@@ -127,10 +129,12 @@ class ProgressBar:
 
 
 def _call(args: argparse.Namespace, method: str, request, prefix: str) -> int:
+    from unclip.access.client import resolve_address, resolve_key, with_key
     from unclip.runtime.server import create_channel
     from unclip.v1 import orchestrator_pb2_grpc
 
-    with create_channel(args.addr) as channel:
+    address = resolve_address(args.addr)
+    with with_key(create_channel(address), resolve_key(args.api_key, address)) as channel:
         stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
         if method == "Generate" and args.progress:
             progress, response = ProgressBar(), None
@@ -198,6 +202,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         extra_env=compute_env(channels_last=args.channels_last, compile=args.compile),
         http_port=args.http_port,
+        auth=args.auth,
+        tls=args.tls,
     )
     return run_until_signalled(stack, timeout=args.start_timeout)
 
@@ -227,7 +233,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import PIL.Image
 
-    from unclip.runtime.server import create_channel
     from unclip.stack import Stack, StackError
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -260,7 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         request = orchestrator_pb2.GenerateRequest(prompt=args.prompt, n=4, seed=args.seed)
         started = time.perf_counter()  # every stage ran a warm-up before reporting SERVING
-        with create_channel(address) as channel:
+        with stack.channel("orchestrator") as channel:  # carries the stack's own API key
             response = orchestrator_pb2_grpc.ImageServiceStub(channel).Generate(request, timeout=args.timeout)
         print(
             f"demo: {len(response.images)} images at {response.size} px in "
@@ -315,6 +320,11 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="replace a picture of the same name (default: a new name, e.g. generate-7_2.png)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="API key [env UNCLIP_API_KEY, else the key the running `unclip up` stack minted]",
     )
     parser.add_argument("--addr", default=None, help=addr_help())
     steps = limit_range("steps")
@@ -406,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of compiling at start-up per stage; not bit-exact) [sets UNCLIP_COMPILE for the stages; default: "
         "the environment's, else off]",
     )
+    up.add_argument(
+        "--no-auth",
+        dest="auth",
+        action="store_false",
+        help="no API keys: anyone who can reach the orchestrator may call it (said in the log)",
+    )
+    up.add_argument("--no-tls", dest="tls", action="store_false", help="no mTLS between the services")
     up.set_defaults(func=cmd_up)
 
     generate = commands.add_parser("generate", help="text -> images")
@@ -451,17 +468,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     from unclip.audit_cli import add_parser as add_audit_parser
-
-    add_audit_parser(commands)  # `unclip audit`: print and filter the safety audit log
+    from unclip.info_cli import add_parser as add_info_parser
+    from unclip.interpolate_cli import add_parsers as add_interpolate_parsers
+    from unclip.keys_cli import add_parser as add_keys_parser
+    from unclip.usage_cli import add_parser as add_usage_parser
     from unclip.verify_cli import add_parser as add_verify_parser
 
+    add_audit_parser(commands)  # `unclip audit`: print and filter the safety audit log
+    add_keys_parser(commands)  # `unclip keys create|list|revoke`
+    add_usage_parser(commands)  # `unclip usage`: images, compute and energy by key or tenant
     add_verify_parser(commands)  # `unclip verify`: provenance check of image files (exit 0 / 6 / 7)
-    from unclip.info_cli import add_parser as add_info_parser
-
     add_info_parser(commands)  # `unclip info`: the connected stack's capabilities
-
-    from unclip.interpolate_cli import add_parsers as add_interpolate_parsers
-
     add_interpolate_parsers(commands)  # `unclip interpolate` and `unclip diff`
 
     demo = commands.add_parser(
@@ -524,8 +541,11 @@ def main(argv: list[str] | None = None) -> int:
 
             hint = retry_after(error)
             when = f"; retry in {hint:.1f} s" if hint is not None else ""
-            print(f"unclip {args.command}: busy: {details}{when}", file=sys.stderr)
-            return EXIT_ERROR
+            print(f"unclip {args.command}: refused for now: {details}{when}", file=sys.stderr)
+            return EXIT_EXHAUSTED
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            print(f"unclip {args.command}: {code.name}: {details}", file=sys.stderr)
+            return EXIT_DENIED
         print(f"unclip {args.command}: {code.name}: {details}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -155,3 +155,13 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
         message = f"unrecognized arguments: {' '.join(extra)}"
         sub.error(message + ("; " + "; ".join(hints) if hints else "") + f" (see `unclip {args.command} -h`)")
     return args
+
+
+def orchestrator_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to the orchestrator at `args.addr` (resolved by check_request_flags or here) carrying the
+    API key: --api-key, else UNCLIP_API_KEY, else the key of the running `unclip up` at that address."""
+    from unclip.access.client import resolve_address, resolve_key, with_key
+    from unclip.runtime.server import create_channel
+
+    address = resolve_address(getattr(args, "addr", None))
+    return with_key(create_channel(address), resolve_key(getattr(args, "api_key", None), address))

@@ -48,6 +48,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "and the request limits.",
     )
     parser.add_argument("--addr", default=None, help=addr_help())
+    parser.add_argument(
+        "--api-key", default=None, help="API key [env UNCLIP_API_KEY, else the running `unclip up`'s]"
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
     parser.set_defaults(func=run, wait=False)
@@ -96,14 +99,13 @@ def format_capabilities(capabilities: Message, addr: str) -> str:
 def run(args: argparse.Namespace, out=None) -> int:
     from google.protobuf.json_format import MessageToJson
 
-    from unclip.cli_common import check_addr, default_addr
-    from unclip.runtime.server import create_channel
+    from unclip.cli_common import check_addr, default_addr, orchestrator_channel
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
     out = out or sys.stdout
     args.addr = args.addr or default_addr()
     check_addr(args.addr)
-    with create_channel(args.addr) as channel:
+    with orchestrator_channel(args) as channel:
         stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
         capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest(), timeout=args.timeout)
     if args.json:

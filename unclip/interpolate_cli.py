@@ -87,11 +87,10 @@ def _call(args: argparse.Namespace, method: str, request, prefix: str) -> int:
     import PIL.Image
 
     from unclip.cli import EXIT_OK
-    from unclip.cli_common import output_path
-    from unclip.runtime.server import create_channel
+    from unclip.cli_common import orchestrator_channel, output_path
     from unclip.v1 import orchestrator_pb2_grpc
 
-    with create_channel(args.addr) as channel:
+    with orchestrator_channel(args) as channel:
         stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
         response = getattr(stub, method)(request, timeout=args.timeout, wait_for_ready=args.wait)
     frames = response.frames
@@ -140,6 +139,9 @@ def _add_options(parser: argparse.ArgumentParser, frames_help: str) -> None:
     parser.add_argument("--out", default="unclip-out", help="folder for the frames (default ./unclip-out)")
     parser.add_argument("--overwrite", action="store_true", help="replace files of the same name in --out")
     parser.add_argument("--addr", default=None, help=addr_help())
+    parser.add_argument(
+        "--api-key", default=None, help="API key [env UNCLIP_API_KEY, else the running `unclip up`'s]"
+    )
     parser.add_argument("--prior-steps", type=int, default=None, help=f"prior steps, prompt ends ({stacks})")
     parser.add_argument("--decoder-steps", type=int, default=None, help=f"decoder steps ({stacks})")
     parser.add_argument(

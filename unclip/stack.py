@@ -8,6 +8,11 @@ period.
 No orphans: every child gets PR_SET_PDEATHSIG(SIGTERM), so the kernel stops it even if `unclip up` itself is
 SIGKILLed; children run in their own session so a terminal's Ctrl-C reaches only `unclip up`, which stops them
 in order. A stage that fails to start stops the whole stack, naming the stage and quoting its log.
+
+Access control is on by default (unclip.access): the stack mints a CA and a certificate per service (the
+stages require one of this CA from a service allowed to call them, and serve health on a plaintext health-only
+port), and a keys file with one key, `local`, that `channel()`, `client_env()` and the state file hand to
+clients. `auth=False` / `tls=False` (`unclip up --no-auth` / `--no-tls`) turn either off.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from unclip import stack_state
 from unclip.runtime.server import health_status
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_HEALTH_ONLY = re.compile(r"health-only port on (\S+):(\d+)")
+LOCAL_KEY_NAME = "local"  # the key `unclip up` mints for its own user
 
 
 class StackError(RuntimeError):
@@ -55,6 +62,8 @@ class Process:
     log_path: Path
     popen: subprocess.Popen | None = None
     address: str | None = None  # "127.0.0.1:port" once announced
+    health_address: str | None = None  # its plaintext health-only port, when it has one
+    has_health_port: bool = False  # whether to wait for the health-only port's announcement
 
     def start(self, env: dict[str, str]) -> None:
         log = open(self.log_path, "wb")  # noqa: SIM115 (the child owns it from here)
@@ -79,15 +88,22 @@ class Process:
         return "\n".join(text[-lines:])
 
     def poll_address(self) -> str | None:
-        if self.address is None:
+        """The address once announced (and, with a health-only port, once that is announced too)."""
+        if self.address is None or (self.has_health_port and self.health_address is None):
             try:
-                match = _LISTENING.search(self.log_path.read_text(errors="replace"))
+                text = self.log_path.read_text(errors="replace")
             except OSError:
-                match = None
-            if match:
-                host = "127.0.0.1" if match.group(1) in ("0.0.0.0", "[::]") else match.group(1)
-                self.address = f"{host}:{match.group(2)}"
+                text = ""
+            self.address = self.address or _address(_LISTENING.search(text))
+            self.health_address = self.health_address or _address(_HEALTH_ONLY.search(text))
+        if self.has_health_port and self.health_address is None:
+            return None
         return self.address
+
+    @property
+    def probe_address(self) -> str | None:
+        """Where a plaintext health check reaches it."""
+        return self.health_address or self.address
 
     def failure(self) -> str:
         code = self.popen.returncode if self.popen else None
@@ -95,6 +111,13 @@ class Process:
             f"{self.name} exited with status {code} before it was ready; its log ({self.log_path}) ends:\n"
             + (self.log_tail())
         )
+
+
+def _address(match: re.Match | None) -> str | None:
+    if not match:
+        return None
+    host = "127.0.0.1" if match.group(1) in ("0.0.0.0", "[::]") else match.group(1)
+    return f"{host}:{match.group(2)}"
 
 
 # What a model folder may recommend for sampling (beside the Karlo folders), and the orchestrator's variable.
@@ -144,6 +167,12 @@ class Stack:
     processes: list[Process] = field(default_factory=list)
     # log_dir was made by start() (a temporary folder): stop() removes it after a run that came up
     owns_log_dir: bool = False
+    auth: bool = True  # API keys at the orchestrator (a keys file with one minted key, `local`)
+    tls: bool = True  # mTLS between the services (a CA and certificates minted at start)
+    access_dir: Path | None = (
+        None  # keys file, the minted key, CA and certificates (mode 0700; removed at stop)
+    )
+    api_key: str | None = None  # the minted key (auth on)
 
     @property
     def address(self) -> str:
@@ -202,6 +231,7 @@ class Stack:
             count = self.replicas.get(name, 1)
             return [self._process(name if i == 0 else f"{name}#{i + 1}", module, *args) for i in range(count)]
 
+        self._prepare_access()
         stages = [
             *replicated("encoder", "services.encoder", *model),
             *replicated("prior", "services.prior", *model),
@@ -219,6 +249,9 @@ class Stack:
                 *(["--policy", self.safety_policy] if self.safety_policy else []),
             ),
         ]
+        for process in stages:
+            process.argv += self._stage_access_args(process.name.split("#")[0])
+            process.has_health_port = self.tls
         env = self._env()
         deadline = time.monotonic() + timeout
         try:
@@ -239,6 +272,7 @@ class Stack:
                 "--decoder-addr", targets("decoder"),
                 "--upsampler-addrs", ",".join(targets(stage) for stage in upsamplers),
                 "--safety-addr", targets("safety"),
+                *self._orchestrator_access_args(),
                 port=self.port,
             )  # fmt: skip
             self.processes.append(orchestrator)
@@ -295,7 +329,8 @@ class Stack:
                 if not process.alive():
                     raise StackError(process.failure())
                 address = process.poll_address()
-                if address and (not need_serving or health_status(address, timeout=1.0) == "SERVING"):
+                probe = process.probe_address
+                if address and (not need_serving or health_status(probe, timeout=1.0) == "SERVING"):
                     pending.remove(process)
             if pending and time.monotonic() > deadline:
                 what = "SERVING" if need_serving else "listening"
@@ -314,11 +349,15 @@ class Stack:
             audit_dir=str(self.log_dir / "audit"),
             services=[
                 stack_state.ServiceRecord(
-                    p.name, p.address or "", p.popen.pid if p.popen else 0, str(p.log_path)
+                    p.name,
+                    p.address or "",
+                    p.popen.pid if p.popen else 0,
+                    str(p.log_path),
+                    p.health_address or "",
                 )
                 for p in self.processes
             ],
-            extra={"http_url": self.http_url} if self.http_url else {},
+            extra={**self._access_extra(), **({"http_url": self.http_url} if self.http_url else {})},
         )
 
     def dead(self) -> list[Process]:
@@ -347,6 +386,113 @@ class Stack:
         if self.owns_log_dir and not keep_logs and self.log_dir is not None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
             self.owns_log_dir = False
+        if self.access_dir is not None:  # the keys and certificates of a stopped stack serve no one
+            shutil.rmtree(self.access_dir, ignore_errors=True)
+
+    # ---- access control (unclip.access) -------------------------------------------------------------------
+
+    def _prepare_access(self) -> None:
+        """Mints the CA, the certificates and the `local` key into a private folder."""
+        if not (self.auth or self.tls) or self.access_dir is not None:
+            return
+        self.access_dir = Path(tempfile.mkdtemp(prefix="unclip-access-"))  # mode 0700
+        if self.tls:
+            from unclip.access.tls import mint_stack_certificates
+
+            names = [
+                "orchestrator",
+                "encoder",
+                "prior",
+                "decoder",
+                "super_res",
+                "super_res_2",
+                "safety",
+                "client",
+            ]
+            mint_stack_certificates(self.access_dir / "tls", names)
+        if self.auth:
+            from unclip.access import keys
+
+            self.api_key = keys.create(
+                self.keys_file, LOCAL_KEY_NAME, tenant=LOCAL_KEY_NAME, scopes=list(keys.SCOPES)
+            )
+            key_file = self.access_dir / "api-key"
+            key_file.touch(mode=0o600)
+            key_file.write_text(self.api_key + "\n")
+
+    @property
+    def keys_file(self) -> Path:
+        assert self.access_dir is not None
+        return self.access_dir / "keys.yaml"
+
+    def _cert(self, name: str, kind: str) -> str:
+        assert self.access_dir is not None
+        return str(self.access_dir / "tls" / (f"{name}.{kind}" if kind != "ca" else "ca.crt"))
+
+    def _stage_access_args(self, name: str) -> list[str]:
+        if not self.tls:
+            return []
+        args = ["--tls-cert", self._cert(name, "crt"), "--tls-key", self._cert(name, "key")]
+        args += ["--client-ca", self._cert(name, "ca"), "--health-port", "0"]
+        if name == "safety":  # its CLIP filter calls the encoder
+            args += self._client_args("safety")
+        return args
+
+    def _client_args(self, name: str) -> list[str]:
+        return [
+            "--stage-tls-cert", self._cert(name, "crt"),
+            "--stage-tls-key", self._cert(name, "key"),
+            "--stage-tls-ca", self._cert(name, "ca"),
+        ]  # fmt: skip
+
+    def _orchestrator_access_args(self) -> list[str]:
+        assert self.log_dir is not None
+        args = ["--usage-dir", str(self.log_dir / "usage")]  # the usage ledger, beside the audit log
+        args += self._client_args("orchestrator") if self.tls else []
+        if self.auth:
+            args += ["--keys-file", str(self.keys_file)]
+        return args
+
+    def _access_extra(self) -> dict[str, object]:
+        assert self.log_dir is not None
+        extra: dict[str, object] = {
+            "auth": self.auth,
+            "tls": self.tls,
+            "usage_dir": str(self.log_dir / "usage"),
+        }
+        if self.auth:
+            extra["keys_file"] = str(self.keys_file)
+            extra["api_key_file"] = str(self.access_dir / "api-key") if self.access_dir else ""
+        if self.tls:
+            extra["ca_cert"] = self._cert("ca", "ca")
+            extra["client_cert"] = self._cert("orchestrator", "crt")
+            extra["client_key"] = self._cert("orchestrator", "key")
+        return extra
+
+    def channel(self, name: str = "orchestrator"):
+        """A channel to a process of this stack ("orchestrator", "encoder", "decoder#2", ...) with the
+        credentials it needs: the `local` key for the orchestrator; the orchestrator's client certificate
+        for a stage (the stages admit it)."""
+        from unclip.access.client import with_key
+        from unclip.access.tls import channel_credentials
+        from unclip.runtime.server import create_channel
+
+        process = next(p for p in self.processes if p.name == name)
+        if name == "orchestrator":
+            return with_key(create_channel(process.address or ""), self.api_key)
+        if not self.tls:
+            return create_channel(process.address or "")
+        credentials = channel_credentials(
+            self._cert("ca", "ca"), self._cert("orchestrator", "crt"), self._cert("orchestrator", "key")
+        )
+        return create_channel(process.address or "", credentials=credentials)
+
+    def client_env(self) -> dict[str, str]:
+        """What a CLI subprocess needs in its environment to reach this stack's orchestrator."""
+        env = {"UNCLIP_ADDR": self.address}
+        if self.api_key:
+            env["UNCLIP_API_KEY"] = self.api_key
+        return env
 
     def __enter__(self) -> Stack:
         self.start()
@@ -436,6 +582,17 @@ def busy_port_message(port: int) -> str:
     return f"port {port} is in use: {holder}; port {free} is free: unclip up --port {free} ..."
 
 
+def access_summary(stack: Stack) -> str:
+    """One line on what protects the stack (also logged when it is off)."""
+    auth = (
+        f"API keys ON (keys file {stack.keys_file}; the CLI finds the `local` key through the state file)"
+        if stack.auth
+        else "API keys OFF (--no-auth): anyone who can reach the orchestrator may call it"
+    )
+    tls = "mTLS between services ON" if stack.tls else "mTLS between services OFF (--no-tls)"
+    return f"{auth}; {tls}"
+
+
 def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
     """`unclip up`: start, print the addresses, wait for Ctrl-C / SIGTERM (or a process dying), stop
     everything."""
@@ -457,6 +614,7 @@ def run_until_signalled(stack: Stack, timeout: float = 300.0) -> int:
         return 2 if isinstance(error, InvalidModel) else 1
     for process in stack.processes:
         print(f"  {process.name:<13} {process.address}   log {process.log_path}", flush=True)
+    print(f"  access        {access_summary(stack)}", flush=True)
     state_path = stack_state.publish(stack.state())
     print(f"  audit log     {stack.log_dir / 'audit'}", flush=True)
     if stack.test_signer is not None:

@@ -29,6 +29,7 @@ class ServiceRecord:
     address: str  # host:port it serves on
     pid: int  # its process id
     log: str  # path of its log file
+    health_address: str = ""  # its plaintext health-only port (a stage behind mTLS), else ""
 
 
 @dataclass
@@ -39,7 +40,8 @@ class StackState:
     log_dir: str  # one log per process
     audit_dir: str  # the safety service's audit log (what `unclip audit` reads)
     services: list[ServiceRecord] = field(default_factory=list)
-    extra: dict[str, object] = field(default_factory=dict)  # e.g. "api_key_file", "http_url"
+    # e.g. "api_key_file", "keys_file", "ca_cert", "client_cert", "client_key", "auth", "tls", "http_url"
+    extra: dict[str, object] = field(default_factory=dict)
     version: int = VERSION
 
     def to_json(self) -> str:

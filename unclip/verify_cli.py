@@ -19,22 +19,20 @@ from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_ALTERED, EXIT_NOT_OURS = 0, 1, 6, 7
 RANK = [EXIT_OK, EXIT_ALTERED, EXIT_NOT_OURS, EXIT_ERROR]  # worst last
-DEFAULT_ADDR = "127.0.0.1:50051"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Hooks `verify` into a CLI's subparsers; the parsed namespace runs with `run(args)`."""
-    from unclip.runtime import settings
+    from unclip.cli_common import addr_help
 
     parser = subparsers.add_parser(
         "verify", help="check whether images are ours and unaltered (metadata, C2PA, watermark)"
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG or WebP files")
     parser.add_argument("--json", action="store_true", help="one JSON object per file instead of a line")
+    parser.add_argument("--addr", default=None, help=addr_help())
     parser.add_argument(
-        "--addr",
-        default=settings.env_default("addr") or DEFAULT_ADDR,
-        help=f"orchestrator address [env UNCLIP_ADDR, default {DEFAULT_ADDR}]",
+        "--api-key", default=None, help="API key [env UNCLIP_API_KEY, else the running `unclip up`'s]"
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per file")
     parser.set_defaults(func=run)
@@ -44,11 +42,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from unclip.runtime.server import create_channel
+    from unclip.cli_common import orchestrator_channel
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
     worst = EXIT_OK
-    with create_channel(args.addr) as channel:
+    with orchestrator_channel(args) as channel:
         stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
         for path in args.files:
             try:

@@ -14,7 +14,7 @@ from unclip.batching.batcher import BatcherConfig
 from unclip.limits import default
 from unclip.rng import MAX_IMAGES
 from unclip.runtime.errors import grpc_errors
-from unclip.runtime.slots import EngineSlot
+from unclip.runtime.slots import EngineSlot, last_compute_seconds
 from unclip.runtime.tensors import (
     decode_generators,
     decode_text_condition,
@@ -125,7 +125,9 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
             on_accepted=on_accepted,
         )
         return decoder_pb2.ImagesOutput(
-            images=to_proto(output.images), generators=encode_generators(output.generators)
+            images=to_proto(output.images),
+            generators=encode_generators(output.generators),
+            compute_seconds=last_compute_seconds(),
         )
 
     # the unary call and its streaming twin (progress events, then the same output)
@@ -188,7 +190,9 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
             on_accepted=on_accepted,
         )
         return decoder_pb2.ImagesOutput(
-            images=to_proto(output.images), generators=encode_generators(output.generators)
+            images=to_proto(output.images),
+            generators=encode_generators(output.generators),
+            compute_seconds=last_compute_seconds(),
         )
 
     # the unary call and its streaming twin (progress events, then the same output)

@@ -9,12 +9,17 @@ replica, and SERVING again once it has (checked every --stage-health-period-seco
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from services.orchestrator.clients import Stages
 from services.orchestrator.outputs import ImageStore
 from services.orchestrator.pipeline import Pipeline, StepDefaults
 from services.orchestrator.servicer import ImageServicer
+from unclip.access.interceptor import FrontDoor, tenant_label
+from unclip.access.keys import KeyStore
+from unclip.access.quotas import Quotas
+from unclip.access.usage import Accounting, UsageLedger
 from unclip.checks import check_guidance
 from unclip.provenance.stamp import PROVENANCE_SETTINGS, Provenance
 from unclip.runtime import settings
@@ -37,6 +42,9 @@ STEP_DEFAULT_SETTINGS = [
     "super_res_sampler",
     "ddim_eta",
 ]
+
+log = logging.getLogger("orchestrator")
+
 ADDRESS_SETTINGS = ["encoder_addr", "prior_addr", "decoder_addr", "upsampler_addrs", "safety_addr"]
 
 
@@ -58,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             "model_name",
             "vocabulary",
             *PROVENANCE_SETTINGS,
+            "keys_file",
+            "max_request_compute",
+            "usage_dir",
+            "device_watts",
             *SERVER_SETTINGS,
         ],
         port=settings.DEFAULT_PORTS["orchestrator"],
@@ -97,7 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         provenance = Provenance.from_args(args)
     except ValueError as error:
         parser.error(str(error))
-    servicer = ImageServicer(args.stage_timeout_seconds, args.max_inflight, args.max_inflight_per_caller)
+    store = key_store(args)
+    servicer = ImageServicer(
+        args.stage_timeout_seconds,
+        args.max_inflight,
+        args.max_inflight_per_caller,
+        quotas=Quotas(store.tenant_limits) if store else None,
+        max_request_compute=args.max_request_compute,
+        accounting=Accounting(
+            UsageLedger(args.usage_dir) if args.usage_dir else None,
+            args.device_watts,
+            (lambda tenant: tenant_label(tenant, store.tenant_names())) if store else (lambda tenant: tenant),
+        ),
+    )
+    if store is not None:
+        interceptors = [*interceptors, FrontDoor(store)]
     servicer.verifier = provenance.verifier()
     connected: list[Stages] = []
 
@@ -136,7 +162,21 @@ def main(argv: list[str] | None = None) -> int:
         interceptors=interceptors,
         readiness=lambda: every_stage_serving(connected[0]),
         readiness_period_s=args.stage_health_period_seconds,
+        front_door=True,
     )
+
+
+def key_store(args: argparse.Namespace) -> KeyStore | None:
+    """The keys file of --keys-file; None (and a warning: authentication is off) without one."""
+    if not args.keys_file:
+        log.warning("authentication is OFF (no --keys-file / UNCLIP_KEYS_FILE): every caller is anonymous")
+        return None
+    try:
+        store = KeyStore(args.keys_file)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--keys-file: {error}") from error
+    log.info("authentication on: keys file %s", args.keys_file)
+    return store
 
 
 def every_stage_serving(stages: Stages) -> bool:

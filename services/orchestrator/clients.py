@@ -19,7 +19,7 @@ from opentelemetry import propagate
 
 from services.orchestrator.replicas import RETRYABLE, Replicas, ReplicatedMethod, parse_targets
 from unclip.runtime.errors import StatusError, resource_exhausted, retry_after
-from unclip.runtime.server import create_channel, health_status
+from unclip.runtime.server import stage_channel, stage_health_status
 from unclip.runtime.telemetry import instrument_channel
 from unclip.v1 import (
     decoder_pb2,
@@ -79,13 +79,13 @@ class Stages:
 
         def replicas(value: str, stage: str, stub_class: type) -> Replicas:
             def channel(target: str) -> grpc.Channel:
-                plain = create_channel(target, max_message_bytes=max_message_bytes)
+                plain = stage_channel(target, max_message_bytes=max_message_bytes)
                 if metrics is None:
                     return plain
                 return instrument_channel(plain, metrics.client_interceptor(stage))
 
             def plain(target: str) -> grpc.Channel:
-                return create_channel(target, max_message_bytes=max_message_bytes)
+                return stage_channel(target, max_message_bytes=max_message_bytes)
 
             return Replicas(stage, parse_targets(value), stub_class, channel, plain)
 
@@ -113,7 +113,7 @@ class Stages:
         deadline = time.monotonic() + timeout
         waiting = dict(self.addresses)
         while waiting and time.monotonic() < deadline:
-            waiting = {name: a for name, a in waiting.items() if health_status(a, timeout=1.0) != "SERVING"}
+            waiting = {n: a for n, a in waiting.items() if stage_health_status(a, timeout=1.0) != "SERVING"}
             if waiting:
                 time.sleep(0.2)
         if waiting:
@@ -149,6 +149,10 @@ class Calls:
         self._in_flight: set[grpc.Future] = set()
         self._cancelled = False
         self.metadata: tuple[tuple[str, str], ...] = ()  # sent with every stage call (e.g. deterministic)
+        self.stage_seconds: dict[str, float] = {}  # usage: each stage's reported compute for this request
+        self.batch = False  # the batch priority class (admission and the stages' batchers serve it last)
+        self.identity = ""  # the authenticated caller ("key:NAME" / "cert:SUBJECT"), for the safety audit
+        self.tenant = ""  # its tenant
         # GenerateStream: receives each GenerateEvent (stage started/finished, denoising steps) as it happens.
         self.on_event: Callable[[orchestrator_pb2.GenerateEvent], None] | None = None
         if context is not None:
@@ -201,6 +205,7 @@ class Calls:
                 if on_event is not None:
                     finished = orchestrator_pb2.StageEvent(stage=stage, seconds=time.monotonic() - started)
                     on_event(orchestrator_pb2.GenerateEvent(stage_finished=finished))
+                self._account(stage, output)
                 return output
             except grpc.RpcError as error:
                 code = error.code()
@@ -221,6 +226,13 @@ class Calls:
                         ) from error
                 self._raise(error, stage)
         raise AssertionError("unreachable")
+
+    def _account(self, stage: str, output: Any) -> None:
+        """Adds a stage's reported compute seconds (its `compute_seconds` field) to this request's usage."""
+        seconds = getattr(output, "compute_seconds", 0.0)
+        if seconds:
+            with self._lock:
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     def _call_blocking(self, method: Callable[..., Any], request: Any) -> Any:
         """A short call (no denoising steps to stop between) on this thread: gRPC polls its completion on the

@@ -52,10 +52,11 @@ class Interpolation:
         request = Request(
             n=self.frames, size=base.size, seed=base.seed, output_format=base.output_format, user=base.user
         )
+        self.has_prompt = any(isinstance(end, str) for end in self.ends)  # the prior runs
         params = Params.from_proto(
             req.params,
             len(pipeline.cascade) - 1,
-            prior=any(isinstance(end, str) for end in self.ends),
+            prior=self.has_prompt,
             prior_guidance_scale=pipeline.prior_guidance_scale,
             decoder_guidance_scale=pipeline.decoder_guidance_scale,
             defaults=pipeline.step_defaults,

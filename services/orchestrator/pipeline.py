@@ -185,6 +185,8 @@ class Request:
     previews: bool = False  # GenerateStream asked for intermediate images (GenerateRequest.previews)
     operation: str = "generate"  # "generate", "variation" or "edit" (the images' provenance records)
     prompt: str = ""
+    identity: str = ""  # the authenticated caller (Calls.identity), recorded by the safety audit
+    tenant: str = ""
 
 
 class Pipeline:
@@ -305,6 +307,7 @@ class Pipeline:
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
         r.previews = req.previews and calls.on_event is not None
         r.prompt = req.prompt
+        r.identity, r.tenant = calls.identity, calls.tenant
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -340,6 +343,7 @@ class Pipeline:
         require_square(image, "image")
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
         r.operation = "variation"
+        r.identity, r.tenant = calls.identity, calls.tenant
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -381,6 +385,7 @@ class Pipeline:
         known = known_mask(image, mask)  # [1, S, S], 1 = keep
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
         r.operation, r.prompt = "edit", req.prompt
+        r.identity, r.tenant = calls.identity, calls.tenant
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -628,7 +633,9 @@ class Pipeline:
     # ---- the content policy -------------------------------------------------------------------------------
 
     def _context(self, r: Request) -> safety_pb2.RequestContext:
-        return safety_pb2.RequestContext(request_id=r.request_id, user=r.user)
+        return safety_pb2.RequestContext(
+            request_id=r.request_id, user=r.user, identity=r.identity, tenant=r.tenant
+        )
 
     def _check_prompt(self, prompt: str, r: Request, calls: Calls) -> None:
         verdict = calls(

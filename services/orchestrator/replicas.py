@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from unclip.runtime.server import health_status
+from unclip.runtime.server import stage_health_status
 
 # Codes after which another replica may succeed.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -111,7 +111,7 @@ class Replicas:
 
     def serving(self, timeout: float = 2.0) -> bool:
         """Whether at least one replica's health says SERVING (a dns:/// target: the one gRPC picks)."""
-        return any(health_status(target, timeout=timeout) == "SERVING" for target in self.targets)
+        return any(stage_health_status(target, timeout=timeout) == "SERVING" for target in self.targets)
 
     def failed(self, target: str) -> None:
         with self._lock:

@@ -2,7 +2,8 @@
 admits requests (backpressure) and streams progress.
 
 Admission: at most `max_inflight` requests in progress, and `max_inflight_per_caller` per caller (the
-request's `user`, else the client's address), so one caller cannot starve the rest. A request beyond either is
+authenticated identity: key name or certificate subject; with authentication off, the client's address — never
+the client-chosen `user`), so one caller cannot starve the rest. A request beyond either is
 refused at once with RESOURCE_EXHAUSTED and a retry hint (google.rpc.RetryInfo and `retry-after-ms` trailing
 metadata) instead of queueing: accepted requests keep their latency and memory stays bounded.
 """
@@ -19,11 +20,15 @@ import grpc
 
 from services.orchestrator.clients import Calls
 from services.orchestrator.interpolate import Interpolation
-from services.orchestrator.pipeline import Pipeline
+from services.orchestrator.pipeline import Params, Pipeline
 from services.orchestrator.textdiff import TextDiff
+from unclip.access.interceptor import current_identity
+from unclip.access.keys import Identity
+from unclip.access.quotas import Quotas, check_compute, compute_units
+from unclip.access.usage import Accounting
 from unclip.provenance.verify import ALTERED, INTACT, Verifier, VerifyResult, verify_png
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
-from unclip.runtime.slots import DETERMINISTIC_KEY
+from unclip.runtime.slots import DETERMINISTIC_KEY, PRIORITY_KEY
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 
@@ -39,11 +44,13 @@ class Admission:
         self._seconds = 1.0  # running average of a request's duration, for retry hints
 
     @contextlib.contextmanager
-    def admit(self, caller: str) -> Iterator[int]:
-        """Yields the number of requests in progress ahead of this one; raises RESOURCE_EXHAUSTED if full."""
+    def admit(self, caller: str, batch: bool = False) -> Iterator[int]:
+        """Yields the number of requests in progress ahead of this one; raises RESOURCE_EXHAUSTED if full.
+        Batch-priority requests may fill all but a quarter of the slots: interactive work finds room."""
         with self._lock:
             hint = max(0.1, self._seconds / max(1, self.max_inflight))
-            if self._inflight >= self.max_inflight:
+            limit = self.max_inflight - (max(1, self.max_inflight // 4) if batch else 0)
+            if self._inflight >= max(1, limit):
                 raise resource_exhausted(
                     f"the service is at capacity ({self._inflight} requests in progress); retry in "
                     f"{hint:.1f} s",
@@ -56,6 +63,7 @@ class Admission:
                     f"caller {caller!r} has {mine} requests in progress (limit {self.max_per_caller}); "
                     f"retry in {hint:.1f} s",
                     hint,
+                    limit="max_inflight_per_caller",
                 )
             ahead = self._inflight
             self._inflight += 1
@@ -75,45 +83,114 @@ class Admission:
 
 
 def caller_of(request, context: grpc.ServicerContext) -> str:
-    """The request's `user`, else the client's address without its port."""
-    if getattr(request, "user", ""):  # Verify has no user
-        return f"user:{request.user}"
+    """The authenticated identity; with authentication off, the client's address without its port (the
+    request's `user` is the client's to choose, so it cannot key a limit)."""
+    identity = current_identity()
+    if identity.kind != "anonymous":
+        return identity.principal
     peer = context.peer() or ""
     return "peer:" + peer.rsplit(":", 1)[0]
 
 
+def priority_of(request, identity: Identity) -> str:
+    """The request's priority class: the key's, or lower when the request asks (never higher)."""
+    asked = request.priority
+    if asked == orchestrator_pb2.PRIORITY_INTERACTIVE and identity.priority == "batch":
+        raise StatusError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"priority: {identity.principal} is in the batch class; a request may only lower its priority",
+        )
+    return (
+        "batch" if asked == orchestrator_pb2.PRIORITY_BATCH or identity.priority == "batch" else "interactive"
+    )
+
+
 class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
-    def __init__(self, stage_timeout_seconds: float, max_inflight: int = 16, max_per_caller: int = 4) -> None:
+    def __init__(
+        self,
+        stage_timeout_seconds: float,
+        max_inflight: int = 16,
+        max_per_caller: int = 4,
+        quotas: Quotas | None = None,
+        max_request_compute: float = 0.0,
+        accounting: Accounting | None = None,
+    ) -> None:
         self.pipeline: Pipeline | None = None  # set by __main__ once every stage is SERVING
         self.stage_timeout_seconds = stage_timeout_seconds
         self.admission = Admission(max_inflight, max_per_caller)
         self.verifier: Verifier | None = None  # set by __main__ (needs no stage)
+        self.quotas = quotas  # per key / tenant (None: authentication off)
+        self.max_request_compute = max_request_compute  # compute units one request may ask for (0: any)
+        self.accounting = accounting or Accounting(None, 0.0)  # usage: responses, counters, ledger
+
+    def _settle(self, response, calls: Calls, method: str):
+        """The response with its usage filled in and recorded (counters, ledger)."""
+        identity = current_identity()
+        self.accounting.settle(response, dict(calls.stage_seconds), identity, method, response.request_id)
+        return response
+
+    @contextlib.contextmanager
+    def _admit(
+        self,
+        request,
+        context: grpc.ServicerContext,
+        prior: bool = True,
+        batch: bool = False,
+        images: int = 0,
+    ) -> Iterator[int]:
+        """The compute ceiling (INVALID_ARGUMENT), the service's capacity and per-caller cap, then the
+        caller's quotas (RESOURCE_EXHAUSTED); yields the number of requests ahead. `images`: what the request
+        draws when it has no `n` (an interpolation's frames)."""
+        assert self.pipeline is not None
+        n = images or request.n or 1
+        sizes = [stage.output_size for stage in self.pipeline.cascade]
+        params = Params.from_proto(request.params, upsamplers=len(sizes) - 1, prior=prior)
+        units = compute_units(
+            n,
+            params.prior_num_inference_steps if prior else 0,
+            params.prior_num_candidates,
+            params.decoder_num_inference_steps,
+            params.super_res_num_inference_steps,
+            sizes,
+        )
+        check_compute(units, self.max_request_compute)
+        with self.admission.admit(caller_of(request, context), batch=batch) as ahead:
+            if self.quotas is None:
+                yield ahead
+                return
+            with self.quotas.admit(current_identity(), n):
+                yield ahead
 
     def _run(self, context: grpc.ServicerContext, request=None) -> tuple[Pipeline, Calls]:
         if self.pipeline is None:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the orchestrator is waiting for its stages")
         calls = Calls(context, self.stage_timeout_seconds)
+        identity = current_identity()
+        calls.identity, calls.tenant = identity.principal, identity.tenant
         if request is not None and request.deterministic:
             calls.metadata = ((DETERMINISTIC_KEY, "1"),)
+        if request is not None and priority_of(request, identity) == "batch":
+            calls.metadata += ((PRIORITY_KEY, "batch"),)  # the stages' batchers hold its rows back
+            calls.batch = True
         return self.pipeline, calls
 
     @grpc_errors
     def Generate(self, request: orchestrator_pb2.GenerateRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context, request)
-        with self.admission.admit(caller_of(request, context)):
-            return pipeline.generate(request, calls)
+        with self._admit(request, context, batch=calls.batch):
+            return self._settle(pipeline.generate(request, calls), calls, "Generate")
 
     @grpc_errors
     def CreateVariation(self, request: orchestrator_pb2.VariationRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context, request)
-        with self.admission.admit(caller_of(request, context)):
-            return pipeline.create_variation(request, calls)
+        with self._admit(request, context, prior=False, batch=calls.batch):
+            return self._settle(pipeline.create_variation(request, calls), calls, "CreateVariation")
 
     @grpc_errors
     def Edit(self, request: orchestrator_pb2.EditRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context, request)
-        with self.admission.admit(caller_of(request, context)):
-            return pipeline.edit(request, calls)
+        with self._admit(request, context, batch=calls.batch):
+            return self._settle(pipeline.edit(request, calls), calls, "Edit")
 
     @grpc_errors
     def GetCapabilities(self, request: orchestrator_pb2.CapabilitiesRequest, context: grpc.ServicerContext):
@@ -126,13 +203,18 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         pipeline, calls = self._run(context, request)
         events: queue.Queue = queue.Queue()  # bounded by the steps of one request
         calls.on_event = events.put
-        with self.admission.admit(caller_of(request, context)) as ahead:
+        with self._admit(request, context, batch=calls.batch) as ahead:
             accepted = orchestrator_pb2.Accepted(queue_position=ahead)
             yield orchestrator_pb2.GenerateEvent(accepted=accepted)
 
+            identity = current_identity()
+
             def work() -> None:
                 try:
-                    events.put(orchestrator_pb2.GenerateEvent(result=pipeline.generate(request, calls)))
+                    result = pipeline.generate(request, calls)
+                    self.accounting.settle(result, dict(calls.stage_seconds), identity, "Generate",
+                                           result.request_id)  # fmt: skip
+                    events.put(orchestrator_pb2.GenerateEvent(result=result))
                 except BaseException as error:  # raised again below, on the handler's thread
                     events.put(error)
 
@@ -157,29 +239,41 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
     def Interpolate(self, request: orchestrator_pb2.InterpolateRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context)
         interpolation = Interpolation(pipeline, request, calls)  # validates before admission and work
-        with self.admission.admit(caller_of(request, context)):
-            return interpolation.run()
+        with self._admit(request, context, prior=interpolation.has_prompt, images=interpolation.frames):
+            response = interpolation.run()
+            self._settle(response.frames, calls, "Interpolate")
+            return response
 
     @grpc_errors
     def TextDiff(self, request: orchestrator_pb2.TextDiffRequest, context: grpc.ServicerContext):
         pipeline, calls = self._run(context)
         diff = TextDiff(pipeline, request, calls)  # validates before admission and work
-        with self.admission.admit(caller_of(request, context)):
-            return diff.run()
+        with self._admit(request, context, prior=False, images=diff.frames):
+            response = diff.run()
+            self._settle(response.frames, calls, "TextDiff")
+            return response
 
     @grpc_stream_errors
     def InterpolateStream(self, request: orchestrator_pb2.InterpolateRequest, context: grpc.ServicerContext):
         """Interpolate, reporting progress as GenerateStream does; the last event carries the frames."""
         pipeline, calls = self._run(context)
         interpolation = Interpolation(pipeline, request, calls)  # invalid: refused before "accepted"
-        yield from self._stream(request, context, calls, interpolation.run, "interpolation")
 
-    def _stream(self, request, context: grpc.ServicerContext, calls: Calls, run, field: str):
-        """A request's progress as GenerateEvents: accepted (with the requests ahead), the stages' events,
-        then `field` set to what `run()` returned (its error is raised on the handler's thread)."""
+        def run() -> orchestrator_pb2.InterpolateResponse:
+            response = interpolation.run()
+            self._settle(response.frames, calls, "Interpolate")
+            return response
+
+        admission = self._admit(request, context, prior=interpolation.has_prompt, images=interpolation.frames)
+        yield from self._stream(admission, calls, run, "interpolation")
+
+    def _stream(self, admission, calls: Calls, run, field: str):
+        """A request's progress as GenerateEvents: accepted (with the requests ahead, once `admission`
+        admits it), the stages' events, then `field` set to what `run()` returned (its error is raised on
+        the handler's thread)."""
         events: queue.Queue = queue.Queue()  # bounded by the steps of one request
         calls.on_event = events.put
-        with self.admission.admit(caller_of(request, context)) as ahead:
+        with admission as ahead:
             yield orchestrator_pb2.GenerateEvent(accepted=orchestrator_pb2.Accepted(queue_position=ahead))
 
             def work() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.stage_methods import unary_and_stream
 from unclip.batching.batcher import BatcherConfig
-from unclip.runtime.slots import EngineSlot
+from unclip.runtime.slots import EngineSlot, last_compute_seconds
 from unclip.runtime.tensors import decode_generators, decode_text_condition, encode_generators, to_proto
 from unclip.runtime.validation import check_candidates, check_guidance, check_steps
 from unclip.sampling import check_eta, check_sampler
@@ -45,7 +45,9 @@ class PriorServicer(prior_pb2_grpc.PriorServicer):
             on_accepted=on_accepted,
         )
         return prior_pb2.PriorResponse(
-            image_embeds=to_proto(output.image_embeds), generators=encode_generators(output.generators)
+            image_embeds=to_proto(output.image_embeds),
+            generators=encode_generators(output.generators),
+            compute_seconds=last_compute_seconds(),
         )
 
     # the unary call and its streaming twin (progress events, then the same response)

@@ -177,6 +177,7 @@ class SafetyEngine:
             "request_id": item.context.get("request_id", ""),
             "user": item.context.get("user", ""),
             "identity": item.context.get("identity", ""),
+            "tenant": item.context.get("tenant", ""),
             "stage": item.stage,
             "action": overall,
             "policy_version": policy.version,

@@ -10,6 +10,7 @@ import torch
 from services.safety.audit import AuditError
 from services.safety.engine import Decision, SafetyEngine
 from services.safety.filters.base import CheckInput
+from unclip.access.interceptor import current_identity
 from unclip.limits import LIMITS
 from unclip.runtime.errors import StatusError, grpc_errors
 from unclip.runtime.tensors import from_field
@@ -91,8 +92,15 @@ def _decide(engine: SafetyEngine, item: CheckInput) -> Decision:
 
 
 def _context(request) -> dict[str, str]:
+    """The request's context for the audit. Identity and tenant are taken as given only from a caller that
+    authenticated as a service allowed to call (mTLS, unclip.access.interceptor.StageGuard: the
+    orchestrator); without mTLS they are recorded as "unverified:..." so a forged one never reads as real."""
     c = request.context
-    return {"request_id": c.request_id, "user": c.user, "identity": c.identity}
+    identity, tenant = c.identity, c.tenant
+    if current_identity().kind != "service":
+        identity = f"unverified:{identity}" if identity else ""
+        tenant = f"unverified:{tenant}" if tenant else ""
+    return {"request_id": c.request_id, "user": c.user, "identity": identity, "tenant": tenant}
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:

@@ -44,9 +44,9 @@ def toy_stack(tmp_path_factory):
         grace_seconds=5.0,
         extra_env={"UNCLIP_WATERMARK": "0"},
     )
-    address = running.start(timeout=300)
+    running.start(timeout=300)
     try:
-        yield address
+        yield running
     finally:
         running.stop()
 
@@ -59,11 +59,10 @@ def _read(pngs: list[bytes]) -> list[dict[str, int]]:
 
 
 def test_bundled_model_draws_the_prompt_through_the_stack(toy_stack):
-    import grpc
 
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
     assert list(capabilities.sizes) == [32, 128]
     # The model's sampling_defaults.json reached the orchestrator: unset prior guidance is 2, not 4, and the
@@ -100,7 +99,6 @@ def test_bundled_model_draws_the_prompt_through_the_stack(toy_stack):
 
 
 def test_variation_through_the_stack_keeps_shape_and_colours(toy_stack):
-    import grpc
 
     from training.world import render, scenes_from_attributes
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -113,7 +111,7 @@ def test_variation_through_the_stack_keeps_shape_and_colours(toy_stack):
         buffer, "PNG"
     )
 
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     response = stub.CreateVariation(
         orchestrator_pb2.VariationRequest(image=buffer.getvalue(), n=N, seed=5), timeout=600
     )
@@ -129,13 +127,11 @@ def test_edit_uses_the_models_edit_guidance_and_draws_the_prompt(toy_stack):
     regenerated (transparent) right half."""
     import random
 
-    import grpc
-
     from training.edits import edit_cases, edit_hit
     from training.evaluate import to_pil
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
     assert capabilities.edit_defaults.decoder_guidance_scale == 4.0
     assert capabilities.defaults.decoder_guidance_scale == 5.0  # generation's own recommendation
@@ -174,7 +170,6 @@ def test_edit_uses_the_models_edit_guidance_and_draws_the_prompt(toy_stack):
 def test_stack_equals_the_reference_pipeline_on_the_bundled_model(toy_stack):
     """The foundation's parity on the shipped weights: the stack's float32 images equal diffusers'
     UnCLIPPipeline built from the model's folders, within 1e-4, at the model's recommended guidance."""
-    import grpc
 
     from training.evaluate import reference_pipelines
     from unclip.runtime.tensors import from_proto
@@ -183,7 +178,7 @@ def test_stack_equals_the_reference_pipeline_on_the_bundled_model(toy_stack):
     torch.set_num_threads(1)
     prompt, n, seed, steps = PROMPTS[1], 2, 31, 5
     guidance = dict(prior_guidance_scale=2.0, decoder_guidance_scale=5.0)
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     response = stub.Generate(
         orchestrator_pb2.GenerateRequest(
             prompt=prompt,
@@ -226,11 +221,10 @@ def test_interpolation_between_two_prompts_moves_from_one_to_the_other(toy_stack
     """The paper's interpolation on the bundled model: the first frame reads as the first prompt, the last
     as the second, and the object's colour moves one way between them: its distance to the last frame's
     colour never grows by more than 15 (RGB units, 0..255 per channel) from one frame to the next."""
-    import grpc
 
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     start, end = "a red circle on a white background", "a blue square on a white background"
     response = stub.Interpolate(
         orchestrator_pb2.InterpolateRequest(
@@ -261,12 +255,11 @@ def test_text_diff_turns_a_red_circle_blue_where_it_was(toy_stack):
     """The paper's text diff on the bundled model: from "... red circle ..." to "... blue circle ..." at
     theta 0.5 (the paper's), the circle turns blue and keeps its shape, size, place and background (read by
     the world's reader) in at least 3 of 4 cases; benchmarks.manipulations measures 20 (model card)."""
-    import grpc
 
     from benchmarks.manipulations import run_text_diffs, text_diff_cases
     from unclip.v1 import orchestrator_pb2_grpc
 
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     results = run_text_diffs(stub, text_diff_cases(4, seed=5), max_theta=0.5)
     assert sum(r["ok"] for r in results) >= 3, results
 
@@ -274,12 +267,11 @@ def test_text_diff_turns_a_red_circle_blue_where_it_was(toy_stack):
 def test_inverted_interpolation_ends_come_back_close_to_their_images(toy_stack):
     """DDIM inversion is not exact: each end of an inverted interpolation differs from its image by a mean
     absolute error of 2.9-5.0 levels (of 255) in benchmarks.manipulations' four cases; at most 8 here."""
-    import grpc
 
     from benchmarks.manipulations import reconstruction_error, render_png, text_diff_cases
     from unclip.v1 import orchestrator_pb2_grpc
 
-    stub = orchestrator_pb2_grpc.ImageServiceStub(grpc.insecure_channel(toy_stack))
+    stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     circle, other = text_diff_cases(2, seed=1)
     square = {**other, "shape": SHAPES.index("square")}
     errors = reconstruction_error(stub, [render_png(circle, 0), render_png(square, 1)], seed=0)

@@ -13,6 +13,7 @@ in a few minutes on a shared 2-core machine. Every wait is bounded.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
 import signal
 import time
@@ -70,9 +71,25 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stub(stack):
-    channel = create_channel(stack.address)
+    channel = stack.channel()  # with the stack's API key
     yield orchestrator_pb2_grpc.ImageServiceStub(channel)
     channel.close()
+
+
+_CALLERS: dict[tuple[int, str], object] = {}
+
+
+def caller(stack: Stack, name: str):
+    """A stub with its own API key `name` (made once): the per-caller limit follows the key, not `user`."""
+    from unclip.access import keys
+    from unclip.access.client import with_key
+
+    if (id(stack), name) not in _CALLERS:
+        key = keys.create(stack.keys_file, name)
+        _CALLERS[(id(stack), name)] = orchestrator_pb2_grpc.ImageServiceStub(
+            with_key(create_channel(stack.address), key)
+        )
+    return _CALLERS[(id(stack), name)]
 
 
 def process(stack: Stack, name: str):
@@ -115,7 +132,7 @@ def test_progress_stream_and_cli_progress(stack, stub, tmp_path):
     cli = subprocess.run(
         [sys.executable, "-m", "unclip", "generate", "a red circle", "--addr", stack.address, "--seed", "3",
          "--prior-steps", "2", "--decoder-steps", "3", "--super-res-steps", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, **stack.client_env()},
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     assert "decoder: started" in cli.stderr and "decoder: done in" in cli.stderr and "done in" in cli.stderr
@@ -212,8 +229,10 @@ def test_overload_is_refused_at_once_and_the_rest_complete(stack, stub):
     def one(i: int):
         began = time.monotonic()
         try:
-            # distinct users, so the per-caller limit does not hide the global one
-            reply = stub.Generate(request(100 + i, decoder_steps=40, user=f"u{i}"), timeout=300)
+            # distinct keys, so the per-caller limit does not hide the global one
+            reply = caller(stack, f"u{i}").Generate(
+                request(100 + i, decoder_steps=40, user=f"u{i}"), timeout=300
+            )
             return "ok", time.monotonic() - began, reply, None
         except grpc.RpcError as error:
             return error.code(), time.monotonic() - began, None, error
@@ -233,10 +252,11 @@ def test_overload_is_refused_at_once_and_the_rest_complete(stack, stub):
 def test_one_caller_cannot_take_every_slot(stack, stub):
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         greedy = [
-            pool.submit(stub.Generate, request(200 + i, 40, user="greedy"), timeout=300) for i in range(4)
+            pool.submit(caller(stack, "greedy").Generate, request(200 + i, 40, user="greedy"), timeout=300)
+            for i in range(4)
         ]
         time.sleep(0.3)
-        other = pool.submit(stub.Generate, request(300, 4, user="polite"), timeout=300)
+        other = pool.submit(caller(stack, "polite").Generate, request(300, 4, user="polite"), timeout=300)
         codes = []
         for future in greedy:
             try:
@@ -248,12 +268,14 @@ def test_one_caller_cannot_take_every_slot(stack, stub):
         assert len(other.result().images) == 1
 
 
-def _load(stub, seeds, decoder_steps=30):
-    """Concurrent requests from distinct callers; returns a list of (seed, outcome)."""
+def _load(stack, seeds, decoder_steps=30):
+    """Concurrent requests from distinct callers (keys); returns a list of (seed, outcome)."""
 
     def one(seed):
         try:
-            stub.Generate(request(seed, decoder_steps, user=f"load{seed}"), timeout=300)
+            caller(stack, f"load{seed}").Generate(
+                request(seed, decoder_steps, user=f"load{seed}"), timeout=300
+            )
             return seed, "ok"
         except grpc.RpcError as error:
             return seed, f"{error.code().name}: {error.details()}"
@@ -277,12 +299,12 @@ def _wait_for_decoder_work(stack, names, minimum=1, timeout=60):
 
 def test_sigterm_one_replica_during_load_fails_nothing(stack, stub):
     victim = process(stack, "decoder#2")
-    pool, futures = _load(stub, seeds=range(400, 400 + MAX_INFLIGHT))
+    pool, futures = _load(stack, seeds=range(400, 400 + MAX_INFLIGHT))
     _wait_for_decoder_work(stack, ["decoder#2"])
     victim.popen.send_signal(signal.SIGTERM)  # drains: in-flight finish, new calls are refused
     # While it drains, more requests arrive; they must go to the other replicas.
     outcomes = [f.result(timeout=300) for f in futures]
-    _, more = _load(stub, seeds=range(500, 500 + MAX_INFLIGHT))
+    _, more = _load(stack, seeds=range(500, 500 + MAX_INFLIGHT))
     outcomes += [f.result(timeout=300) for f in more]
     pool.shutdown()
     assert all(outcome == "ok" for _, outcome in outcomes), outcomes
@@ -293,7 +315,7 @@ def test_sigkill_one_replica_during_load_fails_nothing(stack, stub):
     victim = process(stack, "decoder#3")
     orchestrator_log = process(stack, "orchestrator").log_path
     retries_before = orchestrator_log.read_text().count("retrying on another replica")
-    pool, futures = _load(stub, seeds=range(600, 600 + MAX_INFLIGHT), decoder_steps=60)
+    pool, futures = _load(stack, seeds=range(600, 600 + MAX_INFLIGHT), decoder_steps=60)
     _wait_for_decoder_work(stack, ["decoder#3"])
     victim.popen.kill()
     outcomes = [f.result(timeout=300) for f in futures]

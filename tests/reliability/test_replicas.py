@@ -64,6 +64,7 @@ def stack(tmp_path_factory):
         grace_seconds=30,
         replicas=parse_replicas("super_res_2=2"),  # what `unclip up --replicas super_res_2=2` passes
         extra_env={"UNCLIP_TORCH_THREADS": "1"},
+        tls=False,  # its own decoder / safety replicas and orchestrators join these stages in plaintext
     )
     stack.start(timeout=300)
     yield stack
@@ -239,7 +240,7 @@ def test_replicated_second_upsampler_survives_a_sigkill(stack):
     assert [p.name for p in replicas] == ["super_res_2", "super_res_2#2"]
     assert all(p.alive() for p in replicas)
     orchestrator_log = process(stack, "orchestrator").log_path
-    channel = create_channel(stack.address)
+    channel = stack.channel()  # with the stack's API key
     stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
     reply = stub.Generate(request(1, decoder_steps=2), timeout=120)
     import io

@@ -82,7 +82,8 @@ def test_records_carry_what_the_issue_lists(start_safety):
     )
     safety.stub.CheckPrompt(request, timeout=10)
     [record] = [r for r in safety.records() if r["request_id"] == "r-7"]
-    assert record["user"] == "bob" and record["identity"] == "svc:frontend"
+    # Sent in clear by a caller that did not authenticate as the orchestrator: recorded, marked unverified.
+    assert record["user"] == "bob" and record["identity"] == "unverified:svc:frontend"
     assert (
         record["stage"] == "prompt" and record["action"] == "block" and record["policy_version"] == "audit-1"
     )

@@ -19,6 +19,7 @@ from safety_helpers import HERE, ROOT, service_env, spawn, stop, wait_serving
 
 from services.safety.audit import read_records
 from services.safety.refusal import parse_refusal
+from unclip.access.client import with_key
 from unclip.stack import Stack
 from unclip.tiny import make_tiny_model
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -43,6 +44,8 @@ def stack(tmp_path_factory):
     env = {
         k: v for k, v in service_env().items() if k.startswith(("UNCLIP_", "OMP_", "HF_", "TRANSFORMERS_"))
     }
+    # The burst's six workers share the stack's one key: the per-caller cap follows the key, not `user`.
+    env["UNCLIP_MAX_INFLIGHT_PER_CALLER"] = "8"
     running = Stack(model=str(model), port=0, log_dir=root / "logs", safety_policy=str(policy), extra_env=env)
     try:
         address = running.start(timeout=600)
@@ -50,7 +53,7 @@ def stack(tmp_path_factory):
         running.vendor = vendor
         running.audit_dir = root / "logs" / "audit"
         running.policy = policy
-        running.channel = grpc.insecure_channel(address)
+        running.channel = running.channel("orchestrator")  # with the stack's API key
         running.stub = orchestrator_pb2_grpc.ImageServiceStub(running.channel)
         yield running
     finally:
@@ -73,7 +76,7 @@ def test_prompt_refused_before_any_model_work_and_cli_exits_3(stack, tmp_path):
     cli = subprocess.run(
         [sys.executable, "-m", "unclip.cli", "generate", "please b.e.h.e.a.d him", "--addr", stack.address_,
          "--out", str(tmp_path), "--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2"],
-        cwd=ROOT, env=service_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env={**service_env(), **stack.client_env()}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert cli.returncode == 3, cli.stderr
     assert "prompt" in cli.stderr and "violence" in cli.stderr
@@ -206,7 +209,7 @@ def test_orchestrator_sigkill_during_a_burst_loses_no_audit_record(stack):
     again = spawn(orchestrator.argv[1:])
     try:
         wait_serving(again)
-        with grpc.insecure_channel(again.addr) as channel:
+        with with_key(grpc.insecure_channel(again.addr), stack.api_key) as channel:
             stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
             request = orchestrator_pb2.GenerateRequest(
                 prompt="after the restart", seed=1, params=orchestrator_pb2.SamplingParams(**STEPS)

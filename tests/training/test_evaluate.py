@@ -58,7 +58,8 @@ def test_stack_backend_edits_keep_the_stacks_edit_guidance(stack):
     case = ([image], [mask], ["a blue square"], 1, 3)
 
     def pixels(backend_sampling: dict, **overrides: float) -> np.ndarray:
-        return np.asarray(Stack(stack.address, backend_sampling).edit(*case, **overrides)[0][0])
+        backend = Stack(stack.address, backend_sampling, api_key=stack.running.api_key)
+        return np.asarray(backend.edit(*case, **overrides)[0][0])
 
     plain = pixels(steps)
     assert np.array_equal(pixels({**steps, "decoder_guidance_scale": 2.0}), plain)

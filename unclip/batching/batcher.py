@@ -49,6 +49,11 @@ class BatcherConfig:
     deterministic: bool = False  # True: every request steps alone (bit-exact with the engine, no batching)
 
 
+# While interactive work is running, batch work steps once every this many iterations (ageing: on a small
+# machine a batch row slows every interactive step it shares or competes with; held back, it still ends).
+BATCH_EVERY = 4
+
+
 class QueueFull(Exception):
     """The stage's queue is full: the caller should retry after ``retry_after_s`` (possibly elsewhere)."""
 
@@ -86,6 +91,8 @@ class Ticket:
         self.started_at: float | None = None  # when it joined the running batch
         self.finished_at: float | None = None
         self.cancelled_at_step: int | None = None  # the task's step counter when cancel() was called
+        self.compute_seconds = 0.0  # its share of the steps it joined (each step's time split by rows)
+        self.batch = False  # priority class batch: admitted after interactive work, held back while it waits
         self._cancel = threading.Event()
         self._started = threading.Event()  # joined the running batch (or finished without joining)
         self._done = threading.Event()
@@ -154,6 +161,7 @@ class StepBatcher:
         self._running: list[Ticket] = []
         self._closed = False
         self._step_seconds = 0.05  # running average of one iteration, for retry hints
+        self._iteration = 0  # worker iterations (batch tickets step in one of BATCH_EVERY beside interactive)
         delay = self.config.first_step_delay_s
         self._first_step_delay = self.config.max_queue_delay_s if delay is None else delay
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{stage.name}", daemon=True)
@@ -183,9 +191,12 @@ class StepBatcher:
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        batch: bool = False,
     ) -> Ticket:
-        """Queues a task; raises QueueFull when the queue is full. deadline: a time.monotonic() value."""
+        """Queues a task; raises QueueFull when the queue is full. deadline: a time.monotonic() value.
+        batch: the batch priority class (see _admit and _groups)."""
         ticket = Ticket(task, deterministic or self.config.deterministic, deadline, is_cancelled, on_step)
+        ticket.batch = batch
         with self._cond:
             self._raise_if_full()
             ticket.queue_position = len(self._queue)
@@ -218,17 +229,33 @@ class StepBatcher:
     # ---- the worker ----------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Moves queued tickets into the running batch while they fit (called with the lock held)."""
+        """Moves queued tickets into the running batch while they fit (called with the lock held):
+        interactive ones first (FIFO within a class); an interactive one that does not fit pauses running
+        batch tickets (back to the queue's front, their state kept) to make room."""
         rows = sum(t.task.rows for t in self._running)
         while self._queue:
-            ticket = self._queue[0]
+            ticket = next((t for t in self._queue if not t.batch), self._queue[0])
+            if self._running and rows + ticket.task.rows > self.config.max_batch_size and not ticket.batch:
+                rows -= self._pause_batch(rows + ticket.task.rows - self.config.max_batch_size)
             if self._running and rows + ticket.task.rows > self.config.max_batch_size:
                 break  # FIFO: a big request is not overtaken by small ones behind it
-            self._queue.popleft()
+            self._queue.remove(ticket)
             ticket.started_at = time.monotonic()
             ticket._started.set()
             self._running.append(ticket)
             rows += ticket.task.rows
+
+    def _pause_batch(self, rows_needed: int) -> int:
+        """Moves running batch tickets, newest first, back to the queue's front until `rows_needed` rows are
+        free; returns the rows freed."""
+        freed = 0
+        for ticket in reversed([t for t in self._running if t.batch]):
+            if freed >= rows_needed:
+                break
+            self._running.remove(ticket)
+            self._queue.appendleft(ticket)
+            freed += ticket.task.rows
+        return freed
 
     def _wait_for_work(self) -> bool:
         with self._cond:
@@ -257,10 +284,17 @@ class StepBatcher:
                 ticket._settle(error=reason)
 
     def _groups(self) -> list[list[Ticket]]:
-        """Running tickets by shared forward pass: deterministic ones alone, the rest by the stage's key."""
+        """Running tickets by shared forward pass: deterministic ones alone, the rest by the stage's key.
+        While interactive work runs, batch tickets are held back but one iteration in BATCH_EVERY (ageing:
+        they slow down, never starve)."""
         groups: dict[Any, list[Ticket]] = {}
         alone: list[list[Ticket]] = []
+        self._iteration += 1
+        interactive = any(not t.batch for t in self._running)
+        hold = interactive and self._iteration % BATCH_EVERY != 0
         for ticket in self._running:
+            if hold and ticket.batch:
+                continue
             if ticket.deterministic:
                 alone.append([ticket])
             else:
@@ -288,6 +322,7 @@ class StepBatcher:
 
     def _step(self, group: list[Ticket]) -> None:
         tasks = [ticket.task for ticket in group]
+        began = time.perf_counter()
         try:
             # The rows the forward pass held: edits that only re-noised this iteration stay out of it.
             rows = self.stage.step(tasks)
@@ -298,6 +333,7 @@ class StepBatcher:
             return
         if rows is None:  # a stage that does not say: every task's rows went through
             rows = sum(task.rows for task in tasks)
+        _share(group, time.perf_counter() - began)
         if self.on_batch is not None and rows:
             self.on_batch(rows)
         for ticket in group:
@@ -315,3 +351,10 @@ class StepBatcher:
             if ticket in self._running:
                 self._running.remove(ticket)
         ticket._settle(result=result, error=error)
+
+
+def _share(group: list[Ticket], seconds: float) -> None:
+    """Usage accounting: a step's time split over the requests in it, by their rows."""
+    total = sum(getattr(ticket.task, "rows", 1) for ticket in group) or 1
+    for ticket in group:
+        ticket.compute_seconds += seconds * getattr(ticket.task, "rows", 1) / total

@@ -107,10 +107,14 @@ def grpc_errors(method: F) -> F:
 
 # Trailing metadata key with the retry hint in milliseconds, for clients that do not read rich statuses.
 RETRY_AFTER_KEY = "retry-after-ms"
+# Trailing metadata key naming the limit that refused ("capacity" for plain backpressure; "images_per_minute",
+# "max_concurrent", "tenant_images_per_minute", ... for quotas): the HTTP gateway answers 429 to a quota.
+LIMIT_KEY = "unclip-limit"
 
 
-def resource_exhausted(message: str, retry_after_s: float) -> StatusError:
-    """RESOURCE_EXHAUSTED carrying a google.rpc.RetryInfo (how long to wait before retrying)."""
+def resource_exhausted(message: str, retry_after_s: float, limit: str = "capacity") -> StatusError:
+    """RESOURCE_EXHAUSTED carrying a google.rpc.RetryInfo (how long to wait before retrying) and the name of
+    the limit (`unclip-limit` trailing metadata)."""
     from google.protobuf import duration_pb2
     from google.rpc import code_pb2, error_details_pb2, status_pb2
     from grpc_status import rpc_status
@@ -120,7 +124,7 @@ def resource_exhausted(message: str, retry_after_s: float) -> StatusError:
     status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)
     status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     rich = rpc_status.to_status(status)
-    rich = _with_metadata(rich, ((RETRY_AFTER_KEY, str(int(retry_after_s * 1000))),))
+    rich = _with_metadata(rich, ((RETRY_AFTER_KEY, str(int(retry_after_s * 1000))), (LIMIT_KEY, limit)))
     return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, rich)
 
 
@@ -131,6 +135,13 @@ def _with_metadata(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> g
             self.trailing_metadata = tuple(status.trailing_metadata or ()) + extra
 
     return _Status()
+
+
+def limit_of(error: grpc.RpcError) -> str | None:
+    """The `unclip-limit` of a RESOURCE_EXHAUSTED error, or None when it names none."""
+    if not isinstance(error, grpc.Call):
+        return None
+    return next((value for key, value in error.trailing_metadata() or () if key == LIMIT_KEY), None)
 
 
 def retry_after(error: grpc.RpcError) -> float | None:

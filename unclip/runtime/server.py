@@ -40,7 +40,20 @@ SERVER_SETTINGS = [
     "grace_seconds",
     "max_connection_age_seconds",
     "max_workers",
+    # access control (unclip.access): this server's TLS, the health-only port, who may call, and the client
+    # certificate this process presents to the stages it calls
+    "tls_cert",
+    "tls_key",
+    "client_ca",
+    "health_port",
+    "allowed_callers",
+    "stage_tls_cert",
+    "stage_tls_key",
+    "stage_tls_ca",
 ]
+
+# The credentials of this process's channels to other stages (configure_stage_channels; None: plaintext).
+_stage_credentials: grpc.ChannelCredentials | None = None
 
 
 # The flags of the model stages' queues and step-level batching (unclip.batching).
@@ -88,9 +101,10 @@ def create_server(
     max_connection_age_seconds: float | None = None,
     max_workers: int = 8,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int]:
-    """A server bound to `address` ("host:port", port 0 picks a free one); returns it (not started) and its
-    port."""
+    """A server bound to `address` ("host:port", port 0 picks a free one; TLS with `credentials`); returns it
+    (not started) and its port."""
     options = message_options(max_message_bytes)
     # Two servers on one port must fail loudly, not share it (Linux gRPC sets SO_REUSEPORT by default).
     options.append(("grpc.so_reuseport", 0))
@@ -101,26 +115,58 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=list(interceptors), options=options
     )
-    port = server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port
 
 
-def create_channel(target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
-    """A client channel with the same message limits; `dns:///name:port` targets balance round-robin."""
+def create_channel(
+    target: str,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> grpc.Channel:
+    """A client channel with the same message limits; `dns:///name:port` targets balance round-robin; TLS
+    with `credentials`."""
     options: list[tuple[str, object]] = list(message_options(max_message_bytes))
     options.append(("grpc.lb_policy_name", "round_robin"))
     # A replica that comes back (restart, rollout) is reached within ~2 s, not after gRPC's default backoff of
     # up to 120 s, during which calls on this channel fail at once while the stage is already SERVING again.
     options.append(("grpc.initial_reconnect_backoff_ms", 200))
     options.append(("grpc.max_reconnect_backoff_ms", 2000))
+    if credentials is not None:
+        return grpc.secure_channel(target, credentials, options=options)
     return grpc.insecure_channel(target, options=options)
 
 
-def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
-    """The grpc.health.v1 status name of `target` ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE"."""
-    with grpc.insecure_channel(target) as channel:
+def configure_stage_channels(args: argparse.Namespace) -> None:
+    """Sets the client certificate (mTLS) this process presents to the stages it calls, from its
+    `--stage-tls-*` flags; without `--stage-tls-ca` its stage channels stay plaintext."""
+    global _stage_credentials
+    if getattr(args, "stage_tls_ca", None):
+        from unclip.access.tls import channel_credentials
+
+        _stage_credentials = channel_credentials(args.stage_tls_ca, args.stage_tls_cert, args.stage_tls_key)
+
+
+def stage_channel(target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """A channel to another stage of the stack, with this process's stage credentials."""
+    return create_channel(target, max_message_bytes=max_message_bytes, credentials=_stage_credentials)
+
+
+def health_status(
+    target: str, service: str = "", timeout: float = 2.0, credentials: grpc.ChannelCredentials | None = None
+) -> str:
+    """The grpc.health.v1 status name of `target` ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE"
+    (`credentials`: TLS, for a stage's main port; the health-only port is plaintext)."""
+    channel = (
+        create_channel(target, credentials=credentials) if credentials else grpc.insecure_channel(target)
+    )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -152,6 +198,55 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def stage_health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
+    """health_status of another stage's main port, with this process's stage credentials."""
+    return health_status(target, service, timeout, credentials=_stage_credentials)
+
+
+def _access(
+    name: str, args: argparse.Namespace, front_door: bool
+) -> tuple[grpc.ServerCredentials | None, list[grpc.ServerInterceptor]]:
+    """This server's TLS credentials and its caller check (unclip.access) from its flags.
+
+    With `--client-ca` every client must present a certificate of that CA (gRPC Python cannot ask for one
+    without requiring it). A stage then admits only the services allowed to call it (`--allowed-callers`,
+    default unclip.access.interceptor.ALLOWED_CALLERS); the front door (orchestrator) maps the certificate's
+    subject to an identity through the keys file (its FrontDoor interceptor).
+    """
+    if not getattr(args, "tls_cert", None):
+        if getattr(args, "client_ca", None):
+            raise SystemExit("--client-ca needs --tls-cert and --tls-key")
+        return None, []
+    from unclip.access.interceptor import StageGuard, allowed_callers
+    from unclip.access.tls import server_credentials
+
+    if not args.tls_key:
+        raise SystemExit("--tls-cert needs --tls-key")
+    credentials = server_credentials(args.tls_cert, args.tls_key, args.client_ca)
+    if front_door or not args.client_ca:
+        return credentials, []
+    callers = allowed_callers(name, args.allowed_callers)
+    log.info("%s: mTLS on; callers allowed: %s", name, ", ".join(callers))
+    return credentials, [StageGuard(name, callers)]
+
+
+def _health_only_server(
+    name: str, host: str, port: int, health_servicer: health.HealthServicer
+) -> grpc.Server:
+    """A second, plaintext server with only grpc.health.v1 (the same HealthServicer object, so it says what
+    the main port says): for probes that cannot present a client certificate. A second port on the main
+    server would expose every service on it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    # The stack (unclip up) reads this line to learn the health port; keep its format.
+    print(f"{name} health-only port on {host}:{bound}", flush=True)
+    return server
+
+
 def serve(
     name: str,
     args: argparse.Namespace,
@@ -162,6 +257,7 @@ def serve(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     readiness: Callable[[], bool] | None = None,
     readiness_period_s: float = 0.0,
+    front_door: bool = False,
 ) -> int:
     """Runs one service until SIGTERM/SIGINT; returns the process exit status (1 if loading failed).
 
@@ -172,14 +268,18 @@ def serve(
     (e.g. the orchestrator: every stage has a SERVING replica). While it says no, the named services say
     NOT_SERVING — what a readiness probe asks — and the overall "" stays SERVING, so a liveness probe does
     not restart a process that a restart would not mend.
+    `front_door`: the orchestrator (TLS is optional for its clients; see `_access`).
     """
     die_with_parent()
+    configure_stage_channels(args)
+    credentials, guard = _access(name, args, front_door)
     server, port = create_server(
         f"{args.host}:{args.port}",
         max_message_bytes=args.max_message_bytes,
         max_connection_age_seconds=args.max_connection_age_seconds,
         max_workers=args.max_workers,
-        interceptors=interceptors,
+        interceptors=[*interceptors, *guard],
+        credentials=credentials,
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -193,6 +293,9 @@ def serve(
     server.start()
     # The stack (unclip up) reads this line to learn the port; keep its format.
     print(f"{name} listening on {args.host}:{port}", flush=True)
+    health_only = None
+    if getattr(args, "health_port", None) is not None:
+        health_only = _health_only_server(name, args.host, args.health_port, health_servicer)
 
     stop = threading.Event()
     failure: list[BaseException] = []
@@ -246,6 +349,8 @@ def serve(
 
     health_servicer.enter_graceful_shutdown()
     server.stop(args.grace_seconds).wait()
+    if health_only is not None:
+        health_only.stop(None)
     if failure:
         error = failure[0]
         log.error("%s failed to start: %s: %s", name, type(error).__name__, error, exc_info=error)

@@ -47,6 +47,10 @@ def _float_or_none(value: str) -> float | None:
     return None if value in ("", "none") else float(value)
 
 
+def _int_or_none(value: str) -> int | None:
+    return None if value in ("", "none") else int(value)
+
+
 class InvalidSetting(argparse.ArgumentTypeError, ValueError):
     """A bad value whose message argparse (flags) and env_default (variables) both show as is."""
 
@@ -320,6 +324,76 @@ SETTINGS: dict[str, Setting] = {
         Setting("addr", "UNCLIP_ADDR", "127.0.0.1:50051", str, "the CLI's orchestrator address"),
         Setting("metrics_port", "UNCLIP_METRICS_PORT", 9464, int, "Prometheus HTTP port (0 disables)"),
         # ---- access control: identities, keys, TLS, quotas, priorities, usage
+        Setting(
+            "keys_file",
+            "UNCLIP_KEYS_FILE",
+            "",
+            str,
+            "orchestrator: API keys / certificate clients (YAML or JSON, unclip.access.keys), reloaded on "
+            "change; '' turns authentication OFF (logged); `unclip up` makes one",
+        ),
+        Setting("tls_cert", "UNCLIP_TLS_CERT", "", str, "PEM certificate this server serves ('': plaintext)"),
+        Setting("tls_key", "UNCLIP_TLS_KEY", "", str, "PEM private key of --tls-cert"),
+        Setting(
+            "client_ca",
+            "UNCLIP_CLIENT_CA",
+            "",
+            str,
+            "PEM CA whose client certificates this server requires (mTLS; stages: only allowed callers)",
+        ),
+        Setting(
+            "health_port",
+            "UNCLIP_HEALTH_PORT",
+            None,
+            _int_or_none,
+            "plaintext port serving only grpc.health.v1 (probes); 0 picks a free one; unset: none",
+        ),
+        Setting(
+            "allowed_callers",
+            "UNCLIP_ALLOWED_CALLERS",
+            "",
+            str,
+            "stages with --client-ca: certificate CNs that may call, comma-separated ('': encoder: "
+            "orchestrator,safety; others: orchestrator)",
+        ),
+        Setting("stage_tls_cert", "UNCLIP_STAGE_TLS_CERT", "", str, "client certificate presented to stages"),
+        Setting("stage_tls_key", "UNCLIP_STAGE_TLS_KEY", "", str, "private key of --stage-tls-cert"),
+        Setting(
+            "stage_tls_ca",
+            "UNCLIP_STAGE_TLS_CA",
+            "",
+            str,
+            "CA that signed the stages' certificates ('': stage channels are plaintext)",
+        ),
+        Setting(
+            "max_request_compute",
+            "UNCLIP_MAX_REQUEST_COMPUTE",
+            40000.0,
+            float,
+            "orchestrator: compute one request may ask for, in decoder-step equivalents (n x (prior steps x "
+            "candidates + decoder steps + upsampler steps x size ratio^2)); more is INVALID_ARGUMENT; 0: any",
+        ),
+        Setting(
+            "usage_dir",
+            "UNCLIP_USAGE_DIR",
+            "",
+            str,
+            "orchestrator: folder of the usage ledger (JSON lines per UTC day; `unclip usage`); '': none",
+        ),
+        Setting(
+            "device_watts",
+            "UNCLIP_DEVICE_WATTS",
+            65.0,
+            float,
+            "orchestrator: estimated power (W) of a stage's device while computing (usage energy_joules)",
+        ),
+        Setting(
+            "api_key",
+            "UNCLIP_API_KEY",
+            "",
+            str,
+            "the CLI's API key ('': the running `unclip up` stack's key, found through its state file)",
+        ),
         #
         #
         # ---- input limits
@@ -563,6 +637,12 @@ def env_default(name: str) -> Any:
         return setting.type(raw)
     except ValueError as error:
         raise SystemExit(f"{setting.env}={raw!r} is not valid: {error}") from error
+
+
+def env_is_set(name: str) -> bool:
+    """Whether a setting's environment variable is set (non-empty): a caller falling back to something other
+    than the default (e.g. the CLI to the running local stack) needs to tell "unset" from "set to default"."""
+    return os.environ.get(SETTINGS[name].env, "") != ""
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str], **defaults: Any) -> None:

@@ -29,6 +29,14 @@ def wants_deterministic(context: grpc.ServicerContext) -> bool:
     return any(k == DETERMINISTIC_KEY and v == "1" for k, v in context.invocation_metadata() or ())
 
 
+# Metadata the orchestrator sends with a batch-priority request's stage calls (priority classes).
+PRIORITY_KEY = "x-unclip-priority"
+
+
+def is_batch(context: grpc.ServicerContext) -> bool:
+    return any(k == PRIORITY_KEY and v == "batch" for k, v in context.invocation_metadata() or ())
+
+
 class InferenceModeStage:
     """A step-wise stage whose start, step and finish run under torch.inference_mode()
     (UNCLIP_INFERENCE_MODE).
@@ -178,18 +186,32 @@ class EngineSlot:
                 deadline=deadline,
                 is_cancelled=lambda: not context.is_active(),
                 on_step=on_step,
+                batch=is_batch(context),
             )
             context.add_callback(ticket.cancel)  # the call ended (client gone): leave the batch now
             if on_accepted is not None:
                 on_accepted(ticket.queue_position, task.total)
-            if self.metrics is None:
-                return ticket.result()
-            with self.metrics.queued(method):
-                ticket.wait_started()
-            with self.metrics.compute(method, batch_size):
-                return ticket.result()
+            try:
+                if self.metrics is None:
+                    return ticket.result()
+                with self.metrics.queued(method):
+                    ticket.wait_started()
+                with self.metrics.compute(method, batch_size):
+                    return ticket.result()
+            finally:
+                _usage.compute_seconds = ticket.compute_seconds
         except QueueFull as error:
             raise resource_exhausted(str(error), error.retry_after_s) from error
         except Cancelled as error:
             code = grpc.StatusCode.DEADLINE_EXCEEDED if error.deadline else grpc.StatusCode.CANCELLED
             raise RequestCancelled(str(error), code) from error
+
+
+# The compute seconds of the last request `run()` ran on this thread (the servicer's handler thread), for the
+# response's usage field (the step batcher splits every step's time over the requests in it).
+_usage = threading.local()
+
+
+def last_compute_seconds() -> float:
+    """The compute seconds of the last request this thread ran through `Slot.run()` (0 when none)."""
+    return getattr(_usage, "compute_seconds", 0.0)

@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 
 from services.safety.filters.base import CheckInput, Filter, FilterError, Score, SpecError
+from unclip.runtime.server import stage_channel
 from unclip.v1 import encoder_pb2, encoder_pb2_grpc
 
 
@@ -99,7 +100,7 @@ class ClipConceptsFilter(Filter):
             raise FilterError("no encoder_addr in the policy: cannot embed text or images")
         with self._lock:
             if self._channel is None:
-                self._channel = grpc.insecure_channel(self.encoder_addr)
+                self._channel = stage_channel(self.encoder_addr)  # mTLS when the stack has it
         return encoder_pb2_grpc.EncoderStub(self._channel)
 
     def _timeout(self, item: CheckInput | None) -> float:
