@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,7 @@ class RunningStack:
     addresses: dict[str, str]  # process name ("encoder", "prior", "decoder", "super_res", ...) -> host:port
     model_dir: Path
     log_dir: Path
+    pids: dict[str, int] = field(default_factory=dict)  # process name -> pid (RSS reads from /proc/<pid>)
 
     @property
     def env(self) -> dict[str, str]:
@@ -62,6 +63,7 @@ def stack(stack_model_dir, tmp_path_factory):
             addresses={p.name: p.address for p in running.processes},
             model_dir=stack_model_dir,
             log_dir=log_dir,
+            pids={p.name: p.popen.pid for p in running.processes if p.popen is not None},
         )
     finally:
         running.stop()

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         args.port = settings.DEFAULT_PORTS[args.stage]
     configure_logging(args.stage)
     torch.set_num_threads(args.torch_threads)
-    service_metrics, interceptors = instrument_process(args.stage, args.metrics_port)
+    service_metrics, interceptors = instrument_process(
+        args.stage, args.metrics_port, args.metrics_host or args.host
+    )
     config = batcher_config(args)
 
     if args.stage == "decoder":

@@ -120,6 +120,7 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
     def GenerateStream(self, request: orchestrator_pb2.GenerateRequest, context: grpc.ServicerContext):
         """Generate, reporting progress: accepted, stage started/finished, denoising steps, the images."""
         pipeline, calls = self._run(context, request)
+        validated = pipeline.validate_generate(request)  # an invalid request is refused before "accepted"
         events: queue.Queue = queue.Queue()  # bounded by the steps of one request
         calls.on_event = events.put
         with self.admission.admit(caller_of(request, context)) as ahead:
@@ -128,7 +129,9 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
 
             def work() -> None:
                 try:
-                    events.put(orchestrator_pb2.GenerateEvent(result=pipeline.generate(request, calls)))
+                    events.put(
+                        orchestrator_pb2.GenerateEvent(result=pipeline.generate(request, calls, validated))
+                    )
                 except BaseException as error:  # raised again below, on the handler's thread
                     events.put(error)
 

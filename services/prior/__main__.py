@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model (or UNCLIP_MODEL) is required")
     configure_logging("prior")
     torch.set_num_threads(args.torch_threads)
-    service_metrics, interceptors = instrument_process("prior", args.metrics_port)
+    service_metrics, interceptors = instrument_process(
+        "prior", args.metrics_port, args.metrics_host or args.host
+    )
     servicer = PriorServicer(service_metrics, batcher_config(args))
 
     def load() -> None:

@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("safety")
     torch.set_num_threads(args.torch_threads)  # model-backed filters share the machine (UNCLIP_TORCH_THREADS)
     # Traces (one per request, across every stage) and the metrics endpoint, as every service has them.
-    _service_metrics, interceptors = instrument_process("safety", args.metrics_port)
+    _service_metrics, interceptors = instrument_process(
+        "safety", args.metrics_port, args.metrics_host or args.host
+    )
     servicer = SafetyServicer()
     holder: dict[str, SafetyEngine] = {}
 

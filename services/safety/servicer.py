@@ -10,6 +10,7 @@ import torch
 from services.safety.audit import AuditError
 from services.safety.engine import Decision, SafetyEngine
 from services.safety.filters.base import CheckInput
+from unclip.limits import check_chars
 from unclip.runtime.errors import StatusError, grpc_errors
 from unclip.runtime.tensors import from_field
 from unclip.v1 import safety_pb2, safety_pb2_grpc
@@ -90,7 +91,10 @@ def _decide(engine: SafetyEngine, item: CheckInput) -> Decision:
 
 
 def _context(request) -> dict[str, str]:
+    """The request's context, each string bounded (unclip.limits "context_chars") before it is audited."""
     c = request.context
+    for name in ("request_id", "user", "identity"):
+        check_chars("context_chars", getattr(c, name), f"context.{name}")
     return {"request_id": c.request_id, "user": c.user, "identity": c.identity}
 
 

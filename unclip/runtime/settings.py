@@ -313,6 +313,20 @@ SETTINGS: dict[str, Setting] = {
         #
         #
         # ---- input limits
+        Setting(
+            "reflection",
+            "UNCLIP_REFLECTION",
+            True,
+            _bool,
+            "serve gRPC server reflection (what `grpcurl list` reads); the production overlays turn it off",
+        ),
+        Setting(
+            "metrics_host",
+            "UNCLIP_METRICS_HOST",
+            "",
+            str,
+            "address the metrics endpoint listens on ('': the service's --host)",
+        ),
         #
         #
         # ---- samplers
