@@ -379,3 +379,68 @@ def test_generate_stream_validates_before_accepting(image_service):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith("prompt")
     assert received == []
+
+
+# ---- what a service exposes: metrics address, reflection ------------------------------------------------
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses ("7F000001", "00000000") of TCP sockets listening on `port` (from /proc/net/tcp)."""
+    found = []
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.append(address)
+    return found
+
+
+def test_metrics_bind_where_the_service_binds_and_reflection_can_be_off(stack, tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    argv = [
+        sys.executable,
+        "-m",
+        "services.orchestrator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        str(metrics_port),
+        "--reflection",
+        "false",
+        "--stage-health-period-seconds",
+        "0",
+    ]
+    for flag in ("--encoder-addr", "--prior-addr", "--decoder-addr", "--upsampler-addrs", "--safety-addr"):
+        argv += [flag, "127.0.0.1:9"]  # nothing there: it stays NOT_SERVING, which is enough here
+    log = tmp_path / "orchestrator.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=stack.env)
+    try:
+        deadline = time.monotonic() + 60
+        while "listening on" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.1)
+        address = log.read_text().split("listening on ")[1].split()[0]
+        assert _listening(metrics_port) == ["0100007F"], _listening(metrics_port)  # 127.0.0.1 only
+        channel = grpc.insecure_channel(address)  # a process of this test's own, not the shared stack
+        reflection = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+        with pytest.raises(grpc.RpcError) as caught:
+            list(reflection(iter([b"\x3a\x00"]), timeout=10))  # list_services
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        channel.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    # The shared stack keeps the default: reflection on.
+    reflection = stack.channel("prior").stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
+    answers = list(reflection(iter([b"\x3a\x00"]), timeout=10))
+    assert answers and b"unclip.v1.Prior" in answers[0]

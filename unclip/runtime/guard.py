@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pool
 
+from unclip.escape import printable
 from unclip.limits import LIMITS
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class RequestGuard(grpc.ServerInterceptor):
         return deserialize
 
     def _refuse(self, refused: _Refused, context: grpc.ServicerContext) -> None:
-        log.warning("%s: refused %s from %s", self.service, refused.message, context.peer())
+        log.warning("%s: refused %s from %s", self.service, printable(refused.message), context.peer())
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused.message)
 
     def _unary(self, method: str, behavior: Callable) -> Callable:

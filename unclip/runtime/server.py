@@ -30,15 +30,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from unclip.runtime.guard import RequestGuard, receive_limit
+from unclip.runtime.memory import bound_allocator, trim
 from unclip.runtime.settings import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+# serve() hands free heap memory back every TRIM_EVERY_TICKS half-seconds (a few ms each time).
+TRIM_EVERY_TICKS = 20
 
 # The flags every service takes (see unclip.runtime.settings).
 SERVER_SETTINGS = [
     "metrics_port",
     "metrics_host",
     "reflection",
+    "malloc_tuning",
     "host",
     "port",
     "max_message_bytes",
@@ -194,6 +199,7 @@ def serve(
     not restart a process that a restart would not mend.
     """
     die_with_parent()
+    tuned = getattr(args, "malloc_tuning", True) and bound_allocator()  # freed memory goes back to the OS
     service_names = list(service_names)
     server, port = create_server(
         f"{args.host}:{args.port}",
@@ -264,8 +270,11 @@ def serve(
                 )
 
     threading.Thread(target=load_then_serve, name=f"{name}-load", daemon=True).start()
+    ticks = 0
     while not stop.wait(0.5):  # a timed wait so signal handlers run promptly
-        pass
+        ticks += 1
+        if tuned and ticks % TRIM_EVERY_TICKS == 0:
+            trim()  # free heap pages back to the OS, so RSS follows the load down
 
     health_servicer.enter_graceful_shutdown()
     server.stop(args.grace_seconds).wait()

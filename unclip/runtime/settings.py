@@ -321,6 +321,13 @@ SETTINGS: dict[str, Setting] = {
             "serve gRPC server reflection (what `grpcurl list` reads); the production overlays turn it off",
         ),
         Setting(
+            "malloc_tuning",
+            "UNCLIP_MALLOC_TUNING",
+            True,
+            _bool,
+            "glibc: fixed mmap threshold, 2 arenas, free pages handed back every 10 s (runtime/memory.py)",
+        ),
+        Setting(
             "metrics_host",
             "UNCLIP_METRICS_HOST",
             "",
