@@ -2,6 +2,7 @@
 requests (unclip.fuzz), until --requests are answered. The short run of the same fuzzer is tests/fuzz/.
 
     python -m benchmarks.fuzz [--requests 100000] [--concurrency 3] [--seed 0] [--out runs/fuzz.json]
+        [--max-minutes M]   # end early (with the summary) after M minutes
 
 Prints a JSON line per --report-every requests (requests, codes, RSS per process in MB) and at the end the
 summary: requests, codes, failures (any answer outside unclip.fuzz.ALLOWED: INTERNAL, UNKNOWN, UNAVAILABLE,
@@ -39,6 +40,7 @@ def main() -> int:
     parser.add_argument("--timeout-seconds", type=float, default=15.0)
     parser.add_argument("--report-every", type=int, default=2000)
     parser.add_argument("--out", default=None, help="also write the summary JSON here")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop earlier, after this long")
     args = parser.parse_args()
 
     from unclip.fuzz import Fuzzer, rss_mb
@@ -81,10 +83,12 @@ def main() -> int:
             print(json.dumps(line), flush=True)
             if report.deaths:
                 break
+            if args.max_minutes is not None and time.monotonic() - started > 60 * args.max_minutes:
+                break
         fuzzer.settle(RSS_FACTOR)
         report = fuzzer.report
         report.seconds = time.monotonic() - started
-        summary = report.summary()
+        summary = {"requests_asked": args.requests, **report.summary()}
         summary["ok"] = (
             report.failure_count == 0
             and not report.deaths

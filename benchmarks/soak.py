@@ -162,6 +162,7 @@ def plot(samples: list[dict], kills: list[tuple[float, str]], path: Path, title:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 13 processes with two replicas: one colour each
     for name in samples[0]["rss_mb"]:
         points = [(s["minute"], s["rss_mb"][name]) for s in samples if s["rss_mb"].get(name)]
         ax.plot([p[0] for p in points], [p[1] for p in points], label=name, linewidth=1)

@@ -10,7 +10,7 @@ import torch
 from services.safety.audit import AuditError
 from services.safety.engine import Decision, SafetyEngine
 from services.safety.filters.base import CheckInput
-from unclip.limits import check_chars
+from unclip.limits import LIMITS, check_chars
 from unclip.runtime.errors import StatusError, grpc_errors
 from unclip.runtime.tensors import from_field
 from unclip.v1 import safety_pb2, safety_pb2_grpc
@@ -68,6 +68,8 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
             raise ValueError(f"images must hold 1..{MAX_IMAGES} images, got {n}")
         if height != width or height < 1:
             raise ValueError(f"images must be square, got {height}x{width}")
+        if height > LIMITS["image_side"].high:
+            raise ValueError(f"images are {height}x{width}, over {LIMITS['image_side'].high} pixels a side")
         embeds = None
         if request.HasField("image_embeds"):
             embeds = from_field(

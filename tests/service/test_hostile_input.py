@@ -266,6 +266,18 @@ def test_inpaint_images_are_checked_against_the_stage_size(stack):
     assert growth[0] < 100 * MB, growth
 
 
+def test_safety_images_are_bounded(stack):
+    from unclip.v1 import safety_pb2, safety_pb2_grpc
+
+    safety = stub(stack, "safety", safety_pb2_grpc.SafetyStub)
+    request = safety_pb2.CheckImagesRequest(
+        images=to_proto(torch.zeros(1, 3, 1100, 1100)), stage=safety_pb2.CHECK_STAGE_FINAL_OUTPUT
+    )
+    assert_invalid(safety.CheckImages, request, "images", "1100x1100")
+    long_user = safety_pb2.CheckPromptRequest(prompt="x", context=safety_pb2.RequestContext(user="u" * 257))
+    assert_invalid(safety.CheckPrompt, long_user, "context.user")
+
+
 # ---- bytes that do not parse, on every service -------------------------------------------------------------
 
 GARBAGE = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # field 1, a length varint that overflows
