@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class RunningStack:
     model_dir: Path
     log_dir: Path
     running: Any = None  # the unclip.stack.Stack (its keys file, certificates, health-only ports)
+    pids: dict[str, int] = field(default_factory=dict)  # process name -> pid (RSS reads from /proc/<pid>)
 
     @property
     def env(self) -> dict[str, str]:
@@ -72,6 +73,7 @@ def stack(stack_model_dir, tmp_path_factory):
             model_dir=stack_model_dir,
             log_dir=log_dir,
             running=running,
+            pids={p.name: p.popen.pid for p in running.processes if p.popen is not None},
         )
     finally:
         running.stop()

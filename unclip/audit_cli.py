@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from services.safety.audit import read_records
+from unclip.escape import printable, printable_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,28 +108,30 @@ def _in_time(record: dict[str, Any], args: argparse.Namespace) -> bool:
 def format_record(record: dict[str, Any]) -> str:
     if record.get("event") != "decision":
         details = {k: v for k, v in record.items() if k not in ("event", "time")}
-        details_json = json.dumps(details, ensure_ascii=False)
-        return f"{record.get('time', '')}  {record.get('event', '?'):<15} {details_json}"
-    categories = sorted({c for v in record.get("verdicts", []) for c in v["categories"]})
-    failed = [f["filter"] for f in record.get("filters", []) if "error" in f]
+        details_json = printable_json(json.dumps(details, ensure_ascii=False))
+        event = printable(record.get("event", "?"))
+        return f"{printable(record.get('time', ''))}  {event:<15} {details_json}"
+    # Every field is printed through `printable`: a `user` with a newline must not forge a second line.
+    categories = sorted({printable(c) for v in record.get("verdicts", []) for c in v["categories"]})
+    failed = [printable(f["filter"]) for f in record.get("filters", []) if "error" in f]
     parts = [
-        record.get("time", ""),
-        f"{record.get('action', '?'):<8}",
-        f"{record.get('stage', '?'):<14}",
-        f"request={record.get('request_id') or '-'}",
-        f"user={record.get('user') or '-'}",
+        printable(record.get("time", "")),
+        f"{printable(record.get('action', '?')):<8}",
+        f"{printable(record.get('stage', '?')):<14}",
+        f"request={printable(record.get('request_id') or '-')}",
+        f"user={printable(record.get('user') or '-')}",
     ]
     if record.get("identity"):
-        parts.append(f"identity={record['identity']}")
+        parts.append(f"identity={printable(record['identity'])}")
     if record.get("tenant"):
-        parts.append(f"tenant={record['tenant']}")
+        parts.append(f"tenant={printable(record['tenant'])}")
     parts.append(f"categories={','.join(categories) or '-'}")
     if record.get("items", 1) > 1:
         withheld = sum(1 for v in record["verdicts"] if v["action"] == "withhold")
         parts.append(f"images={record['items']} withheld={withheld}")
     if failed:
         parts.append(f"failed={','.join(failed)}")
-    parts.append(f"policy={record.get('policy_version', '?')}")
+    parts.append(f"policy={printable(record.get('policy_version', '?'))}")
     return "  ".join(parts)
 
 
@@ -162,7 +165,10 @@ def run(args: argparse.Namespace, out=None) -> int:
     records: Iterable[dict[str, Any]] = (r for r in read_records(args.dir) if matches(r, args))
     try:
         for record in records:
-            line = json.dumps(record, ensure_ascii=False) if args.json else format_record(record)
+            if args.json:
+                line = printable_json(json.dumps(record, ensure_ascii=False))
+            else:
+                line = format_record(record)
             print(line, file=out)
     except BrokenPipeError:  # `| head` is fine
         return 0

@@ -518,8 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID
     except grpc.RpcError as error:
         from services.safety.refusal import parse_refusal
+        from unclip.escape import printable
 
-        code, details = error.code(), error.details()
+        code, details = error.code(), printable(error.details() or "")  # may echo the caller's input
         refusal = parse_refusal(error)
         if refusal is not None:
             categories = ", ".join(refusal.categories) or "unspecified"

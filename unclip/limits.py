@@ -54,6 +54,52 @@ LIMITS: dict[str, Limit] = {
             32,
             "frames of an interpolation (4 stage calls of at most 10 rows)",
         ),
+        # Hostile input: uploads, strings and tensors (unclip.runtime.images, unclip.runtime.tensors,
+        # unclip.runtime.guard sizes each method's message limit from these).
+        Limit(
+            "upload_bytes",
+            "image",
+            1,
+            4 * 1024 * 1024,
+            "bytes of an uploaded image file (image, mask), as the OpenAI Images API (dall-e-2: under 4 MB)",
+        ),
+        Limit(
+            "upload_side",
+            "image",
+            1,
+            2048,
+            "width and height of an upload, read from its header before decoding (decompression-bomb guard: "
+            "2048^2 RGBA decodes to 16 MB); larger than the cascade's size is resized down",
+        ),
+        Limit(
+            "image_side",
+            "images",
+            1,
+            1024,
+            "side of an image tensor between services: Karlo's cascade with a second upsampler ends at 1024",
+        ),
+        Limit(
+            "inpaint_scale",
+            "inpaint.image",
+            1,
+            16,
+            "inpaint image side over the receiving stage's output size (64 px decoder, 1024 px cascade)",
+        ),
+        Limit(
+            "context_chars",
+            "context",
+            0,
+            256,
+            "characters of context.request_id, context.user, context.identity (user: as the OpenAI API)",
+        ),
+        Limit("tensor_rank", "shape", 0, 8, "dimensions of a wire tensor (the stages use at most 4)"),
+        Limit(
+            "tensor_dim",
+            "shape",
+            0,
+            8192,
+            "each dimension of a wire tensor (the largest are image sides <= 1024 and CLIP widths <= 1280)",
+        ),
     ]
 }
 
@@ -98,6 +144,17 @@ def check(name: str, value: object, field: str | None = None) -> int | float:
         raise ValueError(f"{field} must be {'an integer' if integral else 'a number'}, got {value!r}")
     if not limit.low <= value <= limit.high:
         raise ValueError(f"{field} must be in {limit.low}..{limit.high}, got {value!r}")
+    return value
+
+
+def check_chars(name: str, value: str, field: str | None = None) -> str:
+    """`value` if its length in characters is within LIMITS[name]; else ValueError naming `field`.
+
+    Callers check before any work is done with the text (logging it, auditing it, sending it on)."""
+    limit = LIMITS[name]
+    field = field or limit.field
+    if not limit.low <= len(value) <= limit.high:
+        raise ValueError(f"{field} must be {limit.low}..{limit.high} characters, got {len(value)}")
     return value
 
 

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.stage)
     threads = policy_from_setting(args.torch_threads)
     threads.apply()
-    service_metrics, interceptors = instrument_process(args.stage, args.metrics_port)
+    service_metrics, interceptors = instrument_process(
+        args.stage, args.metrics_port, args.metrics_host or args.host
+    )
     config = batcher_config(args)
 
     if args.stage == "decoder":

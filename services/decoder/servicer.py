@@ -11,7 +11,7 @@ import torch
 from services.decoder.invert import invert
 from services.stage_methods import unary_and_stream
 from unclip.batching.batcher import BatcherConfig
-from unclip.limits import default
+from unclip.limits import LIMITS, default
 from unclip.rng import MAX_IMAGES
 from unclip.runtime.errors import grpc_errors
 from unclip.runtime.slots import EngineSlot, last_compute_seconds
@@ -34,9 +34,10 @@ DEFAULT_STEPS = {
 }
 
 
-def decode_inpaint(request, n: int):
+def decode_inpaint(request, n: int, output_size: int):
     """The optional InpaintInput: image float32 [n, 3, S, S] in [-1, 1], mask float32 [n, 1, S, S] in {0,
-    1}."""
+    1}; S at most unclip.limits "inpaint_scale" times the stage's `output_size` (the orchestrator sends the
+    edit's requested size, at most the cascade's last size)."""
     if not request.HasField("inpaint"):
         return None
     from services.decoder.engine import InpaintInput
@@ -48,6 +49,12 @@ def decode_inpaint(request, n: int):
     size = image.shape[-1]
     if image.shape[-2] != size or size < 1:
         raise ValueError(f"inpaint.image must be square, got {list(image.shape)}")
+    largest = int(LIMITS["inpaint_scale"].high) * output_size
+    if size > largest:
+        raise ValueError(
+            f"inpaint.image is {size}x{size}, over {largest}x{largest} "
+            f"({LIMITS['inpaint_scale'].high} x this stage's output size {output_size})"
+        )
     mask = from_field(
         inpaint, "mask", prefix="inpaint.", dtype=torch.float32, shape=[n, 1, size, size], finite=True
     )
@@ -81,7 +88,7 @@ class _Stage:
 
 class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
     def _decode(self, request, context, on_accepted=None, on_step=None) -> decoder_pb2.ImagesOutput:
-        self.slot.get()
+        engine = self.slot.get()
         cfg = request.do_classifier_free_guidance
         image_embeds = from_field(
             request, "image_embeds", dtype=torch.float32, shape=[None, None], finite=True
@@ -94,12 +101,12 @@ class DecoderServicer(_Stage, decoder_pb2_grpc.DecoderServicer):
         check_guidance(request.guidance_scale, "guidance_scale")
         sampler, eta = check_sampler(request.sampler, "sampler"), check_eta(request.eta, "eta")
         generators = decode_generators(request.generators, n)
-        inpaint = decode_inpaint(request, n)
+        inpaint = decode_inpaint(request, n, engine.output_size)
         latents = None
         if request.HasField("latents"):
             if inpaint is not None:
                 raise ValueError("latents cannot be given with inpaint (an edit starts from noise)")
-            size = self.slot.get().output_size
+            size = engine.output_size
             latents = from_field(
                 request, "latents", dtype=torch.float32, shape=[n, 3, size, size], finite=True
             )
@@ -173,7 +180,7 @@ class UpsamplerServicer(_Stage, decoder_pb2_grpc.UpsamplerServicer):
         check_steps(request.num_inference_steps, "num_inference_steps")
         sampler, eta = check_sampler(request.sampler, "sampler"), check_eta(request.eta, "eta")
         generators = decode_generators(request.generators, n)
-        inpaint = decode_inpaint(request, n)
+        inpaint = decode_inpaint(request, n, engine.output_size)
         output = self.slot.run(
             "Upsample",
             n,

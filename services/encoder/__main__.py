@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("encoder")
     threads = policy_from_setting(args.torch_threads)
     threads.apply()
-    service_metrics, interceptors = instrument_process("encoder", args.metrics_port)
+    service_metrics, interceptors = instrument_process(
+        "encoder", args.metrics_port, args.metrics_host or args.host
+    )
     # Text requests are batched across callers (max_batch_size prompts, max_queue_delay_ms, max_queue_size;
     # deterministic turns it off), as the other model stages do at step level.
     servicer = EncoderServicer(service_metrics, batcher_config(args))

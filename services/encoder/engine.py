@@ -7,7 +7,6 @@ unconditional ("") prompts as a second batch, and with classifier-free guidance 
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from unclip import models
 from unclip.limits import LIMITS
 from unclip.rng import MAX_IMAGES
+from unclip.runtime.images import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +38,9 @@ class EncoderOutput:
 
 
 def load_image(data: bytes, field: str = "images") -> PIL.Image.Image:
-    """Decodes an image file (PNG, JPEG, WebP, ...) to RGB; ValueError naming ``field`` if it is not one."""
-    try:
-        image = PIL.Image.open(io.BytesIO(bytes(data)))
-        image.load()
-    except Exception as error:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, ...)
-        raise ValueError(f"{field} is not a decodable image: {error}") from error
-    return image.convert("RGB")
+    """Decodes an image file (PNG, JPEG, WebP, ...) to RGB; ValueError naming ``field`` if it is not one
+    (the upload checks of unclip.runtime.images.decode_image: size, format, header dimensions, mode)."""
+    return decode_image(bytes(data), field).convert("RGB")
 
 
 class EncoderEngine:
@@ -194,7 +190,12 @@ class EncoderEngine:
             if image.width != image.height:
                 raise ValueError(f"images[{i}] must be square, got {image.width}x{image.height}")
         dtype = next(self.image_encoder.parameters()).dtype
-        pixel_values = self.feature_extractor(images=list(images), return_tensors="pt").pixel_values
+        # The same image object given k times (a variation's n copies) is preprocessed once: preprocessing is
+        # per image, so the pixel values are the same as processing each copy, without k full-size arrays.
+        unique = list({id(image): image for image in images}.values())
+        row = {id(image): i for i, image in enumerate(unique)}
+        processed = self.feature_extractor(images=unique, return_tensors="pt").pixel_values
+        pixel_values = processed[[row[id(image)] for image in images]]
         image_embeds = self.image_encoder(pixel_values.to(device=self.device, dtype=dtype)).image_embeds
         return image_embeds.float().cpu()  # [N, D]
 

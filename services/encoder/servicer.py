@@ -97,10 +97,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         if not 1 <= len(request.images) <= MAX_PROMPTS:
             raise ValueError(f"images must hold 1..{MAX_PROMPTS} images, got {len(request.images)}")
         images = []
+        decoded: dict[bytes, object] = {}  # a variation sends one upload n times: decode (and hold) it once
         for i, data in enumerate(request.images):
-            image = decode_image(data, f"images[{i}]")
-            require_square(image, f"images[{i}]")
-            images.append(image.convert("RGB"))
+            if data not in decoded:
+                image = decode_image(data, f"images[{i}]")
+                require_square(image, f"images[{i}]")
+                decoded[data] = image.convert("RGB")
+            images.append(decoded[data])
         with self.slot.call("EncodeImage", len(images)):
             image_embeds = engine.encode_image(images)
         return encoder_pb2.EncodeImageResponse(image_embeds=to_proto(image_embeds))

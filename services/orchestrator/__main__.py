@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     configure_logging("orchestrator")
-    service_metrics, interceptors = instrument_process("orchestrator", args.metrics_port)
+    service_metrics, interceptors = instrument_process(
+        "orchestrator", args.metrics_port, args.metrics_host or args.host
+    )
     upsamplers = [a.strip() for a in args.upsampler_addrs.split(",") if a.strip()]
     try:  # the deployment's default is checked like a request's value, before anything starts
         check_guidance(args.prior_guidance_scale, "--prior-guidance-scale")

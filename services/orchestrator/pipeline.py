@@ -21,7 +21,7 @@ import torch
 from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
 from services.orchestrator.outputs import ImageStore
 from services.safety.refusal import refusal_status
-from unclip.limits import LIMITS, default
+from unclip.limits import LIMITS, check_chars, default
 from unclip.provenance.stamp import Provenance, stage_parameters
 from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
 from unclip.runtime.errors import StatusError
@@ -31,7 +31,6 @@ from unclip.runtime.images import (
     encode_png,
     known_mask,
     pil_to_tensor,
-    png_bytes,
     require_square,
     resize_image,
     resize_mask,
@@ -299,15 +298,12 @@ class Pipeline:
 
     # ---- the three public calls ----------------------------------------------------------------------------
 
-    def generate(
-        self, req: orchestrator_pb2.GenerateRequest, calls: Calls
-    ) -> orchestrator_pb2.ImagesResponse:
-        # 1. Validate everything before any work.
+    def validate_generate(self, req: orchestrator_pb2.GenerateRequest) -> tuple[Request, Params, bool]:
+        """Every check of a Generate request, before any work (GenerateStream runs it before "accepted")."""
+        check_chars("user_chars", req.user, "user")
         check_prompt(req.prompt)
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
-        r.previews = req.previews and calls.on_event is not None
         r.prompt = req.prompt
-        r.identity, r.tenant = calls.identity, calls.tenant
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -317,6 +313,18 @@ class Pipeline:
         )
         # Guidance is on or off for all stages at once, as UnCLIPPipeline decides it.
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
+        return r, params, cfg
+
+    def generate(
+        self,
+        req: orchestrator_pb2.GenerateRequest,
+        calls: Calls,
+        validated: tuple[Request, Params, bool] | None = None,
+    ) -> orchestrator_pb2.ImagesResponse:
+        # 1. Validate everything before any work (unless the caller just did).
+        r, params, cfg = validated or self.validate_generate(req)
+        r.previews = req.previews and calls.on_event is not None
+        r.identity, r.tenant = calls.identity, calls.tenant
         generators = _generator_states(r.seed, r.n)
 
         # 2-3. The prompt passes the content policy while the encoder encodes it (the prompt n times, and ""
@@ -339,6 +347,7 @@ class Pipeline:
         self, req: orchestrator_pb2.VariationRequest, calls: Calls
     ) -> orchestrator_pb2.ImagesResponse:
         # 1. Validate: a square image, and the shared fields. No prior runs: its parameters are ignored.
+        check_chars("user_chars", req.user, "user")
         image = decode_image(req.image, "image")
         require_square(image, "image")
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
@@ -363,7 +372,8 @@ class Pipeline:
         # differently).
         encoded = calls(
             self.stages.encoder.EncodeImage,
-            encoder_pb2.EncodeImageRequest(images=[png_bytes(image)] * r.n),
+            # the upload as sent (checked above; the encoder decodes it through the same layer)
+            encoder_pb2.EncodeImageRequest(images=[req.image] * r.n),
             "encoder",
         )
         image_embeds = encoded.image_embeds  # [n, D]
@@ -378,6 +388,7 @@ class Pipeline:
 
     def edit(self, req: orchestrator_pb2.EditRequest, calls: Calls) -> orchestrator_pb2.ImagesResponse:
         # 1. Validate: prompt, a square image, a mask of its size (or its own alpha), the shared fields.
+        check_chars("user_chars", req.user, "user")
         check_prompt(req.prompt)
         image = decode_image(req.image, "image")
         require_square(image, "image")

@@ -11,6 +11,7 @@ metadata) instead of queueing: accepted requests keep their latency and memory s
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import queue
 import threading
 import time
@@ -201,31 +202,12 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
     def GenerateStream(self, request: orchestrator_pb2.GenerateRequest, context: grpc.ServicerContext):
         """Generate, reporting progress: accepted, stage started/finished, denoising steps, the images."""
         pipeline, calls = self._run(context, request)
-        events: queue.Queue = queue.Queue()  # bounded by the steps of one request
-        calls.on_event = events.put
-        with self._admit(request, context, batch=calls.batch) as ahead:
-            accepted = orchestrator_pb2.Accepted(queue_position=ahead)
-            yield orchestrator_pb2.GenerateEvent(accepted=accepted)
+        validated = pipeline.validate_generate(request)  # an invalid request is refused before "accepted"
 
-            identity = current_identity()
+        def run() -> orchestrator_pb2.ImagesResponse:
+            return self._settle(pipeline.generate(request, calls, validated), calls, "Generate")
 
-            def work() -> None:
-                try:
-                    result = pipeline.generate(request, calls)
-                    self.accounting.settle(result, dict(calls.stage_seconds), identity, "Generate",
-                                           result.request_id)  # fmt: skip
-                    events.put(orchestrator_pb2.GenerateEvent(result=result))
-                except BaseException as error:  # raised again below, on the handler's thread
-                    events.put(error)
-
-            threading.Thread(target=work, name="generate-stream", daemon=True).start()
-            while True:
-                event = events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if event.HasField("result"):
-                    return
+        yield from self._stream(self._admit(request, context, batch=calls.batch), calls, run, "result")
 
     @grpc_errors
     def Verify(self, request: orchestrator_pb2.VerifyRequest, context: grpc.ServicerContext):
@@ -282,7 +264,9 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
                 except BaseException as error:  # raised again below, on the handler's thread
                     events.put(error)
 
-            threading.Thread(target=work, name=f"{field}-stream", daemon=True).start()
+            # The request's context (its authenticated identity, its trace) goes with the work.
+            worker = contextvars.copy_context().run
+            threading.Thread(target=worker, args=(work,), name=f"{field}-stream", daemon=True).start()
             while True:
                 event = events.get()
                 if isinstance(event, BaseException):

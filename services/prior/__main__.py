@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("prior")
     threads = policy_from_setting(args.torch_threads)
     threads.apply()
-    service_metrics, interceptors = instrument_process("prior", args.metrics_port)
+    service_metrics, interceptors = instrument_process(
+        "prior", args.metrics_port, args.metrics_host or args.host
+    )
     servicer = PriorServicer(service_metrics, batcher_config(args))
 
     def load() -> None:

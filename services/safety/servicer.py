@@ -11,7 +11,7 @@ from services.safety.audit import AuditError
 from services.safety.engine import Decision, SafetyEngine
 from services.safety.filters.base import CheckInput
 from unclip.access.interceptor import current_identity
-from unclip.limits import LIMITS
+from unclip.limits import LIMITS, check_chars
 from unclip.runtime.errors import StatusError, grpc_errors
 from unclip.runtime.tensors import from_field
 from unclip.v1 import safety_pb2, safety_pb2_grpc
@@ -69,6 +69,8 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
             raise ValueError(f"images must hold 1..{MAX_IMAGES} images, got {n}")
         if height != width or height < 1:
             raise ValueError(f"images must be square, got {height}x{width}")
+        if height > LIMITS["image_side"].high:
+            raise ValueError(f"images are {height}x{width}, over {LIMITS['image_side'].high} pixels a side")
         embeds = None
         if request.HasField("image_embeds"):
             embeds = from_field(
@@ -92,10 +94,13 @@ def _decide(engine: SafetyEngine, item: CheckInput) -> Decision:
 
 
 def _context(request) -> dict[str, str]:
-    """The request's context for the audit. Identity and tenant are taken as given only from a caller that
-    authenticated as a service allowed to call (mTLS, unclip.access.interceptor.StageGuard: the
-    orchestrator); without mTLS they are recorded as "unverified:..." so a forged one never reads as real."""
+    """The request's context for the audit, each string bounded (unclip.limits "context_chars"). Identity and
+    tenant are taken as given only from a caller that authenticated as a service allowed to call (mTLS,
+    unclip.access.interceptor.StageGuard: the orchestrator); without mTLS they are recorded as
+    "unverified:..." so a forged one never reads as real."""
     c = request.context
+    for name in ("request_id", "user", "identity", "tenant"):
+        check_chars("context_chars", getattr(c, name), f"context.{name}")
     identity, tenant = c.identity, c.tenant
     if current_identity().kind != "service":
         identity = f"unverified:{identity}" if identity else ""

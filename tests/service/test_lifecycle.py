@@ -171,12 +171,15 @@ def test_messages_over_grpcs_default_limit_pass(stack):
 
     from unclip.v1 import encoder_pb2, encoder_pb2_grpc
 
-    noise = np.random.default_rng(0).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(noise).save(buffer, format="PNG", compress_level=0)
-    assert len(buffer.getvalue()) > 5 * 2**20
+    uploads = []  # two uploads, each under the 4 MB upload limit (unclip.limits), together over 5 MiB
+    for seed in (0, 1):
+        noise = np.random.default_rng(seed).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(noise).save(buffer, format="PNG", compress_level=0)
+        uploads.append(buffer.getvalue())
+    assert sum(len(upload) for upload in uploads) > 5 * 2**20
     with stack.channel("encoder") as channel:
         reply = encoder_pb2_grpc.EncoderStub(channel).EncodeImage(
-            encoder_pb2.EncodeImageRequest(images=[buffer.getvalue()]), timeout=120
+            encoder_pb2.EncodeImageRequest(images=uploads), timeout=120
         )
-    assert list(reply.image_embeds.shape)[0] == 1
+    assert list(reply.image_embeds.shape)[0] == 2

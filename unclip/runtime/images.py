@@ -14,26 +14,55 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-# Larger uploads are refused before decoding (a 16-megapixel PNG can be a few KB: a decompression bomb).
-MAX_INPUT_PIXELS = 4096 * 4096
+from unclip.limits import LIMITS, check
+
+# Uploads: the formats a client may send (Pillow can open many more, some through external programs), and
+# the pixel modes that convert to 8-bit RGB(A) without a colour-management choice. Other modes (F, I, I;16,
+# LAB, HSV) are refused naming the mode. Sizes: unclip.limits "upload_bytes" and "upload_side".
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+CONVERTIBLE_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr"}
+)
 
 
 def decode_image(data: bytes, field: str) -> PIL.Image.Image:
-    """Decodes an uploaded image file; ValueError naming `field` when it is missing or not an image."""
+    """An uploaded image file as an RGB or RGBA (when it has alpha) PIL image; ValueError naming `field`.
+
+    The one validation layer for uploads, in this order: byte size, format (UPLOAD_FORMATS), the width and
+    height from the file's header (before any pixel is decoded: a 100-byte PNG can claim 4096 x 4096), the
+    pixel mode, then decoding and conversion. Only the first frame of a multi-frame file is read.
+    """
     if not data:
         raise ValueError(f"{field} is required")
+    check("upload_bytes", len(data), field=f"{field} (bytes)")
     try:
-        image = PIL.Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_INPUT_PIXELS:
-            raise ValueError(f"{field} is {image.width}x{image.height}, over {MAX_INPUT_PIXELS} pixels")
-        image.load()
-    except ValueError:
-        raise
+        image = PIL.Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except PIL.UnidentifiedImageError as error:  # its message quotes a BytesIO object's repr
-        raise ValueError(f"{field} is not an image file (PNG, JPEG or WebP): {len(data)} bytes") from error
+        raise ValueError(
+            f"{field} is not an image file (PNG, JPEG, WebP, TIFF, BMP or GIF): {len(data)} bytes"
+        ) from error
     except Exception as error:  # PIL raises many types for bad bytes
-        raise ValueError(f"{field} is not a readable image ({type(error).__name__}: {error})") from error
-    return image
+        raise ValueError(
+            f"{field} is not a decodable image; send PNG, JPEG, WebP, TIFF, BMP or GIF "
+            f"({type(error).__name__}: {str(error)[:200]})"
+        ) from error
+    side = LIMITS["upload_side"].high
+    if not (1 <= image.width <= side and 1 <= image.height <= side):
+        raise ValueError(
+            f"{field} is {image.width}x{image.height}: width and height must be 1..{side} pixels"
+        )
+    if image.mode not in CONVERTIBLE_MODES:
+        raise ValueError(
+            f"{field} has pixel mode {image.mode}, which has no 8-bit RGB form; send an RGB or RGBA image"
+        )
+    try:
+        image.load()
+        has_alpha = "A" in image.getbands() or "transparency" in image.info
+        return image.convert("RGBA" if has_alpha else "RGB")
+    except Exception as error:  # truncated data, a decoder error, a bad palette
+        raise ValueError(
+            f"{field} is not a decodable image ({type(error).__name__}: {str(error)[:200]})"
+        ) from error
 
 
 def require_square(image: PIL.Image.Image, field: str) -> None:

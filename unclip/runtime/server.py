@@ -7,6 +7,8 @@ not
 2. load the weights and run one warm-up in a background thread, then say SERVING;
 3. on SIGTERM / SIGINT: say NOT_SERVING, stop accepting new calls, let in-flight calls finish for up to
    `grace_seconds`, then exit.
+Reflection is a setting (UNCLIP_REFLECTION, off in the production overlays). Every server guards its
+requests (unclip.runtime.guard): unparseable or oversized is INVALID_ARGUMENT, with one log line.
 Interceptors (telemetry, metrics) are passed through `interceptors=`; this module knows nothing about them.
 """
 
@@ -27,13 +29,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from unclip.runtime.guard import RequestGuard, receive_limit
+from unclip.runtime.memory import bound_allocator, trim
 from unclip.runtime.settings import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
+# serve() hands free heap memory back every TRIM_EVERY_TICKS half-seconds (a few ms each time).
+TRIM_EVERY_TICKS = 20
+
 # The flags every service takes (see unclip.runtime.settings).
 SERVER_SETTINGS = [
     "metrics_port",
+    "metrics_host",
+    "reflection",
+    "malloc_tuning",
     "host",
     "port",
     "max_message_bytes",
@@ -87,10 +97,13 @@ def batcher_config(args: argparse.Namespace):
     return config
 
 
-def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def message_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        (
+            "grpc.max_receive_message_length",
+            max_message_bytes if max_receive_bytes is None else max_receive_bytes,
+        ),
     ]
 
 
@@ -102,10 +115,20 @@ def create_server(
     max_workers: int = 8,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    service_names: Iterable[str] = (),
+    name: str = "server",
 ) -> tuple[grpc.Server, int]:
     """A server bound to `address` ("host:port", port 0 picks a free one; TLS with `credentials`); returns it
-    (not started) and its port."""
-    options = message_options(max_message_bytes)
+    (not started) and its port.
+
+    Every server runs the RequestGuard (unclip.runtime.guard) innermost: a request that does not parse or is
+    over its method's limit is INVALID_ARGUMENT. Its receive limit is the largest legitimate request of
+    `service_names` (never above `max_message_bytes`), so an oversized request is refused before it is
+    buffered whole.
+    """
+    service_names = list(service_names)
+    receive = min(max_message_bytes, receive_limit(service_names)) if service_names else max_message_bytes
+    options = message_options(max_message_bytes, receive)
     # Two servers on one port must fail loudly, not share it (Linux gRPC sets SO_REUSEPORT by default).
     options.append(("grpc.so_reuseport", 0))
     if max_connection_age_seconds:
@@ -113,7 +136,9 @@ def create_server(
         options.append(("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)))
         options.append(("grpc.max_connection_age_grace_ms", int(max_connection_age_seconds * 1000)))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=list(interceptors), options=options
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=[*interceptors, RequestGuard(name)],
+        options=options,
     )
     if credentials is not None:
         port = server.add_secure_port(address, credentials)
@@ -273,6 +298,8 @@ def serve(
     die_with_parent()
     configure_stage_channels(args)
     credentials, guard = _access(name, args, front_door)
+    tuned = getattr(args, "malloc_tuning", True) and bound_allocator()  # freed memory goes back to the OS
+    service_names = list(service_names)
     server, port = create_server(
         f"{args.host}:{args.port}",
         max_message_bytes=args.max_message_bytes,
@@ -280,14 +307,16 @@ def serve(
         max_workers=args.max_workers,
         interceptors=[*interceptors, *guard],
         credentials=credentials,
+        service_names=service_names,
+        name=name,
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     register(server)
-    service_names = list(service_names)
-    reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    if getattr(args, "reflection", True):  # off in production: it lists every method to any caller
+        reflection.enable_server_reflection(
+            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
     for service in ["", *service_names]:
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
@@ -344,8 +373,11 @@ def serve(
                 )
 
     threading.Thread(target=load_then_serve, name=f"{name}-load", daemon=True).start()
+    ticks = 0
     while not stop.wait(0.5):  # a timed wait so signal handlers run promptly
-        pass
+        ticks += 1
+        if tuned and ticks % TRIM_EVERY_TICKS == 0:
+            trim()  # free heap pages back to the OS, so RSS follows the load down
 
     health_servicer.enter_graceful_shutdown()
     server.stop(args.grace_seconds).wait()

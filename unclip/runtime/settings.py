@@ -397,6 +397,27 @@ SETTINGS: dict[str, Setting] = {
         #
         #
         # ---- input limits
+        Setting(
+            "reflection",
+            "UNCLIP_REFLECTION",
+            True,
+            _bool,
+            "serve gRPC server reflection (what `grpcurl list` reads); the production overlays turn it off",
+        ),
+        Setting(
+            "malloc_tuning",
+            "UNCLIP_MALLOC_TUNING",
+            True,
+            _bool,
+            "glibc: fixed mmap threshold, 2 arenas, free pages handed back every 10 s (runtime/memory.py)",
+        ),
+        Setting(
+            "metrics_host",
+            "UNCLIP_METRICS_HOST",
+            "",
+            str,
+            "address the metrics endpoint listens on ('': the service's --host)",
+        ),
         #
         #
         # ---- samplers

@@ -123,20 +123,21 @@ def instrument_channel(
 
 
 def instrument_process(
-    service: str, metrics_port: int
+    service: str, metrics_port: int, metrics_host: str = "0.0.0.0"
 ) -> tuple[ServiceMetrics, list[grpc.ServerInterceptor]]:
     """Tracing, the metrics endpoint and both server interceptors for one service process, in one call:
 
         service_metrics, interceptors = instrument_process("prior", args.metrics_port)
         serve(..., interceptors=interceptors)
 
-    The metrics interceptor comes first, so it sees the final status of every call.
+    The metrics interceptor comes first, so it sees the final status of every call. The metrics endpoint
+    listens on `metrics_host` (the services pass their own --host unless --metrics-host says otherwise).
     """
     from unclip.runtime.metrics import ServiceMetrics, start_metrics_server
 
     setup_tracing(service)
     service_metrics = ServiceMetrics(service)
-    start_metrics_server(metrics_port)
+    start_metrics_server(metrics_port, addr=metrics_host)
     return service_metrics, [service_metrics.server_interceptor(), *server_interceptors()]
 
 

@@ -2,18 +2,21 @@
 way).
 
 Decoding validates everything a caller can get wrong and names the field in the ValueError:
-a missing tensor, an unknown dtype, a byte count that does not match the shape, the wrong dtype or rank or
+a missing tensor, an unknown dtype, a rank or dimension out of bounds (unclip.limits), a byte count that
+does not match the shape (computed without overflow), the wrong dtype or rank or
 size, NaN / Inf where finite values are required.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from unclip.limits import LIMITS
 from unclip.rng import MAX_IMAGES, generator_from_bytes, generator_to_bytes
 from unclip.v1 import tensor_pb2
 
@@ -72,8 +75,7 @@ def from_proto(
     if dtype is not None and torch_dtype != dtype:
         raise ValueError(f"{field} must be {dtype_name(_TO_PROTO[dtype])}, got {dtype_name(message.dtype)}")
     dims = list(message.shape)
-    if any(d < 0 for d in dims):
-        raise ValueError(f"{field}: negative dimension in shape {dims}")
+    check_shape(dims, field)
     if shape is not None:
         if len(dims) != len(shape) or any(
             want is not None and want != got for want, got in zip(shape, dims, strict=True)
@@ -81,7 +83,7 @@ def from_proto(
             expected = "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
             raise ValueError(f"{field} must have shape {expected}, got {dims}")
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    expected_bytes = int(np.prod(dims, dtype=np.int64)) * itemsize if dims else itemsize
+    expected_bytes = math.prod(dims) * itemsize  # Python integers: no int64 overflow (prod([]) is 1)
     if len(message.data) != expected_bytes:
         raise ValueError(
             f"{field}: {len(message.data)} bytes do not match shape {dims} of {dtype_name(message.dtype)}"
@@ -95,6 +97,17 @@ def from_proto(
     if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{field} contains NaN or Inf")
     return tensor
+
+
+def check_shape(dims: Sequence[int], field: str) -> None:
+    """Rank and every dimension within unclip.limits ("tensor_rank", "tensor_dim"), before any size is
+    computed from them: a shape like [2**62 + 1, 4] is refused here, whatever bytes come with it."""
+    rank, dim = LIMITS["tensor_rank"], LIMITS["tensor_dim"]
+    if len(dims) > rank.high:
+        raise ValueError(f"{field}: shape has {len(dims)} dimensions, over {rank.high}")
+    for d in dims:
+        if not dim.low <= d <= dim.high:
+            raise ValueError(f"{field}: dimension {d} of shape {list(dims)} is outside {dim.low}..{dim.high}")
 
 
 def from_field(request: object, field: str, *, prefix: str = "", **checks: object) -> torch.Tensor:
