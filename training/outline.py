@@ -63,7 +63,7 @@ def read_colours(rgb: torch.Tensor) -> tuple[int, int]:
     if dist.max() < 0.1:  # a flat picture: no object
         return bg, -1
     obj = int(torch.cdist(rgb[:, strong].median(dim=1).values[None], PALETTE).argmin())
-    return bg, obj
+    return bg, (obj if obj != bg else -1)  # an object of the background's own colour is none
 
 
 def object_alpha(rgb: torch.Tensor, bg: int, obj: int) -> torch.Tensor:

@@ -150,3 +150,9 @@ def test_another_kind_is_not_read_as_the_prompted_one(shape):
     image = as_png(render(scenes_from_attributes([attrs], torch.Generator().manual_seed(5)), 128))[0]
     for other in {0, 1, 2, 3} - {shape}:
         assert not read_strict(image, other)["shape_right"]
+
+
+def test_a_picture_without_an_object_shows_no_shape():
+    blank = as_png((PALETTE[2] * 2 - 1)[None, :, None, None].expand(1, 3, 128, 128).contiguous())[0]
+    r = read_strict(blank, 0)
+    assert r["color"] == -1 and not r["shape_right"] and r["clean"]
