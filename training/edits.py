@@ -183,6 +183,40 @@ def score_edits(
     decoder_guidance_scale: the decoder's guidance for the edits, sent in the Edit request's params through
     the stack (None: in process 8; through the stack its default, the model folder's
     edit_decoder_guidance_scale: 4 for shapes-toy)."""
+    attrs, wants, _, _, _, results, how = run_edits(
+        backend,
+        model_dir,
+        count,
+        rng,
+        seed,
+        device,
+        steps,
+        schedule,
+        prior_guidance_scale,
+        decoder_guidance_scale,
+    )
+    hits = sum(edit_hit(a, w, r[0]) for a, w, r in zip(attrs, wants, results, strict=True))
+    return dict(
+        edits=count,
+        prompted_object_in_region=round(hits / count, 4),
+        decoder_guidance_scale=decoder_guidance_scale or "default",
+        via=how,
+    )
+
+
+def run_edits(
+    backend,
+    model_dir: str,
+    count: int,
+    rng: random.Random,
+    seed: int,
+    device: str = "cpu",
+    steps: int = 25,
+    schedule: dict | None = None,
+    prior_guidance_scale: float = 4.0,
+    decoder_guidance_scale: float | None = None,
+) -> tuple:
+    """The edits of score_edits: (attrs, wants, prompts, sources, mask, results [each 1, 3, S, S], how)."""
     from training.evaluate import load_components, to_pil, to_tensor
 
     attrs, wants, prompts, sources, mask = edit_cases(count, rng, seed)
@@ -219,10 +253,4 @@ def score_edits(
             f"(jump_length {walk.jump_length}, resample_jumps {walk.resample_jumps}, "
             f"resample_until {walk.resample_until}; the reference pipelines cannot edit)"
         )
-    hits = sum(edit_hit(a, w, r[0]) for a, w, r in zip(attrs, wants, results, strict=True))
-    return dict(
-        edits=count,
-        prompted_object_in_region=round(hits / count, 4),
-        decoder_guidance_scale=decoder_guidance_scale or "default",
-        via=how,
-    )
+    return attrs, wants, prompts, sources, mask, results, how

@@ -329,7 +329,8 @@ def score_text_to_image(cases: list[Case], images: list[list[Image.Image]]) -> d
     )
 
 
-def score_variations(backend, count: int, rng: random.Random, seed: int) -> dict:
+def variation_sources(count: int, rng: random.Random, seed: int) -> tuple[list[dict], list[Image.Image]]:
+    """`count` rendered world images (128 px) to make variations of, and their attributes."""
     attrs = []
     for _ in range(count):
         color = rng.randrange(8)
@@ -343,7 +344,11 @@ def score_variations(backend, count: int, rng: random.Random, seed: int) -> dict
                 position=0 if size else rng.randrange(5),
             )
         )
-    sources = to_pil(render(scenes_from_attributes(attrs, torch.Generator().manual_seed(seed)), 128))
+    return attrs, to_pil(render(scenes_from_attributes(attrs, torch.Generator().manual_seed(seed)), 128))
+
+
+def score_variations(backend, count: int, rng: random.Random, seed: int) -> dict:
+    attrs, sources = variation_sources(count, rng, seed)
     results = backend.variation(sources, 2, seed)
     kept = both = total = 0
     for a, ims in zip(attrs, results, strict=True):

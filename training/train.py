@@ -69,6 +69,19 @@ PRESETS = {
         lr_scale=0.3,
         warmup_steps=50,
     ),
+    # The upsampler fine-tuned from trained weights on whole 128 px canvases on one GPU
+    # (`training/fix_upsampler.sh`): trained on 64 px crops, it leaves an off-palette patch over the canvas'
+    # interior (its tile edge) at 128 px.
+    "gpu-canvas": Preset(
+        512,
+        512,
+        256,
+        48,
+        128,
+        dict(clip=80, prior=240, decoder=240, super_res=420),
+        lr_scale=0.3,
+        warmup_steps=50,
+    ),
 }
 LEARNING_RATES = dict(clip=5e-4, prior=3e-4, decoder=1e-3, super_res=1e-3)
 

@@ -134,22 +134,32 @@ def _sd_star5(px, py, r, rf=STAR_INNER):
     return torch.sqrt(ex * ex + ey * ey) * torch.sign(py * bax - px * bay)
 
 
-def coverage(shape, cx, cy, radius, angle, resolution: int) -> torch.Tensor:
-    """Antialiased object coverage in [0, 1], [B, H, W]; all arguments are [B] tensors on one device."""
+def coverage(shape, cx, cy, radius, angle, resolution: int, window=None) -> torch.Tensor:
+    """Antialiased object coverage in [0, 1], [B, H, W]; all arguments are [B] tensors on one device.
+    window: (top, bottom, left, right) pixel bounds to evaluate only that part of the canvas."""
+    sd = signed_distance(shape, cx, cy, radius, angle, resolution, window)
+    pixel = 2.0 / resolution
+    return (0.5 - sd / pixel).clamp(0.0, 1.0)
+
+
+def signed_distance(shape, cx, cy, radius, angle, resolution: int, window=None) -> torch.Tensor:
+    """Signed distance (canvas units, negative inside) of every pixel centre to the object's outline,
+    [B, H, W]; the arguments as for `coverage`."""
     device = cx.device
     coords = (torch.arange(resolution, device=device, dtype=torch.float32) + 0.5) * (2.0 / resolution) - 1.0
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # [H, W], image coords (y down)
+    top, bottom, left, right = window or (0, resolution, 0, resolution)
+    yy, xx = torch.meshgrid(coords[top:bottom], coords[left:right], indexing="ij")  # image coords (y down)
     x = xx[None] - cx[:, None, None]
     y = -(yy[None] - cy[:, None, None])  # math coords: y up, so "point up" means towards row 0
     c, s = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
     px, py = c * x + s * y, -s * x + c * y  # rotate the point by -angle == the shape by +angle
-    r = radius[:, None, None]
-    sd = torch.stack(
-        [_sd_circle(px, py, r), _sd_box(px, py, r), _sd_triangle(px, py, r), _sd_star5(px, py, r)], dim=1
-    )  # [B, 4, H, W]
-    sd = sd.gather(1, shape.view(-1, 1, 1, 1).expand(-1, 1, resolution, resolution))[:, 0]
-    pixel = 2.0 / resolution
-    return (0.5 - sd / pixel).clamp(0.0, 1.0)
+    r = radius[:, None, None].expand_as(px)
+    sd = torch.empty_like(px)
+    for kind, sdf in enumerate((_sd_circle, _sd_box, _sd_triangle, _sd_star5)):  # each row its own kind only
+        rows = shape == kind
+        if bool(rows.any()):
+            sd[rows] = sdf(px[rows], py[rows], r[rows])
+    return sd
 
 
 def render(scenes: Scenes, resolution: int, device: torch.device | str | None = None) -> torch.Tensor:
