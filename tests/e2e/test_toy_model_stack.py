@@ -35,14 +35,15 @@ def toy_stack(tmp_path_factory):
 
     if not (MODEL / "decoder").is_dir():
         pytest.fail(f"the bundled model is missing: {MODEL}")
-    # The watermark off (UNCLIP_WATERMARK=0): the parity below is with diffusers' pixels as they are; the
-    # mark's own bound is tested in tests/provenance and documented in BENCHMARKS.md ("Provenance").
+    # Provenance off: the parity below is with diffusers' pixels as they are (the watermark's own bound is
+    # tested in tests/provenance and documented in BENCHMARKS.md, "Provenance"), and the same request twice
+    # gives the same PNG bytes only without per-request metadata and signatures.
     running = Stack(
         model=str(MODEL),
         port=0,
         log_dir=tmp_path_factory.mktemp("toy-logs"),
         grace_seconds=5.0,
-        extra_env={"UNCLIP_WATERMARK": "0"},
+        extra_env={"UNCLIP_WATERMARK": "0", "UNCLIP_C2PA": "0", "UNCLIP_PROVENANCE_METADATA": "0"},
     )
     running.start(timeout=300)
     try:

@@ -35,5 +35,5 @@ def test_short_fuzz_run(stack):
     assert report.deaths == [], summary
     for name, ratio in report.rss_ratio().items():
         assert ratio <= RSS_FACTOR, (name, summary)
-    for name, address in stack.addresses.items():
-        assert health_status(address) == "SERVING", name
+    for name in stack.addresses:
+        assert health_status(stack.health_address(name)) == "SERVING", name

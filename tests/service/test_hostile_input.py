@@ -136,8 +136,8 @@ def image_service(stack):
 @pytest.fixture(scope="module", autouse=True)
 def still_serving_afterwards(stack):
     yield
-    for name, address in stack.addresses.items():
-        assert health_status(address) == "SERVING", name
+    for name in stack.addresses:
+        assert health_status(stack.health_address(name)) == "SERVING", name
 
 
 # ---- uploads: format, mode, header dimensions --------------------------------------------------------------
