@@ -121,7 +121,9 @@ def test_playground_generate_vary_edit(browser, gateway, api_key, tmp_path):
     edited = find(By.CSS_SELECTOR, "#gallery .card[data-how=edit] img").get_attribute("src")
     assert png_size(edited) == (128, 128)
     difference = np.abs(pixels(edited) - pixels(original))
-    assert difference[96:, 96:].max() <= 2  # far from the painted corner: kept
+    # Far from the painted corner: kept, but for the two pictures' own invisible watermarks (each image's
+    # mark follows its seed; PSNR ~38 dB, BENCHMARKS.md "Provenance").
+    assert difference[96:, 96:].mean() <= 3
     assert difference[:32, :48].mean() > 5  # the painted corner was regenerated
 
     screenshot = tmp_path / "playground.png"

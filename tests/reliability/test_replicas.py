@@ -167,7 +167,7 @@ def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, tmp_path):
         return _start(
             name,
             ["services.decoder", "--model", stack.model, "--stage", "decoder", "--host", host,
-             "--port", str(port), "--metrics-port", str(metrics[name])],
+             "--port", str(port), "--metrics-port", str(metrics[name]), "--metrics-host", "127.0.0.1"],
             tmp_path,
         )  # fmt: skip
 

@@ -178,7 +178,7 @@ def test_encoder_rejects_images(engines, cascade_model_dir):
         engines.encoder.encode_image([PIL.Image.new("RGB", (32, 24))])
     with pytest.raises(ValueError, match=r"^images must"):
         engines.encoder.encode_image([])
-    with pytest.raises(ValueError, match=r"^images\[0\] is not a decodable image"):
+    with pytest.raises(ValueError, match=r"^images\[0\] is not an image file"):
         load_image(b"not an image", "images[0]")
     # A model without image_encoder/ cannot make variations.
     encoder = EncoderEngine.from_pretrained(cascade_model_dir)
