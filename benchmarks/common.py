@@ -62,7 +62,7 @@ def model_dir(path: str | None, tiny_width: int | None = None) -> Path:
 # The stages' compute options (unclip.models._tune_unet). The in-process side is diffusers' pipeline as it
 # comes, so reference_pipeline loads without them; the stack's processes inherit them from the environment,
 # e.g. `UNCLIP_CHANNELS_LAST=1 python -m benchmarks.latency ...` is the stack with channels-last UNets
-# against the plain monolith (issue 6: beat the monolith through the stages' compute work).
+# against the plain monolith (the goal: beat it through the stages' compute work).
 COMPUTE_OPTIONS = ("UNCLIP_CHANNELS_LAST", "UNCLIP_COMPILE")
 
 

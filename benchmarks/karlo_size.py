@@ -1,6 +1,5 @@
 """Karlo-size random-weight model on a GPU: the stack against diffusers' in-process pipeline, same card, fp16
-(issue 6: "whenever a GPU is available, also run a Karlo-size random-weight model on it and record images/s
-against diffusers in fp16 on the same card").
+(images/s of both, whenever a GPU is available).
 
     python -m benchmarks.karlo_size [--dir /tmp/karlo-size] [--clients 1,4,16] [--seconds 30]
         [--steps 25,25,7] [--baseline-batches 1,4,8] [--dtype float16] [--device cuda]

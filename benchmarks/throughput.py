@@ -4,7 +4,7 @@ the stage -> its first denoising step) and compute time (first step -> stage fin
 events; stages without denoising steps (safety, encoder) report their total time. The baselines, in the same
 run: the in-process pipeline called sequentially (one image per call), and at each batch size of
 `--baseline-batches` (n images per call) with its best; every sweep point gives the stack's images/s divided
-by both (issue 6, benchmark 2: >= 1.8x sequential on the tiny model, >= 1.0x the best batch on the toy model).
+by both (targets: >= 1.8x sequential on the tiny model, >= 1.0x the best batch on the toy model).
 
     python -m benchmarks.throughput [--model DIR | --tiny-width 4] [--clients 1,2,4,8,16] [--seconds 20]
         [--steps 25,25,7] [--baseline-batches 1,2,4,8] [--replicas decoder=2]

@@ -5,7 +5,7 @@
 With --addr, images come from the running stack (the orchestrator's ImageService); without it, in-process from
 diffusers' reference UnCLIPPipeline / UnCLIPImageVariationPipeline built component by component from the
 folder.
-Metrics (targets from issue 3):
+Metrics (and the model's targets):
 - text-to-image: prompts drawn at random from the fully specified ones (shape × colour × background, with
   and without size/position, every phrasing), 2 images each: share right in shape + colour + background
   (≥ 95 %),

@@ -1,4 +1,4 @@
-"""The rendered overlays: valid against the Kubernetes schemas, and the invariants of issue 5 hold."""
+"""The rendered overlays: valid against the Kubernetes schemas, and the deployment's invariants hold."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reliability of the served stack under load, with real processes and real gRPC (issue 6):
+"""Reliability of the served stack under load, with real processes and real gRPC:
 
 1. cancel mid-denoise: the stage stops within one step of learning of it (its own step counter, in its log);
 2. about 4x overload: the excess is refused at once with RESOURCE_EXHAUSTED and a retry hint, the rest

@@ -1,4 +1,4 @@
-"""Replicas reached through real name resolution, and a replicated second upsampler (issue 6), with real
+"""Replicas reached through real name resolution, and a replicated second upsampler, with real
 processes and real gRPC:
 
 1. `dns:` targets: two decoder replicas share one port on two loopback addresses (127.0.0.1, 127.0.0.2),

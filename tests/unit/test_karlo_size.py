@@ -1,4 +1,4 @@
-"""benchmarks/karlo_size.py: the Karlo-size random model for the GPU comparison (issue 6). Its configs are
+"""benchmarks/karlo_size.py: the Karlo-size random model for the GPU comparison. Its configs are
 Karlo's (checked on the meta device: no memory), and a narrowed copy runs the reference pipeline and loads in
 the engines through the same code path, so a GPU session can run the benchmark as prepared."""
 
