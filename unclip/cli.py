@@ -129,12 +129,10 @@ class ProgressBar:
 
 
 def _call(args: argparse.Namespace, method: str, request, prefix: str) -> int:
-    from unclip.access.client import resolve_address, resolve_key, with_key
-    from unclip.runtime.server import create_channel
+    from unclip.cli_common import orchestrator_channel
     from unclip.v1 import orchestrator_pb2_grpc
 
-    address = resolve_address(args.addr)
-    with with_key(create_channel(address), resolve_key(args.api_key, address)) as channel:
+    with orchestrator_channel(args) as channel:
         stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
         if method == "Generate" and args.progress:
             progress, response = ProgressBar(), None
