@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from opentelemetry import propagate
 
-from services.orchestrator.replicas import RETRYABLE, Replicas, ReplicatedMethod, parse_targets
+from services.orchestrator.replicas import Replicas, ReplicatedMethod, parse_targets, retryable
 from unclip.runtime.errors import StatusError, resource_exhausted, retry_after
 from unclip.runtime.server import stage_channel, stage_health_status
 from unclip.runtime.telemetry import instrument_channel
@@ -180,8 +180,9 @@ class Calls:
         stage: str,
         on_event: Callable[[orchestrator_pb2.GenerateEvent], None] | None | object = OWN_EVENTS,
     ) -> Any:
-        """Calls one stage method with the request's deadline; on UNAVAILABLE or RESOURCE_EXHAUSTED retries
-        on the stage's other replicas (stage calls are idempotent: the request carries the generators).
+        """Calls one stage method with the request's deadline; on UNAVAILABLE, RESOURCE_EXHAUSTED or a
+        CANCELLED this side did not ask for (a draining replica) retries on the stage's other replicas
+        (stage calls are idempotent: the request carries the generators).
         on_event: where this call's events go, if not to `self.on_event` (a call run concurrently holds
         them back until the caller releases them in order)."""
         if on_event is OWN_EVENTS:
@@ -210,7 +211,7 @@ class Calls:
             except grpc.RpcError as error:
                 code = error.code()
                 last = attempt + 1 == len(attempts)
-                if code in RETRYABLE and not self._cancelled:
+                if retryable(code, self._cancelled) and not self._cancelled:
                     if isinstance(method, ReplicatedMethod):
                         method.stage.failed(target)
                     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -295,4 +296,8 @@ class Calls:
             raise ValueError(f"{error.details()} (rejected by the {stage} stage)") from error
         if code == grpc.StatusCode.CANCELLED and self._cancelled:
             raise StatusError(code, "the caller cancelled") from error
+        if code == grpc.StatusCode.CANCELLED:  # no replica left that was not shutting down
+            raise StatusError(
+                grpc.StatusCode.UNAVAILABLE, f"{stage} stage: every replica was shutting down; retry"
+            ) from error
         raise StatusError(code, f"{stage} stage: {code.name}: {error.details()}") from error

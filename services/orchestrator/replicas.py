@@ -7,9 +7,11 @@ target a retry goes through the same channel, whose round_robin skips a replica 
 (tests/reliability/test_dns_failover.py and test_replicas.py check it with real resolution).
 
 A call that fails with UNAVAILABLE (the replica is gone, draining after SIGTERM, or died mid-call) or
-RESOURCE_EXHAUSTED (its queue is full) is retried on another replica while the deadline allows: stage calls
-are idempotent, since the request carries every image's generator state, so a retry draws exactly the same
-noise. A replica that failed is tried last for a few seconds.
+RESOURCE_EXHAUSTED (its queue is full) is retried on another replica while the deadline allows, and so is
+CANCELLED when this side did not cancel: a server shutting down cancels the calls it has received but not
+yet handed to a handler (grpc/grpc#41785), so a replica draining after SIGTERM can answer CANCELLED. Calls
+to a stage are idempotent, since the request carries every image's generator state, so a retry draws
+exactly the same noise. A replica that failed is tried last for a few seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ from unclip.runtime.server import stage_health_status
 
 # Codes after which another replica may succeed.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def retryable(code: grpc.StatusCode, cancelled_here: bool = False) -> bool:
+    """Whether another replica may succeed after `code`. CANCELLED counts unless this side cancelled: a
+    stage never cancels a call it has accepted, but a draining server cancels the ones it had not yet
+    handed to a handler."""
+    return code in RETRYABLE or (code == grpc.StatusCode.CANCELLED and not cancelled_here)
+
+
 # Seconds a failed replica goes to the back of the line.
 PENALTY_SECONDS = 3.0
 # Attempts through one dns:/// channel (gRPC picks the replica): enough to get past one dead address.
@@ -60,7 +71,7 @@ class ReplicatedMethod:
             try:
                 return method(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as failed:
-                if failed.code() not in RETRYABLE:
+                if not retryable(failed.code()):
                     raise
                 self.stage.failed(target)
                 error = failed
