@@ -167,10 +167,11 @@ def main() -> None:
     # Every client is its own caller; the per-caller cap must not refuse the 16 clients of one machine.
     stack = start_stack(model, http_port=0, extra_env={"UNCLIP_MAX_INFLIGHT_PER_CALLER": str(args.clients)})
     clients = []
+    auth = {"Authorization": f"Bearer {stack.api_key}"}  # the key the stack minted, as on the gRPC side
     try:
-        direct = stub(stack.address)
+        direct = stub(stack.address, stack.api_key)
         gateway = next(p for p in stack.processes if p.name == "gateway")
-        with httpx.Client(base_url=stack.http_url, timeout=120) as http:
+        with httpx.Client(base_url=stack.http_url, timeout=120, headers=auth) as http:
             lat = latency(
                 grpc_call(direct, steps, args.size, "bench"),
                 http_call(http, steps, args.size, "bench"),
@@ -178,8 +179,13 @@ def main() -> None:
                 gateway.popen.pid,
             )
         emit(lat)
-        grpc_calls = [grpc_call(stub(stack.address), steps, args.size, f"c{i}") for i in range(args.clients)]
-        clients = [httpx.Client(base_url=stack.http_url, timeout=120) for _ in range(args.clients)]
+        grpc_calls = [
+            grpc_call(stub(stack.address, stack.api_key), steps, args.size, f"c{i}")
+            for i in range(args.clients)
+        ]
+        clients = [
+            httpx.Client(base_url=stack.http_url, timeout=120, headers=auth) for _ in range(args.clients)
+        ]
         http_calls = [http_call(c, steps, args.size, f"c{i}") for i, c in enumerate(clients)]
         # ABBA: each side runs twice, half the time each, so drift in the machine's load hits both alike.
         halves = {"grpc": [], "http": []}

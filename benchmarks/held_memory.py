@@ -42,7 +42,6 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=25.0)
     args = parser.parse_args()
     from unclip.rng import generators_from_seed
-    from unclip.runtime.server import create_channel
     from unclip.runtime.tensors import encode_generators, to_proto
     from unclip.tiny import make_tiny_model
     from unclip.v1 import decoder_pb2, decoder_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc
@@ -51,9 +50,8 @@ def main() -> None:
     stack = start_stack(model)
     try:
         pids = {p.name: p.popen.pid for p in stack.processes}
-        address = {p.name: p.address for p in stack.processes}
-        images = orchestrator_pb2_grpc.ImageServiceStub(create_channel(stack.address))
-        upsampler = decoder_pb2_grpc.UpsamplerStub(create_channel(address["super_res"]))
+        images = orchestrator_pb2_grpc.ImageServiceStub(stack.channel("orchestrator"))  # with its key
+        upsampler = decoder_pb2_grpc.UpsamplerStub(stack.channel("super_res"))  # mTLS as the orchestrator
         fast = orchestrator_pb2.SamplingParams(
             prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=[2]
         )

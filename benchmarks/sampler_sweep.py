@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, baseline = [], None
     try:
         for text in args.settings.split(";"):
-            backend = StackBackend(stack.address, parse_setting(text), args.concurrency)
+            backend = StackBackend(stack.address, parse_setting(text), args.concurrency, stack.api_key)
             cpu, began = denoising_cpu(stack), time.perf_counter()
             images = backend.generate([c.prompt for c in cases], args.images, args.seed)
             wall, cpu = time.perf_counter() - began, denoising_cpu(stack) - cpu
