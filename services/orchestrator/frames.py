@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import io
+import threading
 
 import PIL.Image
 import torch
@@ -105,6 +106,8 @@ class FrameSequence:
         self.request = request  # n = frames; seed: every frame's generator
         self.params = params
         self.cfg = params.decoder_guidance_scale > 1.0  # the decoder's guidance only, as CreateVariation
+        self._caption: tuple[torch.Tensor, ...] | None = None  # the empty caption, encoded once (one row)
+        self._caption_lock = threading.Lock()  # chunks of frames decode concurrently
 
     # ---- the content policy on the inputs ---------------------------------------------------------------
 
@@ -147,10 +150,25 @@ class FrameSequence:
         return from_proto(text.text_embeds, "text_embeds", dtype=torch.float32)
 
     def _empty_caption(self, rows: int) -> encoder_pb2.EncodeTextResponse:
-        return self.calls(
-            self.pipeline.stages.encoder.EncodeText,
-            encoder_pb2.EncodeTextRequest(prompts=[""] * rows, do_classifier_free_guidance=self.cfg),
-            "encoder",
+        """The decoder's text for `rows` frames: the empty caption, encoded once per request and repeated
+        (every row is the same). With guidance the encoder answers [unconditional rows; conditional rows]."""
+        with self._caption_lock:
+            if self._caption is None:
+                text = self.calls(
+                    self.pipeline.stages.encoder.EncodeText,
+                    encoder_pb2.EncodeTextRequest(prompts=[""], do_classifier_free_guidance=self.cfg),
+                    "encoder",
+                )
+                self._caption = (
+                    from_proto(text.text_embeds, "text_embeds"),  # [g, D], g = 2 with guidance else 1
+                    from_proto(text.text_encoder_hidden_states, "text_encoder_hidden_states"),  # [g, L, H]
+                    from_proto(text.text_mask, "text_mask"),  # [g, L]
+                )
+        embeds, hidden, mask = (t.repeat_interleave(rows, dim=0) for t in self._caption)  # [g * rows, ...]
+        return encoder_pb2.EncodeTextResponse(
+            text_embeds=to_proto(embeds),
+            text_encoder_hidden_states=to_proto(hidden),
+            text_mask=to_proto(mask),
         )
 
     def invert(self, images: list[PIL.Image.Image], embeds: torch.Tensor) -> torch.Tensor:
