@@ -251,6 +251,7 @@ function setUpEditor() {
 
 const ends = { start: null, end: null, diff: null };  // gallery images (base64 PNGs) chosen as ends
 let frames = [];  // the last answer's frames, in order: [{b64_json, theta, index, seed}]
+let framesSize = "";  // their size, "WxH"
 
 function setEnd(which, b64) {
   ends[which] = b64;
@@ -306,6 +307,7 @@ async function manipulate() {
 
 function showFrames(answer) {
   frames = answer.data;
+  framesSize = answer.size;
   const slider = $("frame-slider");
   slider.max = String(frames.length - 1);
   slider.value = "0";
@@ -335,6 +337,10 @@ function setUpSlider() {
   }
   $("manip-run").addEventListener("click", manipulate);
   $("frame-slider").addEventListener("input", (e) => showFrame(Number(e.target.value)));
+  // The shown frame into the gallery: from there it can be an end, a text diff's image, varied or edited.
+  $("keep-frame").addEventListener("click", () => {
+    addToGallery([frames[Number($("frame-slider").value)]], framesSize, "frame");
+  });
 }
 
 // ---- start ------------------------------------------------------------------------------------------------
