@@ -239,3 +239,15 @@ def test_openapi_and_metrics_know_the_endpoints(http):
     assert form["required"] == ["image", "from_caption", "to_caption"]
     metrics = http.get("/metrics").text
     assert 'unclip_gateway_requests_total{endpoint="interpolations",status="400"}' in metrics
+
+
+def test_the_openai_sdk_posts_them(client):
+    import openai
+
+    body = {"start_prompt": "a red circle", "end_prompt": "a blue square", "frames": 2, "size": "32x32"}
+    body |= {"seed": 1, "response_format": "b64_json", **FAST}
+    answer = client.post("/images/interpolations", body=body, cast_to=object)
+    assert [item["index"] for item in answer["data"]] == [0, 1] and answer["size"] == "32x32"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.post("/images/interpolations", body=body | {"frames": 33}, cast_to=object)
+    assert caught.value.param == "frames" and caught.value.status_code == 400
