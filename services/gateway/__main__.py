@@ -1,8 +1,9 @@
 """python -m services.gateway --orchestrator-addr ADDR --port P: the OpenAI-compatible HTTP door.
 
 Serves /v1/images/generations, /v1/images/edits, /v1/images/variations and /v1/models (the OpenAI Images API
-as for dall-e-2), /healthz (alive), /readyz (the orchestrator is SERVING), /metrics (Prometheus), /docs
-(OpenAPI) and the playground page at /. Every flag also reads its environment variable
+as for dall-e-2), /v1/images/interpolations and /v1/images/text-diffs (unclip's extensions), /healthz (alive),
+/readyz (the orchestrator is SERVING), /metrics (Prometheus), /docs (OpenAPI) and the playground page at /.
+Every flag also reads its environment variable
 (unclip.runtime.settings, section "HTTP gateway"). `--port 0` picks a free port; the first log line says
 which ("gateway listening on HOST:PORT"), as the gRPC services do.
 """

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway import core, schema
+from services.gateway import core, manipulations, schema
 from services.gateway.client import Orchestrator, OrchestratorConfig, OrchestratorError
 from services.gateway.core import ApiError, ImageFields
 from services.gateway.links import LinkConfig, LinkStore
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
 # Bounded labels: each /v1 route, the links, and "other".
-ENDPOINTS = ("generations", "edits", "variations", "files", "models")
+ENDPOINTS = ("generations", "edits", "variations", "interpolations", "text-diffs", "files", "models")
 REQUESTS = Counter(
     "unclip_gateway_requests", "HTTP requests answered, by endpoint and status code.", ["endpoint", "status"]
 )
@@ -140,7 +140,8 @@ def create_app(config: GatewayConfig) -> Limits:
 
     app = FastAPI(
         title="unclip",
-        description="The OpenAI Images API (dall-e-2: generations, edits, variations) served by unclip.",
+        description="The OpenAI Images API (dall-e-2: generations, edits, variations) served by unclip, and "
+        "unclip's extensions: interpolations and text diffs (the DALL-E 2 paper's manipulations).",
         lifespan=lifespan,
     )
     links = LinkStore(config.links)
@@ -272,6 +273,9 @@ def create_app(config: GatewayConfig) -> Limits:
             else:
                 values[name] = items[0]
         return ImageFields.parse(values, form=True), files
+
+    # unclip's extensions, in their own module: interpolations, text diffs, the animations' links.
+    app.include_router(manipulations.router(orchestrator, links, config.public_url, config.max_upload_bytes))
 
     @app.get("/v1/images/files/{token}.png", include_in_schema=False)
     async def image_file(token: str, expires: int = 0, signature: str = ""):

@@ -105,6 +105,15 @@ class Orchestrator:
         self._served.move_to_end(key)
         return cached[1]
 
+    async def frames(
+        self,
+        method_name: str,
+        request: orchestrator_pb2.InterpolateRequest | orchestrator_pb2.TextDiffRequest,
+        authorization: str | None,
+    ) -> orchestrator_pb2.InterpolateResponse:
+        """Interpolate / TextDiff: the frames as PNG bytes (these requests have no output format)."""
+        return await self._call(getattr(self.stub, method_name), request, authorization)
+
     async def images(self, method_name: str, request, authorization: str | None):
         """Generate / CreateVariation / Edit. A URL request to an orchestrator without a bucket is retried
         once as PNG (and remembered): the gateway then serves the PNGs from its own signed links."""

@@ -130,3 +130,83 @@ def test_playground_generate_vary_edit(browser, gateway, api_key, tmp_path):
     browser.save_screenshot(str(screenshot))
     assert PIL.Image.open(screenshot).size[0] > 0
     print(f"screenshot: {screenshot}")
+
+
+def status_class(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, "status").get_attribute("class") or ""
+
+
+def test_playground_interpolation_slider(browser, gateway, api_key, tmp_path):
+    """Two prompts, Interpolate, then the slider scrubs the frames: the shown <img> becomes another frame."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(gateway + "/")
+    find = browser.find_element
+    key = find(By.ID, "api-key")
+    key.clear()
+    key.send_keys(api_key)
+    find(By.ID, "save-key").click()
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "size")).options) == 3)
+    Select(find(By.ID, "size")).select_by_value("64x64")
+    find(By.ID, "seed").send_keys("13")
+    find(By.CSS_SELECTOR, "#sampling summary").click()
+    for name in ("prior_num_inference_steps", "decoder_num_inference_steps", "super_res_num_inference_steps"):
+        find(By.ID, name).send_keys("2")
+
+    find(By.ID, "start-prompt").send_keys("a red circle")
+    find(By.ID, "end-prompt").send_keys("a blue square")
+    frames = find(By.ID, "frames")
+    frames.clear()
+    frames.send_keys("3")
+    find(By.ID, "manip-run").click()
+    wait.until(lambda d: d.find_element(By.ID, "slider-view").get_attribute("data-count") == "3")
+    assert find(By.ID, "status").text == "done", find(By.ID, "status").text
+    shown = find(By.ID, "frame")
+    first = shown.get_attribute("src")
+    assert png_size(first) == (64, 64) and shown.get_attribute("data-index") == "0"
+    assert "θ 0.00" in find(By.ID, "frame-label").text
+
+    slider = find(By.ID, "frame-slider")
+    slider.send_keys(Keys.ARROW_RIGHT)
+    slider.send_keys(Keys.ARROW_RIGHT)
+    wait.until(lambda d: d.find_element(By.ID, "frame").get_attribute("data-index") == "2")
+    last = shown.get_attribute("src")
+    assert png_size(last) == (64, 64) and last != first
+    assert np.abs(pixels(last) - pixels(first)).mean() > 0  # another picture, not the same one re-encoded
+    assert "θ 1.00" in find(By.ID, "frame-label").text
+    assert find(By.ID, "animation").get_attribute("href").startswith("data:image/gif;base64,")
+
+    # Text diff: keep the first frame, take it as the image, captions from/to, and a slider over theta.
+    slider.send_keys(Keys.HOME)
+    wait.until(lambda d: d.find_element(By.ID, "frame").get_attribute("data-index") == "0")
+    find(By.ID, "keep-frame").click()
+    card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#gallery .card[data-how=frame]"))
+    kept = card.find_element(By.TAG_NAME, "img").get_attribute("src")
+    assert np.abs(pixels(kept) - pixels(first)).max() == 0
+    card.find_element(By.CSS_SELECTOR, "button.as-diff").click()
+    assert find(By.ID, "manip-run").text == "Text diff"
+    find(By.ID, "from-caption").send_keys("a red circle")
+    find(By.ID, "to-caption").send_keys("a green circle")
+    find(By.ID, "manip-run").click()  # "drawing 3 frames" until the answer is shown
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "done" or "error" in status_class(d))
+    assert find(By.ID, "status").text == "done", find(By.ID, "status").text
+    assert (
+        find(By.ID, "frame").get_attribute("data-index") == "0"
+        and "θ 0.00" in find(By.ID, "frame-label").text
+    )
+    start = shown.get_attribute("src")
+    slider.send_keys(Keys.END)
+    wait.until(lambda d: d.find_element(By.ID, "frame").get_attribute("data-index") == "2")
+    assert "θ 0.50" in find(By.ID, "frame-label").text  # max θ 0.5, the paper's
+    moved = shown.get_attribute("src")
+    assert png_size(moved) == (64, 64) and np.abs(pixels(moved) - pixels(start)).mean() > 0
+
+    screenshot = tmp_path / "playground-slider.png"
+    browser.save_screenshot(str(screenshot))
+    assert PIL.Image.open(screenshot).size[0] > 0
+    print(f"screenshot: {screenshot}")

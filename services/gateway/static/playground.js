@@ -1,5 +1,7 @@
 // The playground: the same /v1 API any client uses, with the key the person pasted (localStorage only).
-// n = 1 streams (progress bar, partial previews); n > 1 waits for the whole answer.
+// n = 1 streams (progress bar, partial previews); n > 1 waits for the whole answer. "Two pictures and a
+// slider" asks /v1/images/interpolations or /v1/images/text-diffs for all frames at once, then the slider
+// shows them one at a time (no further requests).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -150,7 +152,10 @@ function addToGallery(items, size, how) {
     download.textContent = "download";
     download.href = img.src;
     download.download = `unclip-${item.seed}.png`;
-    card.append(img, meta, reuse, vary, edit, " ", download);
+    const asStart = button("as start", "as-start", () => setEnd("start", item.b64_json));
+    const asEnd = button("as end", "as-end", () => setEnd("end", item.b64_json));
+    const asDiff = button("text diff", "as-diff", () => { setEnd("diff", item.b64_json); setMode("text-diff"); });
+    card.append(img, meta, reuse, vary, edit, " ", download, document.createElement("br"), asStart, asEnd, asDiff);
     $("gallery").prepend(card);
   }
 }
@@ -242,6 +247,102 @@ function setUpEditor() {
   });
 }
 
+// ---- two pictures and a slider: interpolations and text diffs --------------------------------------------
+
+const ends = { start: null, end: null, diff: null };  // gallery images (base64 PNGs) chosen as ends
+let frames = [];  // the last answer's frames, in order: [{b64_json, theta, index, seed}]
+let framesSize = "";  // their size, "WxH"
+
+function setEnd(which, b64) {
+  ends[which] = b64;
+  const box = $(which + "-end");
+  box.classList.toggle("has-image", b64 !== null);
+  box.querySelector("img").src = b64 ? "data:image/png;base64," + b64 : "";
+}
+
+function setMode(mode) {
+  $("manipulate").className = mode;
+  $(mode === "interpolate" ? "mode-interpolate" : "mode-text-diff").checked = true;
+  $("manip-run").textContent = mode === "interpolate" ? "Interpolate" : "Text diff";
+}
+
+// The request: an end is its gallery image when one was picked, else its prompt.
+function manipulation() {
+  const { n, ...shared } = options();
+  const body = { ...shared, frames: Number($("frames").value || 5), response_format: "b64_json", animation: "gif" };
+  if ($("manipulate").className === "interpolate") {
+    for (const which of ["start", "end"]) {
+      if (ends[which]) body[which + "_image"] = ends[which];
+      else body[which + "_prompt"] = $(which + "-prompt").value;
+    }
+    body.noise = $("noise").value;
+    return ["/v1/images/interpolations", body];
+  }
+  if (ends.diff) body.image = ends.diff;
+  Object.assign(body, { from_caption: $("from-caption").value, to_caption: $("to-caption").value });
+  if ($("max-theta").value !== "") body.max_theta = Number($("max-theta").value);
+  return ["/v1/images/text-diffs", body];
+}
+
+async function manipulate() {
+  const [path, body] = manipulation();
+  $("progress").removeAttribute("value");
+  status(`drawing ${body.frames} frames`);
+  $("manip-run").disabled = true;
+  try {
+    const response = await fetch(path, {
+      method: "POST", headers: { "Content-Type": "application/json", ...headers() }, body: JSON.stringify(body),
+    });
+    if (!response.ok) throw new Error(await failure(response));
+    showFrames(await response.json());
+    $("progress").value = 1;
+    status("done");
+  } catch (error) {
+    $("progress").value = 0;
+    status(String(error.message || error), true);
+  } finally {
+    $("manip-run").disabled = false;
+  }
+}
+
+function showFrames(answer) {
+  frames = answer.data;
+  framesSize = answer.size;
+  const slider = $("frame-slider");
+  slider.max = String(frames.length - 1);
+  slider.value = "0";
+  showFrame(0);
+  $("slider-view").dataset.count = String(frames.length);
+  $("slider-view").classList.add("ready");
+  const animation = $("animation");
+  animation.style.display = answer.animation ? "" : "none";
+  if (answer.animation) {
+    animation.href = `data:image/${answer.animation.format};base64,${answer.animation.b64_json}`;
+    animation.download = `unclip-${answer.seed}.${answer.animation.format}`;
+  }
+}
+
+function showFrame(k) {
+  const frame = frames[k];
+  $("frame").src = "data:image/png;base64," + frame.b64_json;
+  $("frame").dataset.index = String(k);
+  $("frame-label").textContent = `frame ${k + 1} of ${frames.length} · θ ${frame.theta.toFixed(2)} · seed ${frame.seed}`;
+}
+
+function setUpSlider() {
+  $("mode-interpolate").addEventListener("change", () => setMode("interpolate"));
+  $("mode-text-diff").addEventListener("change", () => setMode("text-diff"));
+  for (const which of ["start", "end", "diff"]) {
+    $(which + "-end").querySelector("button.clear").addEventListener("click", () => setEnd(which, null));
+  }
+  $("manip-run").addEventListener("click", manipulate);
+  $("frame-slider").addEventListener("input", (e) => showFrame(Number(e.target.value)));
+  // The shown frame into the gallery: from there it can be an end, a text diff's image, varied or edited.
+  $("keep-frame").addEventListener("click", () => {
+    addToGallery([frames[Number($("frame-slider").value)]], framesSize, "frame");
+  });
+}
+
 // ---- start ------------------------------------------------------------------------------------------------
 
 $("api-key").value = localStorage.getItem(KEY_STORE) || "";
@@ -251,4 +352,5 @@ $("save-key").addEventListener("click", () => {
 });
 $("generate-form").addEventListener("submit", generate);
 setUpEditor();
+setUpSlider();
 loadModel();

@@ -1,0 +1,132 @@
+"""The HTTP routes of the paper's manipulations (unclip extensions of the Images API):
+
+    POST /v1/images/interpolations   frames between two prompts or images (Interpolate)
+    POST /v1/images/text-diffs       an image moved toward a new caption (TextDiff)
+    GET  /v1/images/files/<token>.gif|.webp   the animations' links (response_format=url)
+
+Each takes JSON (images as base64) or multipart/form-data (images as files, as /v1/images/edits), with the
+same key handling, errors and body conventions as the OpenAI routes (services.gateway.app); the conversions
+are `services.gateway.manipulation`'s.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+
+from services.gateway import core, manipulation, schema
+from services.gateway.client import Orchestrator, OrchestratorError
+from services.gateway.core import ApiError, invalid
+from services.gateway.links import LinkStore
+from services.gateway.manipulation import INTERPOLATION, TEXT_DIFF, ManipulationFields
+
+
+def router(
+    orchestrator: Callable[[], Orchestrator], links: LinkStore, public_url: str, max_upload_bytes: int
+) -> APIRouter:
+    """The routes, for `app.include_router`; `orchestrator` gives the app's client once it started."""
+    routes = APIRouter()
+
+    async def read(request: Request, kind: str) -> ManipulationFields:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            values, files = await _read_form(request, manipulation.IMAGE_FIELDS[kind], max_upload_bytes)
+            fields = ManipulationFields.parse(kind, values, form=True)
+            fields.add_files(files)
+            return fields
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"We could not parse the JSON body of your request ({error}).") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object (or multipart/form-data).")
+        return ManipulationFields.parse(kind, body, max_image_bytes=max_upload_bytes)
+
+    async def run(request: Request, kind: str) -> JSONResponse:
+        authorization = request.headers.get("authorization")
+        served = await orchestrator().served(authorization)  # a wrong key is refused before the fields
+        fields = await read(request, kind)
+        if kind == INTERPOLATION:
+            method, message = "Interpolate", manipulation.to_interpolate(fields, served)
+        else:
+            method, message = "TextDiff", manipulation.to_text_diff(fields, served)
+        try:
+            response = await orchestrator().frames(method, message, authorization)
+        except OrchestratorError as error:
+            raise manipulation.http_error(error.failure) from None
+        if fields.response_format == "b64_json":
+            return JSONResponse(manipulation.frames_body(response, None))
+        base = public_url.rstrip("/") or str(request.base_url).rstrip("/")
+        frame_urls = [base + links.put(image.png) for image in response.frames.images]
+        animation_url = None
+        if response.animation:
+            extension = manipulation.animation_format(response)
+            animation_url = base + links.put(response.animation, extension)
+        return JSONResponse(manipulation.frames_body(response, frame_urls, animation_url))
+
+    @routes.post(
+        "/v1/images/interpolations",
+        summary="Frames between two prompts or images (unclip: the DALL-E 2 paper's interpolation)",
+        openapi_extra=schema.INTERPOLATIONS,
+        responses=schema.FRAMES_RESPONSE,
+    )
+    async def interpolations(request: Request):
+        return await run(request, INTERPOLATION)
+
+    @routes.post(
+        "/v1/images/text-diffs",
+        summary="An image moved toward a new caption (unclip: the DALL-E 2 paper's text diff)",
+        openapi_extra=schema.TEXT_DIFFS,
+        responses=schema.FRAMES_RESPONSE,
+    )
+    async def text_diffs(request: Request):
+        return await run(request, TEXT_DIFF)
+
+    async def animation_file(extension: str, token: str, expires: int, signature: str) -> Response:
+        data = links.get(token, expires, signature, extension)
+        if data is None:
+            raise ApiError(404, "This image link is invalid or has expired (links last 60 minutes).")
+        media_type = manipulation.ANIMATION_TYPES[extension]
+        return Response(data, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
+
+    @routes.get("/v1/images/files/{token}.gif", include_in_schema=False)
+    async def gif_file(token: str, expires: int = 0, signature: str = ""):
+        return await animation_file("gif", token, expires, signature)
+
+    @routes.get("/v1/images/files/{token}.webp", include_in_schema=False)
+    async def webp_file(token: str, expires: int = 0, signature: str = ""):
+        return await animation_file("webp", token, expires, signature)
+
+    return routes
+
+
+async def _read_form(
+    request: Request, file_names: tuple[str, ...], max_upload_bytes: int
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The form's text fields (lists for `name[]`) and its image files, each at most `max_upload_bytes`."""
+    form = await request.form(max_files=4, max_fields=64)
+    values: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    for key in form:
+        items = form.getlist(key)
+        name = key.removesuffix("[]")
+        if name in file_names:
+            if len(items) != 1 or not isinstance(items[0], UploadFile):
+                raise invalid(name, f"'{name}' must be one file upload.", "invalid_type")
+            upload = items[0]
+            if upload.size is not None and upload.size > max_upload_bytes:
+                limit = max_upload_bytes // (1024 * 1024)
+                raise invalid(name, f"'{name}' must be less than {limit} MB.", "invalid_value")
+            files[name] = await upload.read()
+        elif any(isinstance(item, UploadFile) for item in items):
+            raise invalid(name, f"'{name}' must be a form field, not a file.", "invalid_type")
+        elif key.endswith("[]") or len(items) > 1:
+            values[name] = list(items) if name in core.LIST_PARAMS else items[-1]
+        else:
+            values[name] = items[0]
+    return values, files
