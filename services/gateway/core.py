@@ -30,7 +30,8 @@ STANDARD_SIZES = (256, 512, 1024)
 RESPONSE_FORMATS = ("url", "b64_json")
 # SamplingParams fields, by the type of their value (the names are the proto's and diffusers').
 INT_PARAMS = ("prior_num_inference_steps", "decoder_num_inference_steps", "prior_num_candidates")
-FLOAT_PARAMS = ("prior_guidance_scale", "decoder_guidance_scale")
+FLOAT_PARAMS = ("prior_guidance_scale", "decoder_guidance_scale", "ddim_eta")
+SAMPLER_PARAMS = ("prior_sampler", "decoder_sampler", "super_res_sampler")  # names from GetCapabilities
 LIST_PARAMS = ("super_res_num_inference_steps",)
 # Accepted and ignored: what the SDK or OpenAI clients send for dall-e-2 that has one meaning here.
 IGNORED = {"quality": ("standard", "auto")}
@@ -109,6 +110,8 @@ class ImageFields:
             elif name in LIST_PARAMS:
                 items = value if isinstance(value, list) else [value]
                 fields.params[name] = [_int32(item, name, form) for item in items]
+            elif name in SAMPLER_PARAMS:
+                fields.params[name] = _str(value, name)
             elif name == "stream":
                 fields.stream = _bool(value, name, form)
             elif name == "partial_images":

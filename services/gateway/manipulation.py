@@ -36,9 +36,6 @@ NOISE = {
 }
 ANIMATIONS = {"gif": orchestrator_pb2.ANIMATION_FORMAT_GIF, "webp": orchestrator_pb2.ANIMATION_FORMAT_WEBP}
 ANIMATION_TYPES = {"gif": "image/gif", "webp": "image/webp"}
-# SamplingParams fields beyond the OpenAI endpoints' (the samplers matter here: inverted starts run "ddim").
-SAMPLER_PARAMS = ("prior_sampler", "decoder_sampler", "super_res_sampler")
-EXTRA_FLOAT_PARAMS = ("ddim_eta",)
 IMAGE_FIELDS = {INTERPOLATION: ("start_image", "end_image"), TEXT_DIFF: ("image",)}
 TEXT_FIELDS = {
     INTERPOLATION: ("start_prompt", "end_prompt", "noise"),
@@ -117,12 +114,12 @@ class ManipulationFields:
                     raise invalid(name, "max_theta must be in (0, 1], got 0", "invalid_value")
             elif name in core.INT_PARAMS:
                 fields.params[name] = core._int32(value, name, form)
-            elif name in core.FLOAT_PARAMS or name in EXTRA_FLOAT_PARAMS:
+            elif name in core.FLOAT_PARAMS:
                 fields.params[name] = core._float(value, name, form)
             elif name in core.LIST_PARAMS:
                 items = value if isinstance(value, list) else [value]
                 fields.params[name] = [core._int32(item, name, form) for item in items]
-            elif name in SAMPLER_PARAMS:
+            elif name in core.SAMPLER_PARAMS:
                 fields.params[name] = core._str(value, name)
             else:
                 raise invalid(name, f"Unrecognized request argument supplied: {name}", "unknown_parameter")

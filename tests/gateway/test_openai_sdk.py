@@ -135,6 +135,42 @@ def test_bad_size_names_the_param_and_the_sizes(client):
     assert caught.value.param == "size"
 
 
+def test_samplers_per_stage_as_extra_fields_equal_the_grpc_door(client, stack):
+    samplers = {"prior_sampler": "ddim", "decoder_sampler": "dpmsolver++", "super_res_sampler": "ddim"}
+    result = client.images.generate(
+        prompt="a yellow star",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 77, **FAST, **samplers, "ddim_eta": 0.5},
+    )
+    stub = orchestrator_pb2_grpc.ImageServiceStub(stack.channel())
+    params = pb.SamplingParams(
+        prior_num_inference_steps=2,
+        decoder_num_inference_steps=2,
+        super_res_num_inference_steps=[2],
+        ddim_eta=0.5,
+        **samplers,
+    )
+    direct = stub.Generate(
+        pb.GenerateRequest(prompt="a yellow star", size=64, seed=77, params=params), timeout=120
+    )
+    default = stub.Generate(
+        pb.GenerateRequest(prompt="a yellow star", size=64, seed=77, params=pb.SamplingParams(
+            prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=[2]
+        )),
+        timeout=120,
+    )  # fmt: skip
+    via_http = decode(base64.b64decode(result.data[0].b64_json))
+    assert np.abs(via_http - decode(direct.images[0].png)).max() <= 2
+    assert np.abs(via_http - decode(default.images[0].png)).max() > 2  # the samplers were applied
+
+
+def test_unknown_sampler_names_the_param(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a red circle", extra_body={**FAST, "decoder_sampler": "euler"})
+    assert caught.value.param == "decoder_sampler", caught.value.message
+
+
 def test_bad_sampling_value_names_the_param(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="a red circle", extra_body={"decoder_num_inference_steps": 1})
