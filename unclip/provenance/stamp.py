@@ -9,7 +9,6 @@ setting.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,22 +175,33 @@ def now_iso() -> str:
 
 
 def model_identity(model: str | None) -> tuple[str, str]:
-    """(name, sha256 of the weights manifest) of the served model. A local folder is hashed file by file (its
-    unclip-manifest.json is used as is when present); an s3:// model is named by its URL, its hash left ''."""
+    """(name, sha256 of the weights manifest) of the served model (unclip.storage.manifest_sha256: the same
+    value for a folder and its copy in S3). A local folder is hashed file by file, or its unclip-manifest.json
+    read when present; an s3:// model is named by the URL's last part and hashed from the manifest in the
+    bucket (one GET; ValueError naming UNCLIP_MODEL when it cannot be read)."""
+    from unclip.storage import (
+        MANIFEST_NAME,
+        StorageError,
+        build_manifest,
+        manifest_sha256,
+        s3_manifest_sha256,
+    )
+
     if not model:
         return "unknown", ""
     if model.startswith("s3://"):
-        return model.rstrip("/").rsplit("/", 1)[-1], ""
-    from unclip.storage import MANIFEST_NAME, build_manifest
-
+        try:
+            digest = s3_manifest_sha256(model)
+        except (StorageError, ValueError) as error:
+            raise ValueError(f"UNCLIP_MODEL: cannot read the weights manifest of {model}: {error}") from error
+        return model.rstrip("/").rsplit("/", 1)[-1], digest
     folder = Path(model)
     if not folder.is_dir():
         return folder.name, ""
     pushed = folder / MANIFEST_NAME
     if pushed.is_file():
-        return folder.name, hashlib.sha256(pushed.read_bytes()).hexdigest()
-    manifest = json.dumps(build_manifest(folder), sort_keys=True).encode()
-    return folder.name, hashlib.sha256(manifest).hexdigest()
+        return folder.name, manifest_sha256(json.loads(pushed.read_text()))
+    return folder.name, manifest_sha256(build_manifest(folder))
 
 
 def _read_text(path: str, setting: str) -> str:
