@@ -53,7 +53,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def mint_ca(
-    common_name: str = "unclip local stack CA",
+    common_name: str = "unclip local stack CA", validity: datetime.timedelta = VALIDITY
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -64,7 +64,7 @@ def mint_ca(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
+        .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -80,7 +80,11 @@ def mint_ca(
 
 
 def mint_leaf(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, name: str, hosts: list[str]
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    name: str,
+    hosts: list[str],
+    validity: datetime.timedelta = VALIDITY,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A certificate for `name` (CN and first DNS SAN) also valid for `hosts` (DNS names or IP addresses)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -98,7 +102,7 @@ def mint_leaf(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
+        .not_valid_after(now + min(validity, ca_cert.not_valid_after_utc - now))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(
@@ -108,6 +112,50 @@ def mint_leaf(
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
+
+
+def mint_signer(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    name: str,
+    validity: datetime.timedelta = VALIDITY,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A C2PA signing certificate issued by the CA: digitalSignature and the emailProtection EKU, which C2PA
+    validators require (they refuse self-signed leaves and TLS-only usages), with the key identifiers."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    usage = dict.fromkeys(
+        ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement", "key_cert_sign",
+         "crl_sign", "encipher_only", "decipher_only"),
+        False,
+    )  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + min(validity, ca_cert.not_valid_after_utc - now))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, **usage), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """The private key as PKCS#8 PEM, mode 0600."""
+    _write_private(path, _key_pem(key))
 
 
 def mint_stack_certificates(
