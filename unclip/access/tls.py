@@ -4,7 +4,9 @@
 service name, each usable as server and as client certificate (serverAuth + clientAuth), whose subject CN and
 first SAN are the service name (what the stages check), with `localhost` and `127.0.0.1` as further SANs so
 loopback targets verify. Private keys are written mode 0600 in a 0700 folder. In Kubernetes the same files
-come from cert-manager `Certificate`s or plain Secrets (docs/operations.md).
+come from cert-manager `Certificate`s (k8s/components/cert-manager) or from plain Secrets that `unclip certs
+mint` writes with `mint_ca`, `mint_leaf` (the Services' DNS names as SANs) and `mint_signer` (a C2PA signer of
+the same CA); see docs/operations.md, "Secrets".
 """
 
 from __future__ import annotations
