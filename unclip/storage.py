@@ -187,21 +187,6 @@ def build_manifest(local_dir: Path) -> dict:
     return {"version": MANIFEST_VERSION, "files": files}
 
 
-def manifest_sha256(manifest: dict) -> str:
-    """The weights hash in every image's provenance: sha256 of the manifest as canonical JSON (sorted keys).
-    The same value for a local folder (build_manifest) and for its copy in S3, whatever the uploaded file's
-    formatting."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-def s3_manifest_sha256(url: str, config: S3Config | None = None) -> str:
-    """manifest_sha256 of the model at `s3://bucket/prefix`, from its unclip-manifest.json: one GET of a
-    small object, no weights downloaded (the manifest lists every file's sha256, which fetch_model checks)."""
-    bucket, prefix = parse_s3_url(url)
-    manifest, _ = read_manifest((config or S3Config.from_env()).client(), bucket, prefix)
-    return manifest_sha256(manifest)
-
-
 def _check_manifest(manifest: object, where: str) -> dict:
     ok = isinstance(manifest, dict) and manifest.get("version") == MANIFEST_VERSION
     files = manifest.get("files") if ok else None
