@@ -466,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     from unclip.audit_cli import add_parser as add_audit_parser
+    from unclip.certs_cli import add_parser as add_certs_parser
     from unclip.info_cli import add_parser as add_info_parser
     from unclip.interpolate_cli import add_parsers as add_interpolate_parsers
     from unclip.keys_cli import add_parser as add_keys_parser
@@ -474,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(commands)  # `unclip audit`: print and filter the safety audit log
     add_keys_parser(commands)  # `unclip keys create|list|revoke`
+    add_certs_parser(commands)  # `unclip certs mint`: a Kubernetes deployment's certificate Secrets
     add_usage_parser(commands)  # `unclip usage`: images, compute and energy by key or tenant
     add_verify_parser(commands)  # `unclip verify`: provenance check of image files (exit 0 / 6 / 7)
     add_info_parser(commands)  # `unclip info`: the connected stack's capabilities

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS = ["dev", "gpu", "gpu-hpa", "gpu-cascade"]
+OVERLAYS = ["dev", "gpu", "gpu-hpa", "gpu-cascade", "gpu-plain-secrets"]
 
 sys.path.insert(0, str(ROOT / "scripts"))
 

@@ -14,7 +14,7 @@ import yaml
 from unclip.runtime import metrics, settings
 
 ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS = ["dev", "gpu", "gpu-hpa", "gpu-cascade"]
+OVERLAYS = ["dev", "gpu", "gpu-hpa", "gpu-cascade", "gpu-plain-secrets"]
 # Schemas checked: the kubectl we render with (1.35) and an older still-supported minor.
 K8S_VERSIONS = ["1.35.0", "1.33.0"]
 # Deployment name -> (process, its metrics `service` label = its key in settings.DEFAULT_PORTS).
@@ -50,7 +50,15 @@ def model_stages_of(docs) -> list[str]:
 
 
 # Objects that the gpu overlays expect to exist already (created by the operator, docs/operations.md).
-EXTERNAL = {("Secret", "unclip-s3")}
+EXTERNAL = {("Secret", "unclip-s3"), ("Secret", "unclip-keys"), ("Secret", "unclip-watermark")}
+# Without cert-manager the operator also creates the certificate Secrets (`unclip certs mint`).
+EXTERNAL_WITHOUT_CERT_MANAGER = {
+    ("Secret", name)
+    for name in (
+        "unclip-c2pa",
+        *(f"unclip-tls-{s}" for s in ("orchestrator", "encoder", "prior", "decoder", "super-res", "safety")),
+    )
+}
 # Environment variables the manifests set that no code reads yet (wiring listed in docs/operations.md).
 NOT_YET_READ = {"UNCLIP_DTYPE", "UNCLIP_IMAGES_URL"}
 
@@ -104,8 +112,8 @@ def selector_matches(selector: dict, labels: dict) -> bool:
 def test_every_object_validates_against_the_kubernetes_schemas(rendered, overlay):
     checked = 0
     for doc in rendered[overlay]:
-        if doc["apiVersion"].startswith("keda.sh/"):
-            continue  # a custom resource: checked against KEDA's required fields below
+        if doc["apiVersion"].startswith(("keda.sh/", "cert-manager.io/")):
+            continue  # custom resources: checked against their required fields (below, test_access_manifests)
         for version in K8S_VERSIONS:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
@@ -159,8 +167,13 @@ def test_stage_ports_agree_everywhere(rendered, overlay):
         if process == "decoder":
             assert env["UNCLIP_STAGE"] == label
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            # Native gRPC probes on grpc.health.v1 (NOT_SERVING until weights are loaded).
-            assert c[probe]["grpc"]["port"] == grpc_port, (name, probe)
+            # Native gRPC probes on grpc.health.v1 (NOT_SERVING until weights are loaded), on the plaintext
+            # health-only port the process serves (UNCLIP_HEALTH_PORT): the main port requires mTLS.
+            assert c[probe]["grpc"]["port"] == ports["health"] == int(env["UNCLIP_HEALTH_PORT"]), (
+                name,
+                probe,
+            )
+            assert ports["health"] != grpc_port, name
         # The orchestrator's readiness follows its stages (a named health service); liveness stays on "".
         expected_readiness = "unclip.v1.ImageService" if process == "orchestrator" else None
         assert c["readinessProbe"]["grpc"].get("service") == expected_readiness, name
@@ -282,7 +295,7 @@ def exported_metric_names() -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("overlay", ["gpu", "gpu-cascade"])
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-cascade", "gpu-plain-secrets"])
 def test_every_stage_has_a_keda_scaler_on_its_own_queue(rendered, overlay):
     docs = rendered[overlay]
     scalers = kinds(docs, "ScaledObject")
@@ -334,7 +347,7 @@ def test_dev_overlay_runs_without_autoscaler_gpu_or_outside_s3(rendered):
     assert f'push "$model" {data["UNCLIP_MODEL"]}' in script  # the Job seeds the model the stages load
 
 
-@pytest.mark.parametrize("overlay", ["gpu", "gpu-cascade"])
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-cascade", "gpu-plain-secrets"])
 def test_gpu_overlay_puts_model_stages_on_gpus_in_fp16(rendered, overlay):
     docs = rendered[overlay]
     deployments = by_name(docs, "Deployment")
@@ -440,9 +453,15 @@ def test_every_referenced_configmap_and_secret_exists(rendered, overlay):
         for volume in pod.get("volumes", []):
             if "configMap" in volume:
                 referenced.add(("ConfigMap", volume["configMap"]["name"]))
+            if "secret" in volume:
+                referenced.add(("Secret", volume["secret"]["secretName"]))
+    # cert-manager writes each Certificate's Secret.
+    present |= {("Secret", c["spec"]["secretName"]) for c in kinds(docs, "Certificate")}
     missing = referenced - present
     if overlay == "dev":
         assert not missing  # dev is self-contained
+    elif overlay == "gpu-plain-secrets":
+        assert not kinds(docs, "Certificate") and missing <= EXTERNAL | EXTERNAL_WITHOUT_CERT_MANAGER, missing
     else:
         assert missing <= EXTERNAL, missing
 

@@ -12,6 +12,6 @@ def _settings(objects: list[dict]) -> dict:
 
 
 def test_reflection_is_off_in_production_and_on_in_dev(rendered):
-    for overlay in ("gpu", "gpu-hpa", "gpu-cascade"):
+    for overlay in ("gpu", "gpu-hpa", "gpu-cascade", "gpu-plain-secrets"):
         assert _settings(rendered[overlay]).get("UNCLIP_REFLECTION") == "false", overlay
     assert _settings(rendered["dev"]).get("UNCLIP_REFLECTION", "true") == "true"

@@ -186,6 +186,22 @@ def test_s3_refusal_is_unavailable(extra_orchestrator):
     assert "S3 refused the credentials" in error.value.details()
 
 
+def test_an_s3_model_carries_its_weights_hash(stack, s3, extra_orchestrator):
+    """Every PNG names the model's weights manifest hash; for an s3:// model it is read from the bucket's
+    manifest, and equals the hash of the folder that was pushed there."""
+    from unclip.provenance.stamp import model_identity
+    from unclip.storage import push_model
+
+    url = "s3://unclip-models/weights/tiny"
+    push_model(stack.model, url, s3.config)
+    local_name, local_hash = model_identity(stack.model)
+    process = extra_orchestrator({"UNCLIP_MODEL": url})
+    png = generate(process.address, pb.OUTPUT_FORMAT_PNG, n=1).images[0].png
+    text = PIL.Image.open(io.BytesIO(png)).text
+    assert text["unclip:model"] == "tiny" and len(local_hash) == 64
+    assert text["unclip:model_sha256"] == local_hash
+
+
 def test_bucket_without_s3_endpoint_does_not_start(extra_orchestrator):
     process = extra_orchestrator({"UNCLIP_S3_ENDPOINT": None}, wait=False)
     assert process.popen.wait(timeout=60) == 2

@@ -100,7 +100,8 @@ class KeyRecord:
 
     def identity(self, kind: str) -> Identity:
         return Identity(
-            name=self.name,
+            # A certificate client is known by the subject its certificate proves, a key by its name.
+            name=self.subject if kind == "cert" and self.subject else self.name,
             tenant=self.tenant,
             scopes=frozenset(self.scopes),
             priority=self.priority,

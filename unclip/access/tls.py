@@ -4,7 +4,9 @@
 service name, each usable as server and as client certificate (serverAuth + clientAuth), whose subject CN and
 first SAN are the service name (what the stages check), with `localhost` and `127.0.0.1` as further SANs so
 loopback targets verify. Private keys are written mode 0600 in a 0700 folder. In Kubernetes the same files
-come from cert-manager `Certificate`s or plain Secrets (docs/operations.md).
+come from cert-manager `Certificate`s (k8s/components/cert-manager) or from plain Secrets that `unclip certs
+mint` writes with `mint_ca`, `mint_leaf` (the Services' DNS names as SANs) and `mint_signer` (a C2PA signer of
+the same CA); see docs/operations.md, "Secrets".
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def mint_ca(
-    common_name: str = "unclip local stack CA",
+    common_name: str = "unclip local stack CA", validity: datetime.timedelta = VALIDITY
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -64,7 +66,7 @@ def mint_ca(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
+        .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -80,7 +82,11 @@ def mint_ca(
 
 
 def mint_leaf(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, name: str, hosts: list[str]
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    name: str,
+    hosts: list[str],
+    validity: datetime.timedelta = VALIDITY,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A certificate for `name` (CN and first DNS SAN) also valid for `hosts` (DNS names or IP addresses)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -98,7 +104,7 @@ def mint_leaf(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
+        .not_valid_after(now + min(validity, ca_cert.not_valid_after_utc - now))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(
@@ -108,6 +114,50 @@ def mint_leaf(
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
+
+
+def mint_signer(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    name: str,
+    validity: datetime.timedelta = VALIDITY,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A C2PA signing certificate issued by the CA: digitalSignature and the emailProtection EKU, which C2PA
+    validators require (they refuse self-signed leaves and TLS-only usages), with the key identifiers."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    usage = dict.fromkeys(
+        ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement", "key_cert_sign",
+         "crl_sign", "encipher_only", "decipher_only"),
+        False,
+    )  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + min(validity, ca_cert.not_valid_after_utc - now))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, **usage), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """The private key as PKCS#8 PEM, mode 0600."""
+    _write_private(path, _key_pem(key))
 
 
 def mint_stack_certificates(

@@ -175,23 +175,46 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def manifest_sha256(manifest: dict) -> str:
+    """The weights hash in every image's provenance: sha256 of the weights manifest (unclip.storage) as
+    canonical JSON (sorted keys). The same value for a local folder and for its copy in S3, whatever the
+    uploaded file's formatting."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def s3_manifest_sha256(url: str) -> str:
+    """manifest_sha256 of the model at `s3://bucket/prefix`, from its unclip-manifest.json: one GET of a small
+    object, no weights downloaded (the manifest lists every file's sha256, which fetch_model checks). S3 ETags
+    are not used: a multipart upload's ETag is no content hash."""
+    from unclip.storage import S3Config, parse_s3_url, read_manifest
+
+    bucket, prefix = parse_s3_url(url)
+    manifest, _ = read_manifest(S3Config.from_env().client(), bucket, prefix)
+    return manifest_sha256(manifest)
+
+
 def model_identity(model: str | None) -> tuple[str, str]:
-    """(name, sha256 of the weights manifest) of the served model. A local folder is hashed file by file (its
-    unclip-manifest.json is used as is when present); an s3:// model is named by its URL, its hash left ''."""
+    """(name, sha256 of the weights manifest) of the served model (manifest_sha256: the same value for a
+    folder and its copy in S3). A local folder is hashed file by file, or its unclip-manifest.json read when
+    present; an s3:// model is named by the URL's last part and hashed from the manifest in the bucket (one
+    GET; ValueError naming UNCLIP_MODEL when it cannot be read)."""
+    from unclip.storage import MANIFEST_NAME, StorageError, build_manifest
+
     if not model:
         return "unknown", ""
     if model.startswith("s3://"):
-        return model.rstrip("/").rsplit("/", 1)[-1], ""
-    from unclip.storage import MANIFEST_NAME, build_manifest
-
+        try:
+            digest = s3_manifest_sha256(model)
+        except (StorageError, ValueError) as error:
+            raise ValueError(f"UNCLIP_MODEL: cannot read the weights manifest of {model}: {error}") from error
+        return model.rstrip("/").rsplit("/", 1)[-1], digest
     folder = Path(model)
     if not folder.is_dir():
         return folder.name, ""
     pushed = folder / MANIFEST_NAME
     if pushed.is_file():
-        return folder.name, hashlib.sha256(pushed.read_bytes()).hexdigest()
-    manifest = json.dumps(build_manifest(folder), sort_keys=True).encode()
-    return folder.name, hashlib.sha256(manifest).hexdigest()
+        return folder.name, manifest_sha256(json.loads(pushed.read_text()))
+    return folder.name, manifest_sha256(build_manifest(folder))
 
 
 def _read_text(path: str, setting: str) -> str:
