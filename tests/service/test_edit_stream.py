@@ -100,3 +100,21 @@ def test_edit_stream_refuses_bad_input_and_refused_prompts_before_accepting(imag
             assert refusal is not None and refusal.stage == "prompt", caught.value.details()
         else:
             assert refusal is None and caught.value.details().startswith(name), caught.value.details()
+
+
+def test_edit_stream_needs_the_edit_scope(stack):
+    from unclip.access import keys
+    from unclip.access.client import with_key
+    from unclip.runtime.server import create_channel
+
+    key = keys.create(stack.running.keys_file, "edit-stream-generate-only", scopes=["generate"])
+    image, mask = image_and_mask()
+    request = pb.EditRequest(image=image, mask=mask, prompt="a red circle", params=FAST)
+    try:
+        with with_key(create_channel(stack.address), key) as channel:
+            stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.EditStream(request, timeout=60))
+    finally:
+        keys.revoke(stack.running.keys_file, "edit-stream-generate-only")
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'edit'" in caught.value.details()
