@@ -31,8 +31,8 @@ from services.gateway.streaming import EDIT, GENERATION, sse_events
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
-# Bounded labels: each /v1 route, the links, and "other".
-ENDPOINTS = ("generations", "edits", "variations", "files", "models", "content_provenance_checks")
+# Bounded labels: each /v1/images route, the links, models, content_provenance_checks, and "other".
+ENDPOINTS = ("generations", "edits", "variations", "files", "models")
 REQUESTS = Counter(
     "unclip_gateway_requests", "HTTP requests answered, by endpoint and status code.", ["endpoint", "status"]
 )
