@@ -22,16 +22,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway import core, manipulations, schema
+from services.gateway import core, manipulations, provenance, schema
 from services.gateway.client import Orchestrator, OrchestratorConfig, OrchestratorError
 from services.gateway.core import ApiError, ImageFields
 from services.gateway.links import LinkConfig, LinkStore
-from services.gateway.streaming import sse_events
+from services.gateway.streaming import EDIT, GENERATION, sse_events
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
-# Bounded labels: each /v1 route, the links, and "other".
+# Bounded labels: each /v1 route, the links, models, content_provenance_checks, and "other".
 ENDPOINTS = ("generations", "edits", "variations", "interpolations", "text-diffs", "files", "models")
 REQUESTS = Counter(
     "unclip_gateway_requests", "HTTP requests answered, by endpoint and status code.", ["endpoint", "status"]
@@ -65,8 +65,8 @@ def _endpoint(path: str) -> str:
     parts = path.strip("/").split("/")
     if len(parts) >= 3 and parts[:2] == ["v1", "images"] and parts[2] in ENDPOINTS:
         return parts[2]
-    if parts[:2] == ["v1", "models"]:
-        return "models"
+    if parts[:2] in (["v1", "models"], ["v1", "content_provenance_checks"]):
+        return parts[1]
     return "other"
 
 
@@ -120,6 +120,15 @@ async def _send_error(send, error: ApiError, endpoint: str, started: float) -> N
     await send({"type": "http.response.body", "body": body})
     REQUESTS.labels(endpoint, str(error.status)).inc()
     LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def event_stream(events) -> StreamingResponse:
+    """Server-Sent Events, unbuffered by proxies."""
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -212,11 +221,7 @@ def create_app(config: GatewayConfig) -> Limits:
         message = core.to_generate(fields, served, url_format=url_format)
         if fields.stream:
             head, rest = await orchestrator().generate_stream(message, authorization)
-            return StreamingResponse(
-                sse_events(head, rest, fields, message.size),
-                media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
+            return event_stream(sse_events(head, rest, fields, message.size, GENERATION))
         return await answer(request, fields, "Generate", message)
 
     @app.post(
@@ -228,11 +233,19 @@ def create_app(config: GatewayConfig) -> Limits:
         fields, files = await read_form(request, ("image", "mask"))
         if "image" not in files:
             raise core.invalid("image", "Missing required parameter: 'image'.", "missing_required_parameter")
-        served = await orchestrator().served(request.headers.get("authorization"))
-        message = core.to_edit(
-            fields, files["image"], files.get("mask", b""), served, fields.response_format == "url"
-        )
+        authorization = request.headers.get("authorization")
+        served = await orchestrator().served(authorization)
+        url_format = fields.response_format == "url" and not fields.stream  # a stream carries b64 PNGs
+        message = core.to_edit(fields, files["image"], files.get("mask", b""), served, url_format)
+        if fields.stream:
+            return await edit_stream(message, fields, authorization)
         return await answer(request, fields, "Edit", message)
+
+    async def edit_stream(message, fields: ImageFields, authorization: str | None) -> StreamingResponse:
+        """Edits with stream=true: EditStream's events as the generations' SSE, named image_edit.*; bad
+        input and refusals are raised here, before the 200."""
+        head, rest = await orchestrator().edit_stream(message, authorization)
+        return event_stream(sse_events(head, rest, fields, message.size, EDIT))
 
     @app.post(
         "/v1/images/variations",
@@ -246,6 +259,39 @@ def create_app(config: GatewayConfig) -> Limits:
         served = await orchestrator().served(request.headers.get("authorization"))
         message = core.to_variation(fields, files["image"], served, fields.response_format == "url")
         return await answer(request, fields, "CreateVariation", message)
+
+    @app.post(
+        "/v1/content_provenance_checks",
+        summary="Is this image ours, and unaltered? (OpenAI's content_provenance_checks.create)",
+        openapi_extra=provenance.SCHEMA,
+    )
+    async def content_provenance_checks(request: Request):
+        image = await read_file_form(request)
+        try:
+            answer = await orchestrator().verify(image, request.headers.get("authorization"))
+        except OrchestratorError as error:
+            if error.failure.code == "INVALID_ARGUMENT":  # the orchestrator's "image" is this form's "file"
+                raise core.invalid("file", error.failure.message, "invalid_value") from None
+            raise
+        return JSONResponse(provenance.check_body(answer))
+
+    async def read_file_form(request: Request) -> bytes:
+        """The one `file` upload of a multipart body (content_provenance_checks takes nothing else)."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(400, "This endpoint takes multipart/form-data (the image as `file`).")
+        form = await request.form(max_files=2, max_fields=8)
+        for key in form:
+            if key != "file":
+                raise core.invalid(key, f"Unrecognized request argument supplied: {key}", "unknown_parameter")
+        items = form.getlist("file")
+        if not items:
+            raise core.invalid("file", "Missing required parameter: 'file'.", "missing_required_parameter")
+        if len(items) != 1 or not isinstance(items[0], UploadFile):
+            raise core.invalid("file", "'file' must be one file upload.", "invalid_type")
+        if items[0].size is not None and items[0].size > config.max_upload_bytes:
+            limit = config.max_upload_bytes // (1024 * 1024)
+            raise core.invalid("file", f"'file' must be less than {limit} MB.", "invalid_value")
+        return await items[0].read()
 
     async def read_form(
         request: Request, file_names: tuple[str, ...]

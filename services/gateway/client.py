@@ -144,8 +144,24 @@ class Orchestrator:
         prompt check (the first event after them: the encoder's, held back by the orchestrator until the
         check passed), so those failures are raised here, before any HTTP answer. Returns the events read
         and an iterator over the rest."""
+        return await self._open_stream(self.stub.GenerateStream, request, authorization)
+
+    async def edit_stream(
+        self, request: orchestrator_pb2.EditRequest, authorization: str | None
+    ) -> tuple[list[orchestrator_pb2.GenerateEvent], AsyncIterator[orchestrator_pb2.GenerateEvent]]:
+        """EditStream, opened as `generate_stream` opens GenerateStream (the prompt and image checks are
+        behind the events read first)."""
+        return await self._open_stream(self.stub.EditStream, request, authorization)
+
+    async def verify(self, image: bytes, authorization: str | None) -> orchestrator_pb2.VerifyResponse:
+        """Verify: is this file ours, and unaltered."""
+        return await self._call(self.stub.Verify, orchestrator_pb2.VerifyRequest(image=image), authorization)
+
+    async def _open_stream(
+        self, method, request, authorization: str | None
+    ) -> tuple[list[orchestrator_pb2.GenerateEvent], AsyncIterator[orchestrator_pb2.GenerateEvent]]:
         metadata = (("authorization", authorization),) if authorization else ()
-        call = self.stub.GenerateStream(request, metadata=metadata, timeout=self.config.timeout_seconds)
+        call = method(request, metadata=metadata, timeout=self.config.timeout_seconds)
         head: list[orchestrator_pb2.GenerateEvent] = []
         try:
             while True:

@@ -71,7 +71,7 @@ class ImageFields:
     model: str | None = None  # dall-e-2 or the served model's name
     seed: int | None = None  # unclip extra: reproducible results
     params: dict[str, Any] = field(default_factory=dict)  # unclip extra: SamplingParams fields
-    stream: bool = False  # Server-Sent Events (generations only)
+    stream: bool = False  # Server-Sent Events (generations and edits)
     partial_images: int = 3  # with stream: how many intermediate images to send (0-3)
     progress: bool = False  # with stream: also `unclip.progress` events (the playground's progress bar)
 
@@ -262,15 +262,15 @@ def to_variation(
     if fields.prompt is not None:
         raise invalid("prompt", "Unrecognized request argument supplied: prompt", "unknown_parameter")
     if fields.stream:
-        raise invalid("stream", "stream is supported on /v1/images/generations only")
+        raise invalid("stream", "stream is supported on /v1/images/generations and /v1/images/edits only")
     return orchestrator_pb2.VariationRequest(image=image, **_common(fields, served, url_format))
 
 
 def to_edit(
     fields: ImageFields, image: bytes, mask: bytes, served: Served, url_format: bool
 ) -> orchestrator_pb2.EditRequest:
-    if fields.stream:
-        raise invalid("stream", "stream is supported on /v1/images/generations only")
+    if fields.stream and fields.n != 1:
+        raise invalid("n", "n must be 1 with stream=true (the completed event carries no image index)")
     return orchestrator_pb2.EditRequest(
         image=image, mask=mask, prompt=fields.require_prompt(), **_common(fields, served, url_format)
     )

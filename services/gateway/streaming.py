@@ -1,4 +1,4 @@
-"""`stream=true`: GenerateStream's events as Server-Sent Events in the gpt-image shape.
+"""`stream=true`: GenerateStream's (and EditStream's) events as Server-Sent Events in the gpt-image shape.
 
     event: image_generation.partial_image   (after the decoder and each upsampler but the last, at most
     data: {"type": ..., "b64_json": ..., "partial_image_index": i, "size": "64x64", ...}     partial_images)
@@ -8,6 +8,9 @@
 With `unclip_progress=true` (the playground) `unclip.progress` events (stage started / finished, denoising
 step i of N) come in between; the SDK's clients never ask for them. A failure after the 200 (a stage down,
 the final images withheld) is an `error` event with OpenAI's error object, and ends the stream.
+
+Edits send the same events named as OpenAI's edit stream names them: `image_edit.partial_image`,
+`image_edit.completed`.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def _image_event(kind: str, png: bytes, size: int) -> dict[str, Any]:
+GENERATION, EDIT = "image_generation", "image_edit"  # the events' type prefix, per endpoint
+
+
+def _image_event(prefix: str, kind: str, png: bytes, size: int) -> dict[str, Any]:
     return {
-        "type": f"image_generation.{kind}",
+        "type": f"{prefix}.{kind}",
         "b64_json": base64.b64encode(png).decode("ascii"),
         "created_at": int(time.time()),
         "size": f"{size}x{size}",
@@ -63,8 +69,10 @@ async def sse_events(
     rest: AsyncIterator[orchestrator_pb2.GenerateEvent],
     fields: core.ImageFields,
     size: int,
+    prefix: str = GENERATION,
 ) -> AsyncIterator[bytes]:
-    """The stream's bytes: the events read before the 200 (`head`), then the rest as they come."""
+    """The stream's bytes: the events read before the 200 (`head`), then the rest as they come; `prefix`
+    names the image events (GENERATION or EDIT)."""
     partials = 0
 
     async def events() -> AsyncIterator[orchestrator_pb2.GenerateEvent]:
@@ -78,14 +86,14 @@ async def sse_events(
             kind = event.WhichOneof("event")
             if kind == "preview":
                 if partials < fields.partial_images:
-                    data = _image_event("partial_image", event.preview.png, event.preview.size)
+                    data = _image_event(prefix, "partial_image", event.preview.png, event.preview.size)
                     data["partial_image_index"] = partials
                     partials += 1
                     yield sse(data["type"], data)
             elif kind == "result":
                 result = event.result
                 image = result.images[0]
-                data = _image_event("completed", image.png, result.size)
+                data = _image_event(prefix, "completed", image.png, result.size)
                 data["seed"] = image.seed
                 data["usage"] = _token_usage()
                 if result.HasField("usage"):

@@ -188,6 +188,19 @@ class Request:
     tenant: str = ""
 
 
+@dataclass
+class EditInputs:
+    """An Edit request once validated: its shared fields, parameters, and the original and its mask at the
+    requested size."""
+
+    r: Request
+    params: Params
+    cfg: bool
+    original: torch.Tensor  # [1, 3, S, S] in [-1, 1]
+    known: torch.Tensor  # [1, 1, S, S], 1 = keep
+    checked: bool = False  # the prompt and image passed the content policy
+
+
 class Pipeline:
     """Runs Generate, CreateVariation and Edit over the stages."""
 
@@ -386,8 +399,9 @@ class Pipeline:
         # 4-7. Decoder, safety, upsamplers, safety, PNGs.
         return self._decode_and_upsample(r, params, cfg, image_embeds, text, generators, calls)
 
-    def edit(self, req: orchestrator_pb2.EditRequest, calls: Calls) -> orchestrator_pb2.ImagesResponse:
-        # 1. Validate: prompt, a square image, a mask of its size (or its own alpha), the shared fields.
+    def validate_edit(self, req: orchestrator_pb2.EditRequest) -> EditInputs:
+        """Every check of an Edit request that needs no stage (EditStream runs it before admission)."""
+        # Prompt, a square image, a mask of its size (or its own alpha), the shared fields.
         check_chars("user_chars", req.user, "user")
         check_prompt(req.prompt)
         image = decode_image(req.image, "image")
@@ -396,7 +410,6 @@ class Pipeline:
         known = known_mask(image, mask)  # [1, S, S], 1 = keep
         r = self._request(req.n, req.size, req.HasField("seed"), req.seed, req.output_format, req.user)
         r.operation, r.prompt = "edit", req.prompt
-        r.identity, r.tenant = calls.identity, calls.tenant
         params = Params.from_proto(
             req.params,
             len(self.cascade) - 1,
@@ -406,18 +419,30 @@ class Pipeline:
             edit=True,
         )
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
-        generators = _generator_states(r.seed, r.n)
-
-        # 2. The original at the requested size; every stage resizes it (and the mask) to its own resolution.
+        # The original at the requested size; every stage resizes it (and the mask) to its own resolution.
         original = pil_to_tensor(resize_image(image.convert("RGB"), r.size))[None]  # [1, 3, S, S]
-        known = resize_mask(known, r.size)[None]  # [1, 1, S, S]
+        return EditInputs(r, params, cfg, original, resize_mask(known, r.size)[None])  # mask [1, 1, S, S]
+
+    def check_edit(self, edit: EditInputs, calls: Calls) -> None:
+        """The prompt and the uploaded image pass the content policy (EditStream: before "accepted")."""
+        edit.r.identity, edit.r.tenant = calls.identity, calls.tenant
+        self._check_prompt(edit.r.prompt, edit.r, calls)
+        self._check_images(edit.original, safety_pb2.CHECK_STAGE_INPUT_IMAGE, edit.r, calls)
+        edit.checked = True
+
+    def edit(
+        self, req: orchestrator_pb2.EditRequest, calls: Calls, validated: EditInputs | None = None
+    ) -> orchestrator_pb2.ImagesResponse:
+        # 1-3. Validate, then the prompt and uploaded image pass the content policy (unless the caller did).
+        edit = validated or self.validate_edit(req)
+        if not edit.checked:
+            self.check_edit(edit, calls)
+        r, params, cfg, original, known = edit.r, edit.params, edit.cfg, edit.original, edit.known
+        r.previews = calls.on_event is not None  # EditStream: a preview after each stage but the last
+        generators = _generator_states(r.seed, r.n)
         inpaint = decoder_pb2.InpaintInput(
             image=to_proto(original.expand(r.n, -1, -1, -1)), mask=to_proto(known.expand(r.n, -1, -1, -1))
         )
-
-        # 3. Prompt and uploaded image pass the content policy.
-        self._check_prompt(req.prompt, r, calls)
-        self._check_images(original, safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
 
         # 4. Encoder and prior, as for Generate.
         text, prior = self._encode_and_sample_prior(req.prompt, r.n, params, cfg, generators, calls)

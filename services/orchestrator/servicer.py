@@ -209,6 +209,22 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
 
         yield from self._stream(self._admit(request, context, batch=calls.batch), calls, run, "result")
 
+    @grpc_stream_errors
+    def EditStream(self, request: orchestrator_pb2.EditRequest, context: grpc.ServicerContext):
+        """Edit, reporting progress as GenerateStream does, with a preview after each stage but the last.
+        Bad input is refused before admission; the prompt and image checks run once admitted, before
+        "accepted", so a refusal ends the call with no event."""
+        pipeline, calls = self._run(context, request)
+        validated = pipeline.validate_edit(request)
+
+        def run() -> orchestrator_pb2.ImagesResponse:
+            return self._settle(pipeline.edit(request, calls, validated), calls, "Edit")
+
+        def check() -> None:
+            pipeline.check_edit(validated, calls)
+
+        yield from self._stream(self._admit(request, context, batch=calls.batch), calls, run, "result", check)
+
     @grpc_errors
     def Verify(self, request: orchestrator_pb2.VerifyRequest, context: grpc.ServicerContext):
         """Provenance check of one image file (unclip/provenance/verify.py); no stage is called."""
@@ -249,13 +265,15 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         admission = self._admit(request, context, prior=interpolation.has_prompt, images=interpolation.frames)
         yield from self._stream(admission, calls, run, "interpolation")
 
-    def _stream(self, admission, calls: Calls, run, field: str):
+    def _stream(self, admission, calls: Calls, run, field: str, check=None):
         """A request's progress as GenerateEvents: accepted (with the requests ahead, once `admission`
-        admits it), the stages' events, then `field` set to what `run()` returned (its error is raised on
-        the handler's thread)."""
+        admits it and `check()`, if given, passed on this thread), the stages' events, then `field` set to
+        what `run()` returned (its error is raised on the handler's thread)."""
         events: queue.Queue = queue.Queue()  # bounded by the steps of one request
         calls.on_event = events.put
         with admission as ahead:
+            if check is not None:
+                check()  # its stage events wait in the queue and follow "accepted"
             yield orchestrator_pb2.GenerateEvent(accepted=orchestrator_pb2.Accepted(queue_position=ahead))
 
             def work() -> None:

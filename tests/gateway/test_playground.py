@@ -94,6 +94,7 @@ def test_playground_generate_vary_edit(browser, gateway, api_key, tmp_path):
     assert browser.execute_script("return document.getElementById('progress').value") == 1
     previews = find(By.ID, "previews").find_elements(By.TAG_NAME, "img")
     assert [png_size(p.get_attribute("src")) for p in previews] == [(32, 32), (64, 64)]
+    generate_previews = [p.get_attribute("src") for p in previews]
     card = find(By.CSS_SELECTOR, "#gallery .card")
     assert card.get_attribute("data-seed") == "21" and "seed 21" in card.text
     original = card.find_element(By.TAG_NAME, "img").get_attribute("src")
@@ -120,6 +121,12 @@ def test_playground_generate_vary_edit(browser, gateway, api_key, tmp_path):
     assert find(By.ID, "status").text == "done", find(By.ID, "status").text
     edited = find(By.CSS_SELECTOR, "#gallery .card[data-how=edit] img").get_attribute("src")
     assert png_size(edited) == (128, 128)
+    # The edit streamed too: its own partial previews replaced the generation's.
+    edit_previews = [
+        p.get_attribute("src") for p in find(By.ID, "previews").find_elements(By.TAG_NAME, "img")
+    ]
+    assert [png_size(p) for p in edit_previews] == [(32, 32), (64, 64)]
+    assert not set(edit_previews) & set(generate_previews)
     difference = np.abs(pixels(edited) - pixels(original))
     # Far from the painted corner: kept, but for the two pictures' own invisible watermarks (each image's
     # mark follows its seed; PSNR ~38 dB, BENCHMARKS.md "Provenance").

@@ -1,5 +1,6 @@
 """stream=true: the SDK's streaming API reads partial images (after the decoder and the first upsampler),
-then the completed image; refusals and bad input are 400s before the stream starts; `unclip up`'s gateway."""
+then the completed image, for generations and edits; refusals and bad input are 400s before the stream
+starts; `unclip up`'s gateway."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import time
 
 import httpx2 as httpx
+import numpy as np
 import openai
 import PIL.Image
 import pytest
@@ -66,6 +68,61 @@ def test_stream_failures_come_before_the_stream(client):
             prompt="a red circle", stream=True, extra_body={"decoder_num_inference_steps": 1}
         )
     assert caught.value.param == "decoder_num_inference_steps"
+
+
+def edit_files(size: int = 64) -> tuple[tuple[str, bytes, str], tuple[str, bytes, str]]:
+    """A random picture and its mask with a transparent square hole, as the SDK's file tuples."""
+    original = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    alpha = np.full((size, size), 255, dtype=np.uint8)
+    alpha[: size // 2, : size // 2] = 0
+    files = []
+    for name, array, mode in (("photo", original, "RGB"), ("mask", np.dstack([original, alpha]), "RGBA")):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(array, mode).save(buffer, format="PNG")
+        files.append((f"{name}.png", buffer.getvalue(), "image/png"))
+    return files[0], files[1]
+
+
+def test_edit_stream_partial_images_then_completed(client):
+    image, mask = edit_files()
+    stream = client.images.edit(
+        image=image,
+        mask=mask,
+        prompt="a yellow star",
+        stream=True,
+        partial_images=2,
+        extra_body={"seed": 5, **FAST},
+    )
+    events = list(stream)
+    assert [event.type for event in events] == [
+        "image_edit.partial_image",
+        "image_edit.partial_image",
+        "image_edit.completed",
+    ]
+    assert [event.partial_image_index for event in events[:2]] == [0, 1]
+    assert [size_of(event.b64_json) for event in events] == [(32, 32), (64, 64), (128, 128)]
+    assert events[-1].size == "128x128" and events[-1].model_extra["seed"] == 5
+    assert events[-1].model_extra["unclip_usage"]["images"] == 1
+    # The completed image is the one the same edit makes without streaming.
+    plain = client.images.edit(
+        image=image,
+        mask=mask,
+        prompt="a yellow star",
+        response_format="b64_json",
+        extra_body={"seed": 5, **FAST},
+    )
+    assert pixels_of(events[-1].b64_json) == pixels_of(plain.data[0].b64_json)
+
+    # Refusals and bad input are 400s naming the field, before any event.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=image, mask=mask, prompt="a massacre", stream=True, extra_body=FAST)
+    assert caught.value.code == "content_policy_violation"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=image, mask=mask, prompt="a star", n=2, stream=True, extra_body=FAST)
+    assert caught.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=image, mask=edit_files(32)[1], prompt="a star", stream=True, extra_body=FAST)
+    assert caught.value.param == "mask"
 
 
 def test_progress_events_for_the_page(gateway, api_key):

@@ -35,6 +35,7 @@ METHOD_SCOPES = {
     "GenerateStream": "generate",
     "CreateVariation": "vary",
     "Edit": "edit",
+    "EditStream": "edit",
 }
 
 # Who may call each service (the caller's certificate CN). The safety service's CLIP filter calls the encoder.

@@ -53,6 +53,7 @@ def capture_seeds(methods: list[Method], channel_for: Callable[[str], grpc.Chann
         f"/{REFLECTION}/ServerReflectionInfo": [reflection_pb2.ServerReflectionRequest(list_services="")],
     }
     seeds["/unclip.v1.ImageService/GenerateStream"] = seeds["/unclip.v1.ImageService/Generate"]
+    seeds["/unclip.v1.ImageService/EditStream"] = seeds["/unclip.v1.ImageService/Edit"]
     context = safety_pb2.RequestContext(request_id="fuzz-seed", user="fuzz")
     seeds["/unclip.v1.Safety/CheckPrompt"] = [
         safety_pb2.CheckPromptRequest(prompt="a red circle", context=context)

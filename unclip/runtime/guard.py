@@ -59,6 +59,7 @@ def method_limits() -> dict[str, int]:
         "/unclip.v1.ImageService/GenerateStream": TEXT_REQUEST_BYTES,
         "/unclip.v1.ImageService/CreateVariation": upload + TEXT_REQUEST_BYTES,
         "/unclip.v1.ImageService/Edit": 2 * upload + TEXT_REQUEST_BYTES,
+        "/unclip.v1.ImageService/EditStream": 2 * upload + TEXT_REQUEST_BYTES,
         "/unclip.v1.ImageService/Interpolate": 2 * upload + TEXT_REQUEST_BYTES,  # two image ends
         "/unclip.v1.ImageService/InterpolateStream": 2 * upload + TEXT_REQUEST_BYTES,
         "/unclip.v1.ImageService/TextDiff": upload + TEXT_REQUEST_BYTES,

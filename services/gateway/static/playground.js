@@ -1,7 +1,7 @@
 // The playground: the same /v1 API any client uses, with the key the person pasted (localStorage only).
-// n = 1 streams (progress bar, partial previews); n > 1 waits for the whole answer. "Two pictures and a
-// slider" asks /v1/images/interpolations or /v1/images/text-diffs for all frames at once, then the slider
-// shows them one at a time (no further requests).
+// n = 1 streams generations and edits (progress bar, partial previews); n > 1 waits for the whole answer.
+// "Two pictures and a slider" asks /v1/images/interpolations or /v1/images/text-diffs for all frames at once,
+// then the slider shows them one at a time (no further requests).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -75,7 +75,7 @@ function addPreview(b64) {
   $("previews").dataset.count = String($("previews").children.length);
 }
 
-async function readStream(response, body) {
+async function readStream(response, body, how = "generated") {
   const stages = denoisingStages(body.size);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -92,8 +92,9 @@ async function readStream(response, body) {
       if (!line) continue;
       const event = JSON.parse(line.slice(6));
       if (event.type === "unclip.progress") onProgress(event, stages);
-      else if (event.type === "image_generation.partial_image") addPreview(event.b64_json);
-      else if (event.type === "image_generation.completed") addToGallery([{ b64_json: event.b64_json, seed: event.seed }], body.size, "generated");
+      // image_generation.* or image_edit.*: the same events
+      else if (event.type.endsWith(".partial_image")) addPreview(event.b64_json);
+      else if (event.type.endsWith(".completed")) addToGallery([{ b64_json: event.b64_json, seed: event.seed }], body.size, how);
       else if (event.type === "error") throw new Error(event.error.message);
     }
   }
@@ -180,12 +181,19 @@ function formOf(fields) {
 }
 
 async function postForm(path, fields, size, how) {
-  $("progress").removeAttribute("value");
+  const stream = how === "edit" && fields.n === 1;  // edits stream as generations do (variations cannot)
+  if (stream) {
+    Object.assign(fields, { stream: true, partial_images: 3, unclip_progress: true });
+    $("previews").innerHTML = "";
+    $("previews").dataset.count = "0";
+  }
+  stream ? ($("progress").value = 0) : $("progress").removeAttribute("value");
   status(how === "variation" ? "drawing variations" : "editing");
   try {
     const response = await fetch(path, { method: "POST", headers: headers(), body: formOf(fields) });
     if (!response.ok) throw new Error(await failure(response));
-    addToGallery((await response.json()).data, size, how);
+    if (stream) await readStream(response, fields, how);
+    else addToGallery((await response.json()).data, size, how);
     $("progress").value = 1;
     status("done");
   } catch (error) {
