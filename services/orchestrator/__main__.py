@@ -14,7 +14,8 @@ import sys
 
 from services.orchestrator.clients import Stages
 from services.orchestrator.outputs import ImageStore
-from services.orchestrator.pipeline import Pipeline, StepDefaults
+from services.orchestrator.params import StepDefaults
+from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.servicer import ImageServicer
 from unclip.access.interceptor import FrontDoor, tenant_label
 from unclip.access.keys import KeyStore

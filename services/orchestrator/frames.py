@@ -18,7 +18,8 @@ import PIL.Image
 import torch
 
 from services.orchestrator.clients import Calls
-from services.orchestrator.pipeline import Params, Pipeline, Request, _generator_states
+from services.orchestrator.params import Params, Request, generator_states
+from services.orchestrator.pipeline import Pipeline
 from unclip.rng import MAX_IMAGES
 from unclip.runtime.images import pil_to_tensor, png_bytes, resize_image
 from unclip.runtime.tensors import from_proto, to_proto
@@ -112,12 +113,12 @@ class FrameSequence:
     # ---- the content policy on the inputs ---------------------------------------------------------------
 
     def check_prompt(self, prompt: str) -> None:
-        self.pipeline._check_prompt(prompt, self.request, self.calls)
+        self.pipeline.checks.check_prompt(prompt, self.request, self.calls)
 
     def check_image(self, image: PIL.Image.Image) -> None:
         """An uploaded image passes the input check (at most at the cascade's largest size)."""
         checked = resize_image(image.convert("RGB"), min(image.width, self.pipeline.sizes[-1]))
-        self.pipeline._check_images(
+        self.pipeline.checks.check_images(
             pil_to_tensor(checked)[None], safety_pb2.CHECK_STAGE_INPUT_IMAGE, self.request, self.calls
         )
 
@@ -136,7 +137,7 @@ class FrameSequence:
         """The prior's image embedding [D] for a prompt, drawn with the request's seed."""
         params = self.params
         cfg = params.prior_guidance_scale > 1.0 or params.decoder_guidance_scale > 1.0
-        generators = _generator_states(self.request.seed, 1)
+        generators = generator_states(self.request.seed, 1)
         _, prior = self.pipeline._encode_and_sample_prior(prompt, 1, params, cfg, generators, self.calls)
         return from_proto(prior.image_embeds, "image_embeds", dtype=torch.float32)[0]
 
@@ -240,7 +241,7 @@ class FrameSequence:
             n=len(rows), size=r.size, seed=r.seed, output_format=r.output_format, user=r.user,
             request_id=r.request_id,
         )  # fmt: skip
-        generators = _generator_states(r.seed, 1) * len(rows)
+        generators = generator_states(r.seed, 1) * len(rows)
         start = to_proto(latents[rows]) if latents is not None else None
         return self.pipeline._decode_and_upsample(
             part,

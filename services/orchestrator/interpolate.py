@@ -19,7 +19,8 @@ import torch
 
 from services.orchestrator.clients import Calls
 from services.orchestrator.frames import FrameSequence, check_animation, evenly, inverting, slerp
-from services.orchestrator.pipeline import Params, Pipeline, Request
+from services.orchestrator.params import Params, Request
+from services.orchestrator.pipeline import Pipeline
 from unclip.limits import check
 from unclip.runtime.images import decode_image, require_square
 from unclip.runtime.validation import check_prompt

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import contextvars
 import secrets
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import grpc
 import torch
 
 from services.orchestrator.clients import OWN_EVENTS, Calls, StageInfo, Stages
+from services.orchestrator.moderation import ContentChecks, select_rows
 from services.orchestrator.outputs import ImageStore
-from services.safety.refusal import refusal_status
+from services.orchestrator.params import (
+    DECODER_GUIDANCE,
+    PRIOR_GUIDANCE,
+    EditInputs,
+    Params,
+    Request,
+    StepDefaults,
+    generator_states,
+)
 from unclip.limits import LIMITS, check_chars, default
 from unclip.provenance.stamp import Provenance, stage_parameters
-from unclip.rng import MAX_IMAGES, generator_to_bytes, generators_from_seed
-from unclip.runtime.errors import StatusError
+from unclip.rng import MAX_IMAGES
 from unclip.runtime.images import (
     decode_image,
     downscale,
@@ -39,14 +44,11 @@ from unclip.runtime.images import (
 from unclip.runtime.tensors import from_proto, to_proto
 from unclip.runtime.validation import (
     MAX_PROMPT_CHARS,
-    check_candidates,
-    check_guidance,
     check_n,
     check_prompt,
     check_seed,
-    check_steps,
 )
-from unclip.sampling import DEFAULT_SAMPLER, check_eta, check_sampler, sampler_names
+from unclip.sampling import DEFAULT_SAMPLER, sampler_names
 from unclip.v1 import (
     decoder_pb2,
     encoder_pb2,
@@ -57,148 +59,6 @@ from unclip.v1 import (
 )
 from unclip.vocabulary import unknown_words
 from unclip.vocabulary import warning as vocabulary_warning
-
-# unclip.limits.DEFAULTS (Karlo's), used for every unset SamplingParams field (the guidance scales: the
-# deployment's UNCLIP_PRIOR_GUIDANCE_SCALE, UNCLIP_DECODER_GUIDANCE_SCALE and
-# UNCLIP_EDIT_DECODER_GUIDANCE_SCALE, since a model may sample best at other values).
-PRIOR_STEPS, PRIOR_GUIDANCE = default("prior_num_inference_steps"), default("prior_guidance_scale")
-DECODER_STEPS, DECODER_GUIDANCE = default("decoder_num_inference_steps"), default("decoder_guidance_scale")
-SUPER_RES_STEPS = default("super_res_num_inference_steps")
-
-
-@dataclass
-class StepDefaults:
-    """The deployment's steps and samplers for unset SamplingParams fields (unclip.limits.DEFAULTS unless
-    the orchestrator's settings, e.g. a model folder's sampling_defaults.json under `unclip up`, say
-    otherwise)."""
-
-    prior_num_inference_steps: int = PRIOR_STEPS
-    decoder_num_inference_steps: int = DECODER_STEPS
-    super_res_num_inference_steps: int = SUPER_RES_STEPS  # every upsampler stage
-    prior_sampler: str = DEFAULT_SAMPLER
-    decoder_sampler: str = DEFAULT_SAMPLER
-    super_res_sampler: str = DEFAULT_SAMPLER
-    ddim_eta: float = default("ddim_eta")
-
-    def check(self) -> StepDefaults:
-        """ValueError naming the setting's flag when a default is out of range."""
-        for stage in ("prior", "decoder", "super_res"):
-            check_steps(getattr(self, f"{stage}_num_inference_steps"), f"--{stage.replace('_', '-')}-steps")
-        for name in ("prior_sampler", "decoder_sampler", "super_res_sampler"):
-            check_sampler(getattr(self, name), f"--{name.replace('_', '-')}")
-        check_eta(self.ddim_eta, "--ddim-eta")
-        return self
-
-
-@dataclass
-class Params:
-    """A request's sampling parameters with defaults filled in and every range checked."""
-
-    prior_num_inference_steps: int
-    prior_guidance_scale: float
-    decoder_num_inference_steps: int
-    decoder_guidance_scale: float
-    super_res_num_inference_steps: list[int]  # one per upsampler stage of the cascade
-    prior_num_candidates: int
-    prior_sampler: str = DEFAULT_SAMPLER
-    decoder_sampler: str = DEFAULT_SAMPLER
-    super_res_sampler: str = DEFAULT_SAMPLER  # every upsampler stage
-    ddim_eta: float = 0.0  # the stages that run ddim use it
-
-    @classmethod
-    def from_proto(
-        cls,
-        params: orchestrator_pb2.SamplingParams,
-        upsamplers: int,
-        prior: bool = True,
-        prior_guidance_scale: float = PRIOR_GUIDANCE,
-        decoder_guidance_scale: float = DECODER_GUIDANCE,
-        defaults: StepDefaults | None = None,
-        edit: bool = False,
-    ) -> Params:
-        """Fills defaults and checks ranges; `prior=False` (variations) ignores the prior's fields.
-        prior_guidance_scale, decoder_guidance_scale: the defaults for the unset request fields; defaults:
-        the deployment's steps and samplers. `edit`: the image stages run ``unclip`` (the only sampler that
-        walks an edit's known region): another one asked for is refused, a deployment default is not used."""
-        defaults = defaults or StepDefaults()
-
-        def get(name: str, default: float) -> float:
-            return getattr(params, name) if params.HasField(name) else default
-
-        image_sampler = DEFAULT_SAMPLER if edit else None
-        resolved = cls(
-            prior_num_inference_steps=int(
-                get("prior_num_inference_steps", defaults.prior_num_inference_steps)
-            ),
-            prior_guidance_scale=float(get("prior_guidance_scale", prior_guidance_scale)),
-            decoder_num_inference_steps=int(
-                get("decoder_num_inference_steps", defaults.decoder_num_inference_steps)
-            ),
-            decoder_guidance_scale=float(get("decoder_guidance_scale", decoder_guidance_scale)),
-            super_res_num_inference_steps=list(params.super_res_num_inference_steps),
-            prior_num_candidates=int(get("prior_num_candidates", default("prior_num_candidates"))),
-            prior_sampler=str(get("prior_sampler", defaults.prior_sampler)),
-            decoder_sampler=str(get("decoder_sampler", image_sampler or defaults.decoder_sampler)),
-            super_res_sampler=str(get("super_res_sampler", image_sampler or defaults.super_res_sampler)),
-            ddim_eta=float(get("ddim_eta", defaults.ddim_eta)),
-        )
-        if prior:
-            check_steps(resolved.prior_num_inference_steps, "params.prior_num_inference_steps")
-            check_guidance(resolved.prior_guidance_scale, "params.prior_guidance_scale")
-            check_candidates(resolved.prior_num_candidates, "params.prior_num_candidates")
-            resolved.prior_sampler = check_sampler(resolved.prior_sampler, "params.prior_sampler")
-        check_steps(resolved.decoder_num_inference_steps, "params.decoder_num_inference_steps")
-        check_guidance(resolved.decoder_guidance_scale, "params.decoder_guidance_scale")
-        for name in ("decoder_sampler", "super_res_sampler"):
-            value = check_sampler(getattr(resolved, name), f"params.{name}")
-            if edit and value != DEFAULT_SAMPLER:
-                raise ValueError(f"params.{name} must be {DEFAULT_SAMPLER!r} for edits, got {value!r}")
-            setattr(resolved, name, value)
-        resolved.ddim_eta = check_eta(resolved.ddim_eta, "params.ddim_eta")
-        steps = resolved.super_res_num_inference_steps
-        if not steps:
-            steps = [defaults.super_res_num_inference_steps]
-        if len(steps) == 1:
-            steps = steps * upsamplers
-        if len(steps) != upsamplers:
-            raise ValueError(
-                f"params.super_res_num_inference_steps must hold one value or one per upsampler stage "
-                f"({upsamplers}), got {len(resolved.super_res_num_inference_steps)}"
-            )
-        for value in steps:
-            check_steps(value, "params.super_res_num_inference_steps")
-        resolved.super_res_num_inference_steps = steps
-        return resolved
-
-
-@dataclass
-class Request:
-    """What every kind of request shares once validated."""
-
-    n: int
-    size: int
-    seed: int
-    output_format: int
-    user: str
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    previews: bool = False  # GenerateStream asked for intermediate images (GenerateRequest.previews)
-    operation: str = "generate"  # "generate", "variation" or "edit" (the images' provenance records)
-    prompt: str = ""
-    identity: str = ""  # the authenticated caller (Calls.identity), recorded by the safety audit
-    tenant: str = ""
-
-
-@dataclass
-class EditInputs:
-    """An Edit request once validated: its shared fields, parameters, and the original and its mask at the
-    requested size."""
-
-    r: Request
-    params: Params
-    cfg: bool
-    original: torch.Tensor  # [1, 3, S, S] in [-1, 1]
-    known: torch.Tensor  # [1, 1, S, S], 1 = keep
-    checked: bool = False  # the prompt and image passed the content policy
 
 
 class Pipeline:
@@ -219,6 +79,7 @@ class Pipeline:
         provenance: Provenance | None = None,
     ):
         self.stages = stages
+        self.checks = ContentChecks(stages.safety)  # the content policy's checkpoints
         self.step_defaults = step_defaults or StepDefaults()  # steps and samplers for unset fields
         self.cascade = cascade  # decoder first, then each upsampler
         self.sizes = [stage.output_size for stage in cascade]  # ascending
@@ -338,7 +199,7 @@ class Pipeline:
         r, params, cfg = validated or self.validate_generate(req)
         r.previews = req.previews and calls.on_event is not None
         r.identity, r.tenant = calls.identity, calls.tenant
-        generators = _generator_states(r.seed, r.n)
+        generators = generator_states(r.seed, r.n)
 
         # 2-3. The prompt passes the content policy while the encoder encodes it (the prompt n times, and ""
         #      n times first with guidance): the check's round trip hides behind the encoder's. Nothing uses
@@ -374,11 +235,11 @@ class Pipeline:
             defaults=self.step_defaults,
         )
         cfg = params.decoder_guidance_scale > 1.0  # as UnCLIPImageVariationPipeline
-        generators = _generator_states(r.seed, r.n)
+        generators = generator_states(r.seed, r.n)
 
         # 2. The uploaded image passes the content policy (checked at most at the cascade's largest size).
         checked = resize_image(image.convert("RGB"), min(image.width, self.sizes[-1]))
-        self._check_images(pil_to_tensor(checked)[None], safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
+        self.checks.check_images(pil_to_tensor(checked)[None], safety_pb2.CHECK_STAGE_INPUT_IMAGE, r, calls)
 
         # 3. Encoder: the image's CLIP embedding and the empty prompt, each n times in one batch, as the
         # reference called with image=[image] * n computes them (a batch of one, repeated, rounds
@@ -426,8 +287,8 @@ class Pipeline:
     def check_edit(self, edit: EditInputs, calls: Calls) -> None:
         """The prompt and the uploaded image pass the content policy (EditStream: before "accepted")."""
         edit.r.identity, edit.r.tenant = calls.identity, calls.tenant
-        self._check_prompt(edit.r.prompt, edit.r, calls)
-        self._check_images(edit.original, safety_pb2.CHECK_STAGE_INPUT_IMAGE, edit.r, calls)
+        self.checks.check_prompt(edit.r.prompt, edit.r, calls)
+        self.checks.check_images(edit.original, safety_pb2.CHECK_STAGE_INPUT_IMAGE, edit.r, calls)
         edit.checked = True
 
     def edit(
@@ -439,7 +300,7 @@ class Pipeline:
             self.check_edit(edit, calls)
         r, params, cfg, original, known = edit.r, edit.params, edit.cfg, edit.original, edit.known
         r.previews = calls.on_event is not None  # EditStream: a preview after each stage but the last
-        generators = _generator_states(r.seed, r.n)
+        generators = generator_states(r.seed, r.n)
         inpaint = decoder_pb2.InpaintInput(
             image=to_proto(original.expand(r.n, -1, -1, -1)), mask=to_proto(known.expand(r.n, -1, -1, -1))
         )
@@ -500,7 +361,7 @@ class Pipeline:
             contextvars.copy_context().run, self._encode, prompt, r.n, cfg, calls, on_event
         )
         try:
-            self._check_prompt(prompt, r, calls)
+            self.checks.check_prompt(prompt, r, calls)
         except BaseException:
             # Refused (or the check failed): the encoding is dropped; the call is cancelled with the request.
             encoding.add_done_callback(lambda future: future.exception())  # nobody waits for its error
@@ -575,12 +436,12 @@ class Pipeline:
         upsamplers = self._upsamplers_for(r.size)
         withheld: list[str] = []
         if upsamplers:
-            images, generators, indices, withheld = self._filter_images(
+            images, generators, indices, withheld = self.checks.filter_images(
                 images, generators, indices, safety_pb2.CHECK_STAGE_DECODER_OUTPUT, r, calls
             )
             if inpaint is not None and len(indices) < r.n:
                 inpaint = decoder_pb2.InpaintInput(
-                    image=_select(inpaint.image, indices), mask=_select(inpaint.mask, indices)
+                    image=select_rows(inpaint.image, indices), mask=select_rows(inpaint.mask, indices)
                 )
             self._preview(r, images, indices, "decoder", calls)
 
@@ -620,7 +481,7 @@ class Pipeline:
         encoding = self._helpers.submit(
             lambda: [stamp(encode_png(pixels[row]), indices[row]) for row in range(len(indices))]
         )
-        _, _, final_indices, more_withheld = self._filter_images(
+        _, _, final_indices, more_withheld = self.checks.filter_images(
             final_proto, [], indices, safety_pb2.CHECK_STAGE_FINAL_OUTPUT, r, calls
         )
         withheld += more_withheld
@@ -665,83 +526,3 @@ class Pipeline:
             del stages["prior"]  # no prior runs
         prompt = r.prompt if r.operation != "variation" else None
         return self.provenance.stamper(r.request_id, r.seed, r.size, r.operation, stages, prompt)
-
-    # ---- the content policy -------------------------------------------------------------------------------
-
-    def _context(self, r: Request) -> safety_pb2.RequestContext:
-        return safety_pb2.RequestContext(
-            request_id=r.request_id, user=r.user, identity=r.identity, tenant=r.tenant
-        )
-
-    def _check_prompt(self, prompt: str, r: Request, calls: Calls) -> None:
-        verdict = calls(
-            self.stages.safety.CheckPrompt,
-            safety_pb2.CheckPromptRequest(prompt=prompt, context=self._context(r)),
-            "safety",
-        )
-        if verdict.action in (safety_pb2.ACTION_BLOCK, safety_pb2.ACTION_WITHHOLD):
-            raise refused(safety_pb2.CHECK_STAGE_PROMPT, _categories(verdict), verdict)
-
-    def _check_images(self, images: torch.Tensor, stage: int, r: Request, calls: Calls) -> None:
-        verdict = calls(
-            self.stages.safety.CheckImages,
-            safety_pb2.CheckImagesRequest(images=to_proto(images), stage=stage, context=self._context(r)),
-            "safety",
-        )
-        if verdict.action in (safety_pb2.ACTION_BLOCK, safety_pb2.ACTION_WITHHOLD):
-            raise refused(stage, _categories(verdict), verdict)
-
-    def _filter_images(
-        self,
-        images: tensor_pb2.Tensor,
-        generators: list[tensor_pb2.GeneratorState],
-        indices: list[int],
-        stage: int,
-        r: Request,
-        calls: Calls,
-    ) -> tuple[tensor_pb2.Tensor, list[tensor_pb2.GeneratorState], list[int], list[str]]:
-        """Checks images (row k is image indices[k]); BLOCK refuses the request, WITHHOLD drops that image.
-
-        Returns the images, generators and indices left, and the categories of those dropped.
-        """
-        verdict = calls(
-            self.stages.safety.CheckImages,
-            safety_pb2.CheckImagesRequest(images=images, stage=stage, context=self._context(r)),
-            "safety",
-        )
-        if verdict.action == safety_pb2.ACTION_BLOCK:
-            raise refused(stage, _categories(verdict), verdict)
-        dropped = {
-            v.index
-            for v in verdict.verdicts
-            if v.action in (safety_pb2.ACTION_WITHHOLD, safety_pb2.ACTION_BLOCK)
-        }
-        if not dropped:
-            return images, generators, indices, []
-        categories = [c for v in verdict.verdicts if v.index in dropped for c in v.categories]
-        if len(dropped) >= len(indices):
-            raise refused(stage, categories, verdict)  # every image withheld
-        rows = [row for row in range(len(indices)) if row not in dropped]
-        kept_generators = [generators[row] for row in rows] if generators else generators
-        return _select(images, rows), kept_generators, [indices[row] for row in rows], categories
-
-
-def refused(stage: int, categories: list[str], verdict: safety_pb2.CheckResponse) -> StatusError:
-    """A refusal by the content policy: INVALID_ARGUMENT with an ErrorInfo CONTENT_POLICY_VIOLATION (the CLI
-    exits 3)."""
-    status = refusal_status(stage, categories, verdict.policy_version)
-    return StatusError(grpc.StatusCode.INVALID_ARGUMENT, status.details, status)
-
-
-def _categories(verdict: safety_pb2.CheckResponse) -> list[str]:
-    return sorted({c for v in verdict.verdicts for c in v.categories})
-
-
-def _generator_states(seed: int, n: int) -> list[tensor_pb2.GeneratorState]:
-    """Image i's generator, manual_seed(seed + i), as the state that travels through the stages."""
-    return [tensor_pb2.GeneratorState(state=generator_to_bytes(g)) for g in generators_from_seed(seed, n)]
-
-
-def _select(tensor: tensor_pb2.Tensor, rows: list[int]) -> tensor_pb2.Tensor:
-    """The given rows of a tensor (first dimension)."""
-    return to_proto(from_proto(tensor, "images")[rows])

@@ -21,7 +21,8 @@ import grpc
 
 from services.orchestrator.clients import Calls
 from services.orchestrator.interpolate import Interpolation
-from services.orchestrator.pipeline import Params, Pipeline
+from services.orchestrator.params import Params
+from services.orchestrator.pipeline import Pipeline
 from services.orchestrator.textdiff import TextDiff
 from unclip.access.interceptor import current_identity
 from unclip.access.keys import Identity

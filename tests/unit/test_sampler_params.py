@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.orchestrator.pipeline import Params, StepDefaults
+from services.orchestrator.params import Params, StepDefaults
 from unclip.limits import LIMITS, default
 from unclip.v1 import orchestrator_pb2 as pb
 

@@ -37,7 +37,7 @@ def test_orchestrator_refuses_a_negative_default_guidance_with_exit_2(flag):
 
 
 def test_pipeline_params_use_the_deployment_default():
-    from services.orchestrator.pipeline import Params
+    from services.orchestrator.params import Params
     from unclip.v1 import orchestrator_pb2
 
     unset = orchestrator_pb2.SamplingParams()
@@ -47,7 +47,7 @@ def test_pipeline_params_use_the_deployment_default():
 
 
 def test_edit_guidance_default_reaches_the_orchestrator_and_edits_only(tmp_path):
-    from services.orchestrator.pipeline import Params
+    from services.orchestrator.params import Params
     from unclip.v1 import orchestrator_pb2
 
     (tmp_path / "sampling_defaults.json").write_text(json.dumps({"edit_decoder_guidance_scale": 4.0}))
@@ -60,7 +60,7 @@ def test_edit_guidance_default_reaches_the_orchestrator_and_edits_only(tmp_path)
 
 
 def test_decoder_guidance_default_reaches_generations_and_variations(tmp_path):
-    from services.orchestrator.pipeline import Params
+    from services.orchestrator.params import Params
     from unclip.v1 import orchestrator_pb2
 
     (tmp_path / "sampling_defaults.json").write_text(
