@@ -13,10 +13,10 @@ from pathlib import Path
 
 import grpc
 
-from unclip import limits, stack_state
+from unclip import limits
+from unclip.access.client import resolve_address
 from unclip.runtime import settings
 
-FALLBACK_ADDR = "127.0.0.1:50051"
 START_HINT = "start one with `unclip up --model models/shapes-toy`, or pass --addr HOST:PORT"
 
 
@@ -35,8 +35,7 @@ def configured(name: str) -> str:
 
 def default_addr() -> str:
     """UNCLIP_ADDR, else the running local stack's orchestrator, else 127.0.0.1:50051."""
-    running = stack_state.current()
-    return configured("addr") or (running.address if running else "") or FALLBACK_ADDR
+    return resolve_address(None)
 
 
 def addr_help() -> str:
@@ -74,7 +73,7 @@ def check_request_flags(args: argparse.Namespace) -> None:
                 limits.check(limit, value, field=flag)
             except ValueError as error:
                 raise UsageError(str(error)) from None
-    args.addr = args.addr or default_addr()
+    args.addr = resolve_address(args.addr)
     check_addr(args.addr)
 
 
@@ -160,7 +159,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 def orchestrator_channel(args: argparse.Namespace) -> grpc.Channel:
     """A channel to the orchestrator at `args.addr` (resolved by check_request_flags or here) carrying the
     API key: --api-key, else UNCLIP_API_KEY, else the key of the running `unclip up` at that address."""
-    from unclip.access.client import resolve_address, resolve_key, with_key
+    from unclip.access.client import resolve_key, with_key
     from unclip.runtime.server import create_channel
 
     address = resolve_address(getattr(args, "addr", None))

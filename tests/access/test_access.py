@@ -178,3 +178,24 @@ def test_the_audit_records_the_authenticated_identity_and_tenant(stack):
         orchestrator_pb2_grpc.ImageServiceStub(channel).Generate(request, timeout=120)
     records = [r for r in read_records(stack.log_dir / "audit") if r.get("user") == user]
     assert records and all(r["identity"] == "key:local" and r["tenant"] == "local" for r in records), records
+
+
+def test_the_cli_finds_the_running_local_stack_and_its_key_by_itself(stack, tmp_path):
+    """No --addr, UNCLIP_ADDR or UNCLIP_API_KEY: `generate` and `info` reach the stack named by the state
+    file with the key it names; UNCLIP_ADDR, when set, wins over the state file."""
+    from unclip import stack_state
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / stack_state.FILE_NAME).write_text(stack.running.state().to_json())  # pid: this test, alive
+    env = {k: v for k, v in stack.env.items() if k not in ("UNCLIP_ADDR", "UNCLIP_API_KEY")}
+    env["UNCLIP_STATE_DIR"] = str(state_dir)
+
+    done = unclip("generate", "a red circle", "--seed", "1", "--out", str(tmp_path), *FAST_FLAGS, env=env)
+    assert done.returncode == 0, done.stderr
+    done = unclip("info", env=env)
+    assert done.returncode == 0 and f"stack at {stack.address}" in done.stdout, done.stderr
+
+    nowhere = "127.0.0.1:1"  # nothing listens on port 1
+    done = unclip("info", "--timeout", "5", env={**env, "UNCLIP_ADDR": nowhere})
+    assert done.returncode == 1 and f"no stack at {nowhere}" in done.stderr, done.stderr
