@@ -137,18 +137,13 @@ def format_record(record: dict[str, Any]) -> str:
 
 def audit_dir(args: argparse.Namespace) -> tuple[str, str]:
     """The folder to read and where that choice came from (for the error when it does not exist)."""
-    from unclip.cli_common import configured
     from unclip.runtime.settings import SETTINGS
-    from unclip.stack_state import current
+    from unclip.stack_state import find_folder
 
-    if args.dir:
-        return args.dir, "--dir"
-    if configured("audit_dir"):
-        return configured("audit_dir"), "UNCLIP_AUDIT_DIR"
-    running = current()
-    if running is not None:
-        return running.audit_dir, f"the running `unclip up` (pid {running.pid})"
-    return SETTINGS["audit_dir"].default, "the default, as no local `unclip up` is running"
+    folder, source = find_folder(args.dir, "audit_dir")
+    if folder is None:
+        return SETTINGS["audit_dir"].default, f"the default, as {source}"
+    return str(folder), source
 
 
 def run(args: argparse.Namespace, out=None) -> int:

@@ -15,7 +15,6 @@ import grpc
 
 from unclip import limits
 from unclip.access.client import resolve_address
-from unclip.runtime import settings
 
 START_HINT = "start one with `unclip up --model models/shapes-toy`, or pass --addr HOST:PORT"
 
@@ -25,12 +24,6 @@ class UsageError(Exception):
 
 
 # ---- where the stack is ------------------------------------------------------------------------------------
-
-
-def configured(name: str) -> str:
-    """A setting's value from its environment variable, or "" when the variable leaves it at its default."""
-    value = settings.env_default(name)
-    return "" if value == settings.SETTINGS[name].default else str(value)
 
 
 def default_addr() -> str:

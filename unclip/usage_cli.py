@@ -47,17 +47,10 @@ def _time(text: str) -> str:
 
 
 def ledger_dir(flag: str | None) -> Path | None:
-    from unclip import stack_state
-    from unclip.runtime import settings
+    """--dir, else UNCLIP_USAGE_DIR, else the running `unclip up` stack's ledger, else None."""
+    from unclip.stack_state import find_folder
 
-    if flag:
-        return Path(flag)
-    if settings.env_default("usage_dir"):
-        return Path(settings.env_default("usage_dir"))
-    state = stack_state.current()
-    if state is not None and state.extra.get("usage_dir"):
-        return Path(str(state.extra["usage_dir"]))
-    return None
+    return find_folder(flag, "usage_dir")[0]
 
 
 def summarize(records, by: str, since: str | None) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ identity the audit records."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -180,22 +181,32 @@ def test_the_audit_records_the_authenticated_identity_and_tenant(stack):
     assert records and all(r["identity"] == "key:local" and r["tenant"] == "local" for r in records), records
 
 
-def test_the_cli_finds_the_running_local_stack_and_its_key_by_itself(stack, tmp_path):
-    """No --addr, UNCLIP_ADDR or UNCLIP_API_KEY: `generate` and `info` reach the stack named by the state
-    file with the key it names; UNCLIP_ADDR, when set, wins over the state file."""
+def test_the_cli_finds_the_running_local_stack_its_key_and_its_logs_by_itself(stack, tmp_path):
+    """No --addr, --dir or variables: `generate` and `info` reach the stack named by the state file with the
+    key it names, `usage` and `audit` read its ledger and audit log; a variable, when set, wins over it."""
     from unclip import stack_state
 
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     (state_dir / stack_state.FILE_NAME).write_text(stack.running.state().to_json())  # pid: this test, alive
-    env = {k: v for k, v in stack.env.items() if k not in ("UNCLIP_ADDR", "UNCLIP_API_KEY")}
+    unset = ("UNCLIP_ADDR", "UNCLIP_API_KEY", "UNCLIP_USAGE_DIR", "UNCLIP_AUDIT_DIR")
+    env = {k: v for k, v in stack.env.items() if k not in unset}
     env["UNCLIP_STATE_DIR"] = str(state_dir)
 
     done = unclip("generate", "a red circle", "--seed", "1", "--out", str(tmp_path), *FAST_FLAGS, env=env)
     assert done.returncode == 0, done.stderr
     done = unclip("info", env=env)
     assert done.returncode == 0 and f"stack at {stack.address}" in done.stdout, done.stderr
+    done = unclip("usage", "--by", "tenant", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "local" in [json.loads(line)["tenant"] for line in done.stdout.splitlines()]
+    done = unclip("audit", "--stage", "prompt", "--identity", "key:local", env=env)
+    assert done.returncode == 0 and "allow" in done.stdout, done.stderr
 
     nowhere = "127.0.0.1:1"  # nothing listens on port 1
     done = unclip("info", "--timeout", "5", env={**env, "UNCLIP_ADDR": nowhere})
     assert done.returncode == 1 and f"no stack at {nowhere}" in done.stderr, done.stderr
+    done = unclip("usage", env={**env, "UNCLIP_USAGE_DIR": str(tmp_path / "none")})
+    assert done.returncode == 2 and str(tmp_path / "none") in done.stderr, done.stderr
+    done = unclip("audit", env={**env, "UNCLIP_AUDIT_DIR": str(tmp_path / "none")})
+    assert done.returncode == 2 and "UNCLIP_AUDIT_DIR" in done.stderr, done.stderr
