@@ -10,9 +10,9 @@ import sys
 import time
 
 import grpc
-import pytest
 
 from services.safety.audit import read_records
+from tests.helpers import code_of
 from unclip.access.client import with_key
 from unclip.access.tls import channel_credentials, mint_stack_certificates
 from unclip.runtime.server import create_channel, health_status
@@ -33,12 +33,6 @@ UNCLIP = [sys.executable, "-m", "unclip"]
 FAST = pb.SamplingParams(prior_num_inference_steps=2, decoder_num_inference_steps=2)
 FAST_FLAGS = ["--prior-steps", "2", "--decoder-steps", "2", "--size", "32", "--no-progress"]
 STAGES = ["encoder", "prior", "decoder", "super_res", "super_res_2", "safety"]
-
-
-def code_of(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return caught.value.code(), caught.value.details() or ""
 
 
 def unclip(*args: str, env: dict[str, str], cwd=None) -> subprocess.CompletedProcess:
