@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from services.decoder.inpaint import InpaintInput, KnownRegion, UpsamplerKnownRegion, check_inpaint
+from services.guidance import checked_guided_sampling, checked_sampler
 from unclip import models
 from unclip.batching.stages import (
     Task,
@@ -43,14 +44,12 @@ from unclip.batching.stages import (
 from unclip.checks import (
     check_callback,
     check_count,
-    check_flag,
     check_generators,
-    check_guidance,
     check_steps,
     check_tensor,
 )
 from unclip.rng import randn_per_image
-from unclip.sampling import DEFAULT_SAMPLER, Sampler, build_samplers, check_eta, check_sampler
+from unclip.sampling import DEFAULT_SAMPLER, build_samplers
 
 __all__ = ["DecoderEngine", "DecoderOutput", "InpaintInput", "UpsamplerEngine"]
 
@@ -80,16 +79,6 @@ class UpsamplerCondition:
 
     image_upscaled: torch.Tensor  # [n, 3, S, S] the low-resolution image, upscaled once
     input_size: int  # its size before upscaling (tasks of one size share a forward pass)
-
-
-def _sampler(samplers: dict[str, Sampler], name: str, eta: float, inpaint: InpaintInput | None) -> Sampler:
-    """The registered sampler ``name`` (checked), refusing one that cannot walk an edit's known region."""
-    sampler = samplers[check_sampler(name)]
-    check_eta(eta)
-    if inpaint is not None and not sampler.supports_edits:
-        editable = ", ".join(n for n, s in samplers.items() if s.supports_edits)
-        raise ValueError(f"sampler {sampler.name!r} cannot run edits (inpaint); edits use {editable}")
-    return sampler
 
 
 class DecoderEngine:
@@ -197,10 +186,15 @@ class DecoderEngine:
     ) -> Task[DecoderCondition]:
         """``decode``'s checks, conditioning and initial noise: one request, ready to step. sampler: a
         registered sampler's name (unclip.sampling); eta: its stochasticity where it has one (ddim)."""
-        do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
-        num_inference_steps = check_steps(num_inference_steps)
-        guidance_scale = check_guidance(guidance_scale)
-        stepper = _sampler(self.samplers, sampler, eta, inpaint)
+        do_cfg, num_inference_steps, guidance_scale, stepper, eta = checked_guided_sampling(
+            self.samplers,
+            do_classifier_free_guidance,
+            num_inference_steps,
+            guidance_scale,
+            sampler,
+            eta,
+            edit=inpaint is not None,
+        )
         n = self._check(image_embeds, text_embeds, text_encoder_hidden_states, text_mask, generators, do_cfg)
         check_inpaint(inpaint, n)
         generators = list(generators)
@@ -397,7 +391,7 @@ class UpsamplerEngine:
     ) -> Task[UpsamplerCondition]:
         """``upsample``'s checks, upscaled image and initial noise: one request, ready to step."""
         num_inference_steps = check_steps(num_inference_steps)
-        stepper = _sampler(self.samplers, sampler, eta, inpaint)
+        stepper = checked_sampler(self.samplers, sampler, eta, edit=inpaint is not None)
         n = self._check(images, generators)
         check_inpaint(inpaint, n)
         generators = list(generators)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from services.guidance import checked_guided_sampling
 from unclip import models
 from unclip.batching.stages import (
     Task,
@@ -31,15 +32,12 @@ from unclip.batching.stages import (
 from unclip.checks import (
     check_callback,
     check_count,
-    check_flag,
     check_generators,
-    check_guidance,
-    check_steps,
     check_tensor,
 )
 from unclip.limits import LIMITS
 from unclip.rng import derive_generator, randn_per_image
-from unclip.sampling import DEFAULT_SAMPLER, build_samplers, check_eta, check_sampler
+from unclip.sampling import DEFAULT_SAMPLER, build_samplers
 
 
 @dataclass
@@ -156,11 +154,9 @@ class PriorEngine:
         eta: float = 0.0,
     ) -> Task[PriorCondition]:
         """``sample``'s checks, conditioning and initial noise: one request, ready to step."""
-        do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
-        num_inference_steps = check_steps(num_inference_steps)
-        guidance_scale = check_guidance(guidance_scale)
-        stepper = self.samplers[check_sampler(sampler)]
-        eta = check_eta(eta)
+        do_cfg, num_inference_steps, guidance_scale, stepper, eta = checked_guided_sampling(
+            self.samplers, do_classifier_free_guidance, num_inference_steps, guidance_scale, sampler, eta
+        )
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int):
             raise ValueError(f"num_candidates must be an integer, got {type(num_candidates).__name__}")
         most = LIMITS["prior_candidates"].high

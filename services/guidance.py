@@ -1,0 +1,46 @@
+"""What a denoising stage's ``start`` checks before anything else: the sampler and its eta (every stage), and
+for the guided stages (prior, decoder) the guidance flag, the step count and the guidance scale, in that
+order, so that a request with several bad fields is refused naming the same field at every stage."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from unclip.checks import check_flag, check_guidance, check_steps
+from unclip.sampling import Sampler, check_eta, check_sampler
+
+
+def checked_sampler(samplers: dict[str, Sampler], name: str, eta: float, edit: bool = False) -> Sampler:
+    """The registered sampler ``name`` (checked, and its eta); for an edit, one that can walk its known
+    region."""
+    sampler = samplers[check_sampler(name)]
+    check_eta(eta)
+    if edit and not sampler.supports_edits:
+        editable = ", ".join(n for n, s in samplers.items() if s.supports_edits)
+        raise ValueError(f"sampler {sampler.name!r} cannot run edits (inpaint); edits use {editable}")
+    return sampler
+
+
+class GuidedSampling(NamedTuple):
+    do_cfg: bool  # classifier-free guidance: rows [uncond of all; cond of all] in the forward pass
+    num_inference_steps: int
+    guidance_scale: float
+    sampler: Sampler
+    eta: float  # 0 (deterministic) .. 1
+
+
+def checked_guided_sampling(
+    samplers: dict[str, Sampler],
+    do_classifier_free_guidance: bool,
+    num_inference_steps: int,
+    guidance_scale: float,
+    sampler: str,
+    eta: float,
+    edit: bool = False,
+) -> GuidedSampling:
+    """A guided stage's sampling options, checked (ValueError naming the field)."""
+    do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
+    num_inference_steps = check_steps(num_inference_steps)
+    guidance_scale = check_guidance(guidance_scale)
+    stepper = checked_sampler(samplers, sampler, eta, edit)
+    return GuidedSampling(do_cfg, num_inference_steps, guidance_scale, stepper, check_eta(eta))
