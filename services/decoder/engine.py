@@ -29,13 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from services.decoder.inpaint import InpaintInput, KnownRegion, UpsamplerKnownRegion, check_inpaint
-from services.guidance import checked_guided_sampling, checked_sampler
+from services.guidance import checked_guided_sampling, checked_sampler, conditioning, guided, model_input
 from unclip import models
 from unclip.batching.stages import (
     Task,
-    cat_halves,
     denoise,
-    guidance_scale_rows,
     renoise_jumps,
     sampler_step,
     timestep_rows,
@@ -265,32 +263,21 @@ class DecoderEngine:
     def model_output(self, tasks: list[Task[DecoderCondition]], latents: torch.Tensor) -> torch.Tensor:
         """The UNet's output for ``latents`` [B, C, s, s] (the tasks' rows, in order) at each task's current
         timestep, guided where the tasks use guidance: [B, 2C, s, s] (noise or sample; learned variance)."""
-        do_cfg = tasks[0].cond.do_cfg
-        counts = [task.rows for task in tasks]
-
-        # expand the latents if we are doing classifier free guidance: [uncond of all; cond of all]
-        latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
-        t = timestep_rows(tasks, self.device)
-
+        latent_model_input, t = model_input(tasks, latents, self.device)
         noise_pred = self.decoder(
             sample=latent_model_input,
-            timestep=torch.cat([t] * 2) if do_cfg else t,
-            encoder_hidden_states=cat_halves(
-                [task.cond.text_encoder_hidden_states for task in tasks], counts, do_cfg
-            ),
-            class_labels=cat_halves(
-                [task.cond.additive_clip_time_embeddings for task in tasks], counts, do_cfg
-            ),
-            attention_mask=cat_halves([task.cond.decoder_text_mask for task in tasks], counts, do_cfg),
+            timestep=t,
+            encoder_hidden_states=conditioning(tasks, "text_encoder_hidden_states"),
+            class_labels=conditioning(tasks, "additive_clip_time_embeddings"),
+            attention_mask=conditioning(tasks, "decoder_text_mask"),
         ).sample
 
-        if do_cfg:
+        if tasks[0].cond.do_cfg:
             # The UNet predicts [noise; variance]: guide the noise, keep the conditional variance.
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
             noise_pred_uncond, _ = noise_pred_uncond.split(latent_model_input.shape[1], dim=1)
             noise_pred_text, predicted_variance = noise_pred_text.split(latent_model_input.shape[1], dim=1)
-            guidance_scale = guidance_scale_rows(tasks, noise_pred_uncond.dim(), self.device)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+            noise_pred = guided(tasks, noise_pred_uncond, noise_pred_text, self.device)
             noise_pred = torch.cat([noise_pred, predicted_variance], dim=1)
         return noise_pred
 
