@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -68,6 +70,22 @@ def check_request_flags(args: argparse.Namespace) -> None:
                 raise UsageError(str(error)) from None
     args.addr = resolve_address(args.addr)
     check_addr(args.addr)
+
+
+def utc_time(timespec: str) -> Callable[[str], str]:
+    """An argparse `type` for --since / --until: an ISO 8601 time (an offset or Z converted to UTC) as the
+    logs write times (UTC, no offset, to `timespec`), so that filters compare text."""
+
+    def parse(text: str) -> str:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from error
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
+        return moment.isoformat(timespec=timespec)
+
+    return parse
 
 
 def limit_range(name: str) -> str:
