@@ -80,25 +80,16 @@ def stage_requests(
     text = encoder.EncodeText(
         encoder_pb2.EncodeTextRequest(prompts=prompts, do_classifier_free_guidance=True), timeout=120
     )
-    generators = encode_generators(generators_from_seed(0, len(prompts)))
-    prior_request = prior_pb2.PriorRequest(
+    # What the two requests share: the encoder's output, the image generators, 2 steps with guidance.
+    shared = dict(
         text_embeds=text.text_embeds,
         text_encoder_hidden_states=text.text_encoder_hidden_states,
         text_mask=text.text_mask,
-        generators=generators,
+        generators=encode_generators(generators_from_seed(0, len(prompts))),
         num_inference_steps=2,
-        guidance_scale=4.0,
         do_classifier_free_guidance=True,
     )
+    prior_request = prior_pb2.PriorRequest(**shared, guidance_scale=4.0)
     prior = prior_pb2_grpc.PriorStub(channel("prior")).Sample(prior_request, timeout=120)
-    decode_request = decoder_pb2.DecodeRequest(
-        image_embeds=prior.image_embeds,
-        text_embeds=text.text_embeds,
-        text_encoder_hidden_states=text.text_encoder_hidden_states,
-        text_mask=text.text_mask,
-        generators=generators,
-        num_inference_steps=2,
-        guidance_scale=8.0,
-        do_classifier_free_guidance=True,
-    )
+    decode_request = decoder_pb2.DecodeRequest(**shared, image_embeds=prior.image_embeds, guidance_scale=8.0)
     return prior_request, decode_request
