@@ -77,3 +77,31 @@ def stack(stack_model_dir, tmp_path_factory):
         )
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def image_service(stack):
+    """The shared stack's orchestrator: an ImageService stub on a channel carrying its API key."""
+    from unclip.v1 import orchestrator_pb2_grpc
+
+    with stack.channel() as channel:
+        yield orchestrator_pb2_grpc.ImageServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def stack_engines(stack):
+    """The shared stack's weights loaded in this process the way the stages load them (encoder, prior,
+    decoder, first upsampler): what in-process diffusers references are built from."""
+    import torch
+
+    from services.decoder.engine import DecoderEngine, UpsamplerEngine
+    from services.encoder.engine import EncoderEngine
+    from services.prior.engine import PriorEngine
+
+    torch.set_num_threads(1)  # as the stages compute (UNCLIP_TORCH_THREADS above)
+    return (
+        EncoderEngine.from_pretrained(stack.model_dir),
+        PriorEngine.from_pretrained(stack.model_dir),
+        DecoderEngine.from_pretrained(stack.model_dir),
+        UpsamplerEngine.from_pretrained(stack.model_dir, "super_res"),
+    )

@@ -15,11 +15,13 @@ import json
 import os
 import sys
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 from services.safety.audit import read_records
+from unclip.cli_common import utc_time
 from unclip.escape import printable, printable_json
+
+_TIME = utc_time("milliseconds")  # as the audit log writes its times
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", help="only decisions in which this category triggered")
     parser.add_argument("--filter", dest="filter_name", help="only decisions this filter scored or failed in")
     parser.add_argument("--policy-version", help="only decisions under this policy version")
-    parser.add_argument("--since", type=_time, help="from this time (ISO 8601, UTC)")
-    parser.add_argument("--until", type=_time, help="before this time (ISO 8601, UTC)")
+    parser.add_argument("--since", type=_TIME, help="from this time (ISO 8601, UTC)")
+    parser.add_argument("--until", type=_TIME, help="before this time (ISO 8601, UTC)")
     parser.add_argument(
         "--events",
         action="store_true",
@@ -61,18 +63,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
-
-
-def _time(text: str) -> str:
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from error
-    if moment.tzinfo is not None:  # the log is in UTC
-        from datetime import UTC
-
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment.isoformat(timespec="milliseconds")
 
 
 def matches(record: dict[str, Any], args: argparse.Namespace) -> bool:
@@ -137,18 +127,13 @@ def format_record(record: dict[str, Any]) -> str:
 
 def audit_dir(args: argparse.Namespace) -> tuple[str, str]:
     """The folder to read and where that choice came from (for the error when it does not exist)."""
-    from unclip.cli_common import configured
     from unclip.runtime.settings import SETTINGS
-    from unclip.stack_state import current
+    from unclip.stack_state import find_folder
 
-    if args.dir:
-        return args.dir, "--dir"
-    if configured("audit_dir"):
-        return configured("audit_dir"), "UNCLIP_AUDIT_DIR"
-    running = current()
-    if running is not None:
-        return running.audit_dir, f"the running `unclip up` (pid {running.pid})"
-    return SETTINGS["audit_dir"].default, "the default, as no local `unclip up` is running"
+    folder, source = find_folder(args.dir, "audit_dir")
+    if folder is None:
+        return SETTINGS["audit_dir"].default, f"the default, as {source}"
+    return str(folder), source
 
 
 def run(args: argparse.Namespace, out=None) -> int:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 
-from unclip import limits, stack_state
-from unclip.runtime import settings
+from unclip import limits
+from unclip.access.client import resolve_address
 
-FALLBACK_ADDR = "127.0.0.1:50051"
 START_HINT = "start one with `unclip up --model models/shapes-toy`, or pass --addr HOST:PORT"
 
 
@@ -27,16 +28,9 @@ class UsageError(Exception):
 # ---- where the stack is ------------------------------------------------------------------------------------
 
 
-def configured(name: str) -> str:
-    """A setting's value from its environment variable, or "" when the variable leaves it at its default."""
-    value = settings.env_default(name)
-    return "" if value == settings.SETTINGS[name].default else str(value)
-
-
 def default_addr() -> str:
     """UNCLIP_ADDR, else the running local stack's orchestrator, else 127.0.0.1:50051."""
-    running = stack_state.current()
-    return configured("addr") or (running.address if running else "") or FALLBACK_ADDR
+    return resolve_address(None)
 
 
 def addr_help() -> str:
@@ -74,8 +68,24 @@ def check_request_flags(args: argparse.Namespace) -> None:
                 limits.check(limit, value, field=flag)
             except ValueError as error:
                 raise UsageError(str(error)) from None
-    args.addr = args.addr or default_addr()
+    args.addr = resolve_address(args.addr)
     check_addr(args.addr)
+
+
+def utc_time(timespec: str) -> Callable[[str], str]:
+    """An argparse `type` for --since / --until: an ISO 8601 time (an offset or Z converted to UTC) as the
+    logs write times (UTC, no offset, to `timespec`), so that filters compare text."""
+
+    def parse(text: str) -> str:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from error
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
+        return moment.isoformat(timespec=timespec)
+
+    return parse
 
 
 def limit_range(name: str) -> str:
@@ -160,7 +170,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 def orchestrator_channel(args: argparse.Namespace) -> grpc.Channel:
     """A channel to the orchestrator at `args.addr` (resolved by check_request_flags or here) carrying the
     API key: --api-key, else UNCLIP_API_KEY, else the key of the running `unclip up` at that address."""
-    from unclip.access.client import resolve_address, resolve_key, with_key
+    from unclip.access.client import resolve_key, with_key
     from unclip.runtime.server import create_channel
 
     address = resolve_address(getattr(args, "addr", None))

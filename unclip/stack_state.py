@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unclip.runtime.settings import env_default
+from unclip.runtime.settings import SETTINGS, env_default, env_is_set
 
 FILE_NAME = "stack.json"
 VERSION = 1
@@ -43,6 +43,10 @@ class StackState:
     # e.g. "api_key_file", "keys_file", "ca_cert", "client_cert", "client_key", "auth", "tls", "http_url"
     extra: dict[str, object] = field(default_factory=dict)
     version: int = VERSION
+
+    def folder(self, name: str) -> str:
+        """A folder it publishes ("audit_dir", or one in `extra` such as "usage_dir"), or ""."""
+        return str(getattr(self, name, "") or self.extra.get(name) or "")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -110,3 +114,19 @@ def current() -> StackState | None:
     if state is None or not _alive(state.pid):
         return None
     return state
+
+
+def find_folder(flag: str | None, setting: str) -> tuple[Path | None, str]:
+    """The folder a command reads (`unclip audit`'s log, `unclip usage`'s ledger) and where that choice came
+    from: `flag` (--dir), else the setting's environment variable, else the running local stack's, else None.
+    The environment wins when set at all, even to the default: a person who set it meant that folder."""
+    if flag:
+        return Path(flag), "--dir"
+    if env_is_set(setting):
+        return Path(env_default(setting)), SETTINGS[setting].env
+    running = current()
+    if running is None:
+        return None, "no local `unclip up` is running"
+    if not running.folder(setting):
+        return None, f"the running `unclip up` (pid {running.pid}) publishes none"
+    return Path(running.folder(setting)), f"the running `unclip up` (pid {running.pid})"

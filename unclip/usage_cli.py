@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from unclip.access.usage import read_records
+from unclip.cli_common import utc_time
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -29,35 +29,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dir", default=None, help="ledger folder [env UNCLIP_USAGE_DIR, else the local stack's]"
     )
-    parser.add_argument("--since", type=_time, default=None, help="from this time (ISO 8601, UTC)")
+    parser.add_argument(
+        "--since", type=utc_time("seconds"), default=None, help="from this time (ISO 8601, UTC)"
+    )
     parser.add_argument("--by", choices=["key", "tenant"], default="key", help="group by (default key)")
     parser.add_argument("--json", action="store_true", help="one JSON object per group")
     parser.set_defaults(func=run)
     return parser
 
 
-def _time(text: str) -> str:
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from error
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment.isoformat(timespec="seconds")
-
-
 def ledger_dir(flag: str | None) -> Path | None:
-    from unclip import stack_state
-    from unclip.runtime import settings
+    """--dir, else UNCLIP_USAGE_DIR, else the running `unclip up` stack's ledger, else None."""
+    from unclip.stack_state import find_folder
 
-    if flag:
-        return Path(flag)
-    if settings.env_default("usage_dir"):
-        return Path(settings.env_default("usage_dir"))
-    state = stack_state.current()
-    if state is not None and state.extra.get("usage_dir"):
-        return Path(str(state.extra["usage_dir"]))
-    return None
+    return find_folder(flag, "usage_dir")[0]
 
 
 def summarize(records, by: str, since: str | None) -> list[dict[str, Any]]:

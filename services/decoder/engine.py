@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from services.decoder.inpaint import InpaintInput, KnownRegion, UpsamplerKnownRegion, check_inpaint
+from services.guidance import checked_guided_sampling, checked_sampler, conditioning, guided, model_input
 from unclip import models
 from unclip.batching.stages import (
     Task,
-    cat_halves,
     denoise,
-    guidance_scale_rows,
     renoise_jumps,
     sampler_step,
     timestep_rows,
@@ -43,14 +42,12 @@ from unclip.batching.stages import (
 from unclip.checks import (
     check_callback,
     check_count,
-    check_flag,
     check_generators,
-    check_guidance,
     check_steps,
     check_tensor,
 )
 from unclip.rng import randn_per_image
-from unclip.sampling import DEFAULT_SAMPLER, Sampler, build_samplers, check_eta, check_sampler
+from unclip.sampling import DEFAULT_SAMPLER, build_samplers
 
 __all__ = ["DecoderEngine", "DecoderOutput", "InpaintInput", "UpsamplerEngine"]
 
@@ -80,16 +77,6 @@ class UpsamplerCondition:
 
     image_upscaled: torch.Tensor  # [n, 3, S, S] the low-resolution image, upscaled once
     input_size: int  # its size before upscaling (tasks of one size share a forward pass)
-
-
-def _sampler(samplers: dict[str, Sampler], name: str, eta: float, inpaint: InpaintInput | None) -> Sampler:
-    """The registered sampler ``name`` (checked), refusing one that cannot walk an edit's known region."""
-    sampler = samplers[check_sampler(name)]
-    check_eta(eta)
-    if inpaint is not None and not sampler.supports_edits:
-        editable = ", ".join(n for n, s in samplers.items() if s.supports_edits)
-        raise ValueError(f"sampler {sampler.name!r} cannot run edits (inpaint); edits use {editable}")
-    return sampler
 
 
 class DecoderEngine:
@@ -197,10 +184,15 @@ class DecoderEngine:
     ) -> Task[DecoderCondition]:
         """``decode``'s checks, conditioning and initial noise: one request, ready to step. sampler: a
         registered sampler's name (unclip.sampling); eta: its stochasticity where it has one (ddim)."""
-        do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
-        num_inference_steps = check_steps(num_inference_steps)
-        guidance_scale = check_guidance(guidance_scale)
-        stepper = _sampler(self.samplers, sampler, eta, inpaint)
+        do_cfg, num_inference_steps, guidance_scale, stepper, eta = checked_guided_sampling(
+            self.samplers,
+            do_classifier_free_guidance,
+            num_inference_steps,
+            guidance_scale,
+            sampler,
+            eta,
+            edit=inpaint is not None,
+        )
         n = self._check(image_embeds, text_embeds, text_encoder_hidden_states, text_mask, generators, do_cfg)
         check_inpaint(inpaint, n)
         generators = list(generators)
@@ -271,32 +263,21 @@ class DecoderEngine:
     def model_output(self, tasks: list[Task[DecoderCondition]], latents: torch.Tensor) -> torch.Tensor:
         """The UNet's output for ``latents`` [B, C, s, s] (the tasks' rows, in order) at each task's current
         timestep, guided where the tasks use guidance: [B, 2C, s, s] (noise or sample; learned variance)."""
-        do_cfg = tasks[0].cond.do_cfg
-        counts = [task.rows for task in tasks]
-
-        # expand the latents if we are doing classifier free guidance: [uncond of all; cond of all]
-        latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
-        t = timestep_rows(tasks, self.device)
-
+        latent_model_input, t = model_input(tasks, latents, self.device)
         noise_pred = self.decoder(
             sample=latent_model_input,
-            timestep=torch.cat([t] * 2) if do_cfg else t,
-            encoder_hidden_states=cat_halves(
-                [task.cond.text_encoder_hidden_states for task in tasks], counts, do_cfg
-            ),
-            class_labels=cat_halves(
-                [task.cond.additive_clip_time_embeddings for task in tasks], counts, do_cfg
-            ),
-            attention_mask=cat_halves([task.cond.decoder_text_mask for task in tasks], counts, do_cfg),
+            timestep=t,
+            encoder_hidden_states=conditioning(tasks, "text_encoder_hidden_states"),
+            class_labels=conditioning(tasks, "additive_clip_time_embeddings"),
+            attention_mask=conditioning(tasks, "decoder_text_mask"),
         ).sample
 
-        if do_cfg:
+        if tasks[0].cond.do_cfg:
             # The UNet predicts [noise; variance]: guide the noise, keep the conditional variance.
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
             noise_pred_uncond, _ = noise_pred_uncond.split(latent_model_input.shape[1], dim=1)
             noise_pred_text, predicted_variance = noise_pred_text.split(latent_model_input.shape[1], dim=1)
-            guidance_scale = guidance_scale_rows(tasks, noise_pred_uncond.dim(), self.device)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+            noise_pred = guided(tasks, noise_pred_uncond, noise_pred_text, self.device)
             noise_pred = torch.cat([noise_pred, predicted_variance], dim=1)
         return noise_pred
 
@@ -397,7 +378,7 @@ class UpsamplerEngine:
     ) -> Task[UpsamplerCondition]:
         """``upsample``'s checks, upscaled image and initial noise: one request, ready to step."""
         num_inference_steps = check_steps(num_inference_steps)
-        stepper = _sampler(self.samplers, sampler, eta, inpaint)
+        stepper = checked_sampler(self.samplers, sampler, eta, edit=inpaint is not None)
         n = self._check(images, generators)
         check_inpaint(inpaint, n)
         generators = list(generators)

@@ -18,28 +18,23 @@ from pathlib import Path
 
 import torch
 
+from services.guidance import checked_guided_sampling, conditioning, guided, model_input
 from unclip import models
 from unclip.batching.stages import (
     Task,
-    cat_halves,
     denoise,
-    guidance_scale_rows,
     sampler_step,
-    timestep_rows,
     timesteps_for,
 )
 from unclip.checks import (
     check_callback,
     check_count,
-    check_flag,
     check_generators,
-    check_guidance,
-    check_steps,
     check_tensor,
 )
 from unclip.limits import LIMITS
 from unclip.rng import derive_generator, randn_per_image
-from unclip.sampling import DEFAULT_SAMPLER, build_samplers, check_eta, check_sampler
+from unclip.sampling import DEFAULT_SAMPLER, build_samplers
 
 
 @dataclass
@@ -156,11 +151,9 @@ class PriorEngine:
         eta: float = 0.0,
     ) -> Task[PriorCondition]:
         """``sample``'s checks, conditioning and initial noise: one request, ready to step."""
-        do_cfg = check_flag(do_classifier_free_guidance, "do_classifier_free_guidance")
-        num_inference_steps = check_steps(num_inference_steps)
-        guidance_scale = check_guidance(guidance_scale)
-        stepper = self.samplers[check_sampler(sampler)]
-        eta = check_eta(eta)
+        do_cfg, num_inference_steps, guidance_scale, stepper, eta = checked_guided_sampling(
+            self.samplers, do_classifier_free_guidance, num_inference_steps, guidance_scale, sampler, eta
+        )
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int):
             raise ValueError(f"num_candidates must be an integer, got {type(num_candidates).__name__}")
         most = LIMITS["prior_candidates"].high
@@ -226,30 +219,19 @@ class PriorEngine:
     def step(self, tasks: list[Task[PriorCondition]]) -> int:
         """4. One denoising step of every task (same key), each at its own timestep, in one forward pass.
         Returns the rows the forward pass held (before guidance doubles them)."""
-        do_cfg = tasks[0].cond.do_cfg
-        counts = [task.rows for task in tasks]
         latents = torch.cat([task.latents for task in tasks])  # [B, D]
-
-        # expand the latents if we are doing classifier free guidance: [uncond of all; cond of all]
-        latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
-        t = timestep_rows(tasks, self.device)
-
+        latent_model_input, t = model_input(tasks, latents, self.device)
         predicted_image_embedding = self.prior(
             latent_model_input,
-            timestep=torch.cat([t] * 2) if do_cfg else t,
-            proj_embedding=cat_halves([task.cond.text_embeds for task in tasks], counts, do_cfg),
-            encoder_hidden_states=cat_halves(
-                [task.cond.text_encoder_hidden_states for task in tasks], counts, do_cfg
-            ),
-            attention_mask=cat_halves([task.cond.text_mask for task in tasks], counts, do_cfg),
+            timestep=t,
+            proj_embedding=conditioning(tasks, "text_embeds"),
+            encoder_hidden_states=conditioning(tasks, "text_encoder_hidden_states"),
+            attention_mask=conditioning(tasks, "text_mask"),
         ).predicted_image_embedding
 
-        if do_cfg:
+        if tasks[0].cond.do_cfg:
             predicted_uncond, predicted_text = predicted_image_embedding.chunk(2)
-            guidance_scale = guidance_scale_rows(tasks, predicted_uncond.dim(), self.device)
-            predicted_image_embedding = predicted_uncond + guidance_scale * (
-                predicted_text - predicted_uncond
-            )
+            predicted_image_embedding = guided(tasks, predicted_uncond, predicted_text, self.device)
 
         # x_t -> x_t-1, each task with its own sampler, each row with its own generator
         sampler_step(self.scheduler, tasks, predicted_image_embedding, latents)

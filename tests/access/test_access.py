@@ -4,14 +4,15 @@ identity the audit records."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 
 import grpc
-import pytest
 
 from services.safety.audit import read_records
+from tests.helpers import code_of
 from unclip.access.client import with_key
 from unclip.access.tls import channel_credentials, mint_stack_certificates
 from unclip.runtime.server import create_channel, health_status
@@ -32,12 +33,6 @@ UNCLIP = [sys.executable, "-m", "unclip"]
 FAST = pb.SamplingParams(prior_num_inference_steps=2, decoder_num_inference_steps=2)
 FAST_FLAGS = ["--prior-steps", "2", "--decoder-steps", "2", "--size", "32", "--no-progress"]
 STAGES = ["encoder", "prior", "decoder", "super_res", "super_res_2", "safety"]
-
-
-def code_of(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return caught.value.code(), caught.value.details() or ""
 
 
 def unclip(*args: str, env: dict[str, str], cwd=None) -> subprocess.CompletedProcess:
@@ -178,3 +173,34 @@ def test_the_audit_records_the_authenticated_identity_and_tenant(stack):
         orchestrator_pb2_grpc.ImageServiceStub(channel).Generate(request, timeout=120)
     records = [r for r in read_records(stack.log_dir / "audit") if r.get("user") == user]
     assert records and all(r["identity"] == "key:local" and r["tenant"] == "local" for r in records), records
+
+
+def test_the_cli_finds_the_running_local_stack_its_key_and_its_logs_by_itself(stack, tmp_path):
+    """No --addr, --dir or variables: `generate` and `info` reach the stack named by the state file with the
+    key it names, `usage` and `audit` read its ledger and audit log; a variable, when set, wins over it."""
+    from unclip import stack_state
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / stack_state.FILE_NAME).write_text(stack.running.state().to_json())  # pid: this test, alive
+    unset = ("UNCLIP_ADDR", "UNCLIP_API_KEY", "UNCLIP_USAGE_DIR", "UNCLIP_AUDIT_DIR")
+    env = {k: v for k, v in stack.env.items() if k not in unset}
+    env["UNCLIP_STATE_DIR"] = str(state_dir)
+
+    done = unclip("generate", "a red circle", "--seed", "1", "--out", str(tmp_path), *FAST_FLAGS, env=env)
+    assert done.returncode == 0, done.stderr
+    done = unclip("info", env=env)
+    assert done.returncode == 0 and f"stack at {stack.address}" in done.stdout, done.stderr
+    done = unclip("usage", "--by", "tenant", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "local" in [json.loads(line)["tenant"] for line in done.stdout.splitlines()]
+    done = unclip("audit", "--stage", "prompt", "--identity", "key:local", env=env)
+    assert done.returncode == 0 and "allow" in done.stdout, done.stderr
+
+    nowhere = "127.0.0.1:1"  # nothing listens on port 1
+    done = unclip("info", "--timeout", "5", env={**env, "UNCLIP_ADDR": nowhere})
+    assert done.returncode == 1 and f"no stack at {nowhere}" in done.stderr, done.stderr
+    done = unclip("usage", env={**env, "UNCLIP_USAGE_DIR": str(tmp_path / "none")})
+    assert done.returncode == 2 and str(tmp_path / "none") in done.stderr, done.stderr
+    done = unclip("audit", env={**env, "UNCLIP_AUDIT_DIR": str(tmp_path / "none")})
+    assert done.returncode == 2 and "UNCLIP_AUDIT_DIR" in done.stderr, done.stderr

@@ -16,29 +16,17 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from tests.helpers import FAST
 from unclip.v1 import orchestrator_pb2 as pb
 
 PROMPT = "a small red circle on a blue background"
-STEPS = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=[2])
 
 
 @pytest.fixture(scope="module")
-def client(stack):
-    from unclip.v1 import orchestrator_pb2_grpc
-
-    with stack.channel() as channel:
-        yield orchestrator_pb2_grpc.ImageServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def generated(client):
+def generated(image_service):
     """A 128 px image (watermarked: 128 is the smallest marked size) and a 64 px one (not marked)."""
-    big = client.Generate(
-        pb.GenerateRequest(prompt=PROMPT, n=1, size=128, seed=11, params=pb.SamplingParams(**STEPS))
-    )
-    small = client.Generate(
-        pb.GenerateRequest(prompt=PROMPT, n=1, size=64, seed=12, params=pb.SamplingParams(**STEPS))
-    )
+    big = image_service.Generate(pb.GenerateRequest(prompt=PROMPT, n=1, size=128, seed=11, params=FAST))
+    small = image_service.Generate(pb.GenerateRequest(prompt=PROMPT, n=1, size=64, seed=12, params=FAST))
     return big, small
 
 
@@ -150,7 +138,7 @@ def world_pngs(count: int, seed: int, size: int = 128) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def edited(client):
+def edited(image_service):
     """Eight 128 px edits (4 world renders, 2 seeds each) with a 16 px hole: the stack's output is a
     flat-shapes picture (the tiny random model's own 128 px output is saturated noise, which no invisible mark
     survives)."""
@@ -163,14 +151,14 @@ def edited(client):
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
         responses.append(
-            client.Edit(
+            image_service.Edit(
                 pb.EditRequest(
                     image=buffer.getvalue(),
                     prompt=PROMPT,
                     n=2,
                     size=128,
                     seed=1,
-                    params=pb.SamplingParams(**STEPS),
+                    params=FAST,
                 )
             )
         )
@@ -199,7 +187,7 @@ def test_stripped_manifest_and_jpeg_keep_the_watermark(stack, generated, edited,
         assert record["summary"].startswith(record["verdict"] + ": ")
 
 
-def test_an_image_we_never_made_is_not_ours(stack, client, tmp_path):
+def test_an_image_we_never_made_is_not_ours(stack, image_service, tmp_path):
     """World renders never marked: none is ours (the table's false-positive rate at 128 px is 0 of 200)."""
     import torch
 
@@ -223,11 +211,11 @@ def test_an_image_we_never_made_is_not_ours(stack, client, tmp_path):
     assert "missing.png: error: cannot read" in done.stdout and "world-0.png: not_ours: " in done.stdout
 
     # The RPC, directly: the same verdict, and a file that is no image is INVALID_ARGUMENT naming the field.
-    answer = client.Verify(pb.VerifyRequest(image=files["world-0.png"]))
+    answer = image_service.Verify(pb.VerifyRequest(image=files["world-0.png"]))
     assert answer.verdict == pb.VERIFY_VERDICT_NOT_OURS and answer.watermark_checked
     assert not answer.watermark_found and not answer.manifest_present
     import grpc
 
     with pytest.raises(grpc.RpcError) as error:
-        client.Verify(pb.VerifyRequest(image=b"not an image"))
+        image_service.Verify(pb.VerifyRequest(image=b"not an image"))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image" in error.value.details()

@@ -3,17 +3,13 @@ and directly at each stage; afterwards every process still says SERVING."""
 
 from __future__ import annotations
 
-import io
 import math
 
-import grpc
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 
+from tests.helpers import FAST, assert_every_process_serving, assert_invalid, image_bytes, stage_requests
 from unclip.rng import generators_from_seed
-from unclip.runtime.server import health_status
 from unclip.runtime.tensors import encode_generators, from_proto, to_proto
 from unclip.v1 import (
     decoder_pb2,
@@ -21,36 +17,10 @@ from unclip.v1 import (
     encoder_pb2,
     encoder_pb2_grpc,
     orchestrator_pb2_grpc,
-    prior_pb2,
     prior_pb2_grpc,
     tensor_pb2,
 )
 from unclip.v1 import orchestrator_pb2 as pb
-
-FAST = pb.SamplingParams(
-    prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=[2]
-)
-
-
-def png(width: int, height: int, mode: str = "RGB", alpha_hole: bool = False) -> bytes:
-    array = np.random.default_rng(0).integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
-    if mode == "RGBA":
-        array[..., 3] = 255  # opaque, but for the hole
-        if alpha_hole:
-            array[: height // 2, : width // 2, 3] = 0
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array, mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def assert_invalid(method, request, field: str, *also: str) -> None:
-    with pytest.raises(grpc.RpcError) as caught:
-        method(request, timeout=60)
-    error = caught.value
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
-    assert error.details().startswith(field), error.details()
-    for text in also:
-        assert text in error.details(), error.details()
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +34,7 @@ def channels(stack):
 @pytest.fixture(scope="module", autouse=True)
 def still_serving_afterwards(stack):
     yield
-    for name in stack.addresses:
-        assert health_status(stack.health_address(name)) == "SERVING", name
+    assert_every_process_serving(stack)
 
 
 # ---- through the orchestrator ------------------------------------------------------------------------------
@@ -117,28 +86,35 @@ def test_variation_and_edit_reject(channels):
     stub = orchestrator_pb2_grpc.ImageServiceStub(channels["orchestrator"])
     assert_invalid(stub.CreateVariation, pb.VariationRequest(), "image is required")
     assert_invalid(stub.CreateVariation, pb.VariationRequest(image=b"not an image at all"), "image")
-    assert_invalid(stub.CreateVariation, pb.VariationRequest(image=png(64, 48)), "image", "square")
-    assert_invalid(stub.CreateVariation, pb.VariationRequest(image=png(64, 64), n=0, size=999), "size")
+    assert_invalid(stub.CreateVariation, pb.VariationRequest(image=image_bytes(64, 48)), "image", "square")
+    assert_invalid(
+        stub.CreateVariation, pb.VariationRequest(image=image_bytes(64, 64), n=0, size=999), "size"
+    )
     bad_decoder_steps = pb.SamplingParams(decoder_num_inference_steps=1)
     assert_invalid(
         stub.CreateVariation,
-        pb.VariationRequest(image=png(64, 64), params=bad_decoder_steps),
+        pb.VariationRequest(image=image_bytes(64, 64), params=bad_decoder_steps),
         "params.decoder_num_inference_steps",
     )
 
-    rgba = png(64, 64, "RGBA", alpha_hole=True)
+    rgba = image_bytes(64, 64, "RGBA", alpha_hole=True)
     good = dict(image=rgba, prompt="a blue square", params=FAST)
     assert_invalid(stub.Edit, pb.EditRequest(**{**good, "prompt": ""}), "prompt")
     assert_invalid(stub.Edit, pb.EditRequest(**{**good, "image": b"\x89PNG broken"}), "image")
     assert_invalid(
-        stub.Edit, pb.EditRequest(**{**good, "image": png(64, 32, "RGBA", True)}), "image", "square"
+        stub.Edit,
+        pb.EditRequest(**{**good, "image": image_bytes(64, 32, "RGBA", alpha_hole=True)}),
+        "image",
+        "square",
     )
-    assert_invalid(stub.Edit, pb.EditRequest(**{**good, "image": png(64, 64)}), "mask", "alpha")
-    assert_invalid(stub.Edit, pb.EditRequest(**good, mask=png(32, 32, "RGBA", True)), "mask", "size")
-    assert_invalid(stub.Edit, pb.EditRequest(**good, mask=png(64, 64)), "mask", "alpha")
+    assert_invalid(stub.Edit, pb.EditRequest(**{**good, "image": image_bytes(64, 64)}), "mask", "alpha")
+    assert_invalid(
+        stub.Edit, pb.EditRequest(**good, mask=image_bytes(32, 32, "RGBA", alpha_hole=True)), "mask", "size"
+    )
+    assert_invalid(stub.Edit, pb.EditRequest(**good, mask=image_bytes(64, 64)), "mask", "alpha")
     assert_invalid(stub.Edit, pb.EditRequest(**good, mask=b"garbage"), "mask")
     assert_invalid(
-        stub.Edit, pb.EditRequest(**{**good, "image": png(64, 64, "RGBA")}), "image", "transparent"
+        stub.Edit, pb.EditRequest(**{**good, "image": image_bytes(64, 64, "RGBA")}), "image", "transparent"
     )
 
 
@@ -189,27 +165,17 @@ def test_encoder_rejects(channels):
     assert_invalid(stub.EncodeImage, encoder_pb2.EncodeImageRequest(), "images")
     assert_invalid(stub.EncodeImage, encoder_pb2.EncodeImageRequest(images=[b"junk"]), "images[0]")
     assert_invalid(
-        stub.EncodeImage, encoder_pb2.EncodeImageRequest(images=[png(8, 8), png(8, 4)]), "images[1]"
+        stub.EncodeImage,
+        encoder_pb2.EncodeImageRequest(images=[image_bytes(8, 8), image_bytes(8, 4)]),
+        "images[1]",
     )
 
 
 def test_prior_and_decoder_reject(channels):
-    encoder = encoder_pb2_grpc.EncoderStub(channels["encoder"])
-    text = encoder.EncodeText(
-        encoder_pb2.EncodeTextRequest(prompts=["a", "a"], do_classifier_free_guidance=True)
-    )
-    generators = encode_generators(generators_from_seed(0, 2))
-    prior_request = prior_pb2.PriorRequest(
-        text_embeds=text.text_embeds,
-        text_encoder_hidden_states=text.text_encoder_hidden_states,
-        text_mask=text.text_mask,
-        generators=generators,
-        num_inference_steps=2,
-        guidance_scale=4.0,
-        do_classifier_free_guidance=True,
-    )
+    # Made (and so proven valid) by the stack's encoder and prior.
+    prior_request, decode_request = stage_requests(channels.__getitem__, ["a", "a"])
+    text, generators = prior_request, prior_request.generators  # the encoder's outputs, as sent
     prior = prior_pb2_grpc.PriorStub(channels["prior"])
-    image_embeds = prior.Sample(prior_request).image_embeds  # the valid request works
     cases = [
         (dict(num_inference_steps=1), "num_inference_steps"),
         (dict(guidance_scale=math.nan), "guidance_scale"),
@@ -232,16 +198,7 @@ def test_prior_and_decoder_reject(channels):
     for fields, field in cases:
         assert_invalid(prior.Sample, mutated(prior_request, **fields), field)
 
-    decode_request = decoder_pb2.DecodeRequest(
-        image_embeds=image_embeds,
-        text_embeds=text.text_embeds,
-        text_encoder_hidden_states=text.text_encoder_hidden_states,
-        text_mask=text.text_mask,
-        generators=generators,
-        num_inference_steps=2,
-        guidance_scale=8.0,
-        do_classifier_free_guidance=True,
-    )
+    image_embeds = decode_request.image_embeds
     decoder = decoder_pb2_grpc.DecoderStub(channels["decoder"])
     decoder.Decode(decode_request)  # the valid request works
     image = to_proto(torch.zeros(2, 3, 32, 32))

@@ -5,39 +5,41 @@ receiving process's RSS growing < 100 MB, and afterwards every process still say
 from __future__ import annotations
 
 import io
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from contextlib import contextmanager
 
 import grpc
-import numpy as np
 import PIL.Image
 import pytest
 import torch
 
+from tests.helpers import (
+    FAST,
+    assert_every_process_serving,
+    assert_invalid,
+    code_of,
+    image_bytes,
+    stage_requests,
+)
+from unclip.fuzz.mutations import png_bomb
 from unclip.rng import generators_from_seed
-from unclip.runtime.server import health_status
 from unclip.runtime.tensors import encode_generators, to_proto
 from unclip.v1 import (
     decoder_pb2,
     decoder_pb2_grpc,
     encoder_pb2,
     encoder_pb2_grpc,
-    orchestrator_pb2_grpc,
     prior_pb2,
     prior_pb2_grpc,
     tensor_pb2,
 )
 from unclip.v1 import orchestrator_pb2 as pb
 
-FAST = pb.SamplingParams(
-    prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=[2]
-)
 MB = 1024 * 1024
+MASK = image_bytes(32, 32, "RGBA", alpha_hole=True)  # an edit's mask: its top-left quarter
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -74,52 +76,6 @@ def rss_growth(pid: int):
         growth.append(max(peak[0], rss(pid)) - before)
 
 
-def call_code(method, request, timeout: float = 60) -> tuple[grpc.StatusCode, str]:
-    try:
-        method(request, timeout=timeout)
-    except grpc.RpcError as error:
-        return error.code(), error.details() or ""
-    return grpc.StatusCode.OK, ""
-
-
-def assert_invalid(method, request, field: str, *also: str) -> None:
-    code, details = call_code(method, request)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
-    assert details.startswith(field), details
-    for text in also:
-        assert text in details, details
-
-
-def image_file(mode: str, fmt: str, side: int = 32) -> bytes:
-    """A random RGB image converted to `mode` (a blank one where Pillow has no conversion), saved as `fmt`."""
-    rgb = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
-    try:
-        image = rgb.convert(mode)
-    except ValueError:
-        image = PIL.Image.new(mode, (side, side))
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def rgba_mask(side: int = 32) -> bytes:
-    array = np.full((side, side, 4), 255, dtype=np.uint8)
-    array[: side // 2, : side // 2, 3] = 0
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array, "RGBA").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def png_bomb(side: int = 4096) -> bytes:
-    """A PNG whose header claims side x side RGB but holds one short IDAT (~100 bytes)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096, 9))
-
-
 def audit_bytes(stack) -> int:
     return sum(path.stat().st_size for path in (stack.log_dir / "audit").glob("*.jsonl"))
 
@@ -128,16 +84,10 @@ def stub(stack, name: str, kind):
     return kind(stack.channel(name))
 
 
-@pytest.fixture(scope="module")
-def image_service(stack):
-    return orchestrator_pb2_grpc.ImageServiceStub(stack.channel("orchestrator"))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def still_serving_afterwards(stack):
     yield
-    for name in stack.addresses:
-        assert health_status(stack.health_address(name)) == "SERVING", name
+    assert_every_process_serving(stack)
 
 
 # ---- uploads: format, mode, header dimensions --------------------------------------------------------------
@@ -147,7 +97,7 @@ def still_serving_afterwards(stack):
     ("mode", "fmt"), [("CMYK", "JPEG"), ("CMYK", "TIFF"), ("YCbCr", "TIFF"), ("P", "PNG"), ("LA", "PNG")]
 )
 def test_uploads_in_convertible_modes_are_converted(image_service, mode, fmt):
-    data = image_file(mode, fmt)
+    data = image_bytes(32, 32, mode, fmt)
     assert PIL.Image.open(io.BytesIO(data)).mode == mode
     reply = image_service.CreateVariation(
         pb.VariationRequest(image=data, n=1, size=32, seed=1, params=FAST), timeout=120
@@ -158,8 +108,8 @@ def test_uploads_in_convertible_modes_are_converted(image_service, mode, fmt):
 def test_edit_of_a_cmyk_tiff_is_converted(image_service):
     reply = image_service.Edit(
         pb.EditRequest(
-            image=image_file("CMYK", "TIFF"),
-            mask=rgba_mask(),
+            image=image_bytes(32, 32, "CMYK", "TIFF"),
+            mask=MASK,
             prompt="a red circle",
             n=1,
             size=32,
@@ -173,11 +123,14 @@ def test_edit_of_a_cmyk_tiff_is_converted(image_service):
 
 @pytest.mark.parametrize("mode", ["F", "LAB", "I", "I;16"])
 def test_uploads_in_other_modes_are_refused_naming_the_mode(stack, image_service, mode):
-    data = image_file(mode, "TIFF")
+    data = image_bytes(32, 32, mode, "TIFF")
     assert PIL.Image.open(io.BytesIO(data)).mode == mode
     assert_invalid(image_service.CreateVariation, pb.VariationRequest(image=data, size=32), "image", mode)
     assert_invalid(
-        image_service.Edit, pb.EditRequest(image=data, mask=rgba_mask(), prompt="x", size=32), "image", mode
+        image_service.Edit,
+        pb.EditRequest(image=data, mask=MASK, prompt="x", size=32),
+        "image",
+        mode,
     )
     encoder = stub(stack, "encoder", encoder_pb2_grpc.EncoderStub)
     assert_invalid(encoder.EncodeImage, encoder_pb2.EncodeImageRequest(images=[data]), "images[0]", mode)
@@ -221,35 +174,14 @@ def test_a_tensor_shape_that_overflows_int64_is_refused(stack):
 
 def _decode_request(stack, inpaint_side: int) -> decoder_pb2.DecodeRequest:
     """A valid n=1 decoder request (the encoder and prior make its inputs) with an inpaint of that side."""
-    encoder = stub(stack, "encoder", encoder_pb2_grpc.EncoderStub)
-    text = encoder.EncodeText(encoder_pb2.EncodeTextRequest(prompts=["x"], do_classifier_free_guidance=True))
-    generators = encode_generators(generators_from_seed(0, 1))
-    prior = stub(stack, "prior", prior_pb2_grpc.PriorStub).Sample(
-        prior_pb2.PriorRequest(
-            text_embeds=text.text_embeds,
-            text_encoder_hidden_states=text.text_encoder_hidden_states,
-            text_mask=text.text_mask,
-            generators=generators,
-            num_inference_steps=2,
-            guidance_scale=4.0,
-            do_classifier_free_guidance=True,
+    _, request = stage_requests(stack.channel, ["x"])
+    request.inpaint.CopyFrom(
+        decoder_pb2.InpaintInput(
+            image=to_proto(torch.zeros(1, 3, inpaint_side, inpaint_side)),
+            mask=to_proto(torch.ones(1, 1, inpaint_side, inpaint_side)),
         )
     )
-    inpaint = decoder_pb2.InpaintInput(
-        image=to_proto(torch.zeros(1, 3, inpaint_side, inpaint_side)),
-        mask=to_proto(torch.ones(1, 1, inpaint_side, inpaint_side)),
-    )
-    return decoder_pb2.DecodeRequest(
-        image_embeds=prior.image_embeds,
-        text_embeds=text.text_embeds,
-        text_encoder_hidden_states=text.text_encoder_hidden_states,
-        text_mask=text.text_mask,
-        generators=generators,
-        num_inference_steps=2,
-        guidance_scale=8.0,
-        do_classifier_free_guidance=True,
-        inpaint=inpaint,
-    )
+    return request
 
 
 def test_inpaint_images_are_checked_against_the_stage_size(stack):
@@ -301,7 +233,7 @@ GARBAGE = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # field 1, a length v
 )
 def test_unparseable_requests_are_invalid_argument(stack, name, method):
     call = stack.channel(name).unary_unary(method)
-    code, details = call_code(call, GARBAGE, timeout=30)
+    code, details = code_of(lambda: call(GARBAGE, timeout=30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
     assert details.startswith("request: not a valid message"), details
 
@@ -310,7 +242,7 @@ def test_invalid_utf8_in_a_string_field_is_invalid_argument_with_one_log_line(st
     log = stack.log_dir / "orchestrator.log"
     before = log.read_text(errors="replace")
     call = stack.channel("orchestrator").unary_unary("/unclip.v1.ImageService/Generate")
-    code, details = call_code(call, b"\x0a\x02\xff\xfe", timeout=30)  # prompt = two invalid UTF-8 bytes
+    code, details = code_of(lambda: call(b"\x0a\x02\xff\xfe", timeout=30))  # prompt = two invalid UTF-8 bytes
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
     time.sleep(0.2)
     added = log.read_text(errors="replace")[len(before) :]
@@ -343,12 +275,12 @@ def test_oversized_requests_are_refused_with_bounded_memory(stack, image_service
     with rss_growth(pid) as growth:
         # Over Generate's own limit (64 KiB), under the server's (an edit's two uploads): the guard refuses it
         # before parsing.
-        code, details = call_code(image_service.Generate, pb.GenerateRequest(prompt="x", user="u" * (4 * MB)))
+        request = pb.GenerateRequest(prompt="x", user="u" * (4 * MB))
+        code, details = code_of(lambda: image_service.Generate(request, timeout=60))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request:"), (code, details)
         # Over the server's receive limit: refused by gRPC before it is buffered whole.
-        code, details = call_code(
-            image_service.Generate, pb.GenerateRequest(prompt="x", user="u" * (64 * MB))
-        )
+        request = pb.GenerateRequest(prompt="x", user="u" * (64 * MB))
+        code, details = code_of(lambda: image_service.Generate(request, timeout=60))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
     assert growth[0] < 100 * MB, growth
     assert audit_bytes(stack) - audit_before < 64 * 1024  # nothing reached the safety service's audit log

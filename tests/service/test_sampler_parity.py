@@ -16,7 +16,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from unclip.runtime.tensors import from_proto
 from unclip.sampling import ddim_config, dpmsolver_config
 from unclip.v1 import orchestrator_pb2 as pb
-from unclip.v1 import orchestrator_pb2_grpc
 
 TOLERANCE = 1e-4
 STEPS = 3  # DPM-Solver++ 2M: first order, second order, first order to x0 (lower_order_final)
@@ -27,28 +26,6 @@ REFERENCE = {
 }
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    with stack.channel() as channel:
-        yield orchestrator_pb2_grpc.ImageServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def components(stack):
-    """The stack's weights, loaded in this process the way the stages load them."""
-    torch.set_num_threads(1)
-    from services.decoder.engine import DecoderEngine, UpsamplerEngine
-    from services.encoder.engine import EncoderEngine
-    from services.prior.engine import PriorEngine
-
-    return (
-        EncoderEngine.from_pretrained(stack.model_dir),
-        PriorEngine.from_pretrained(stack.model_dir),
-        DecoderEngine.from_pretrained(stack.model_dir),
-        UpsamplerEngine.from_pretrained(stack.model_dir, "super_res"),
-    )
-
-
 def scheduler_for(name: str, stage_scheduler, steps: int):
     cls, config = REFERENCE[name]
     scheduler = cls(**config(stage_scheduler.config))
@@ -57,9 +34,11 @@ def scheduler_for(name: str, stage_scheduler, steps: int):
 
 
 @torch.inference_mode()  # as the stages run (UNCLIP_INFERENCE_MODE); no_grad can round attention differently
-def reference_loop(components, name, n, seed, prior_guidance_scale=4.0, decoder_guidance_scale=8.0, eta=0.0):
+def reference_loop(
+    stack_engines, name, n, seed, prior_guidance_scale=4.0, decoder_guidance_scale=8.0, eta=0.0
+):
     """UnCLIPPipeline.__call__ (text to 64 px) with diffusers' scheduler ``name`` at every stage."""
-    encoder, prior, decoder, upsampler = components
+    encoder, prior, decoder, upsampler = stack_engines
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     step_kwargs = {"eta": eta, "generator": generators} if name == "ddim" else {}
     cfg = prior_guidance_scale > 1.0 or decoder_guidance_scale > 1.0
@@ -131,8 +110,8 @@ def reference_loop(components, name, n, seed, prior_guidance_scale=4.0, decoder_
     return (latents.clamp(-1, 1) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def generate(client, name, n, seed, **params) -> np.ndarray:
-    response = client.Generate(
+def generate(image_service, name, n, seed, **params) -> np.ndarray:
+    response = image_service.Generate(
         pb.GenerateRequest(
             prompt=PROMPT,
             n=n,
@@ -163,35 +142,37 @@ def generate(client, name, n, seed, **params) -> np.ndarray:
     ],
 )
 def test_sampler_through_the_stack_equals_diffusers_scheduler_loop(
-    client, components, name, n, seed, guidance
+    image_service, stack_engines, name, n, seed, guidance
 ):
-    got = generate(client, name, n, seed, **guidance)
-    expected = reference_loop(components, name, n, seed, **guidance)
+    got = generate(image_service, name, n, seed, **guidance)
+    expected = reference_loop(stack_engines, name, n, seed, **guidance)
     assert got.shape == expected.shape == (n, 64, 64, 3)
     assert np.abs(got - expected).max() <= TOLERANCE
     assert n == 1 or np.abs(got[0] - got[1]).max() > 0.1  # not a vacuous match: seeds differ
 
 
-def test_ddim_with_eta_draws_from_each_image_generator(client, components):
+def test_ddim_with_eta_draws_from_each_image_generator(image_service, stack_engines):
     n, seed = 2, 11
-    got = generate(client, "ddim", n, seed, ddim_eta=0.5)
-    expected = reference_loop(components, "ddim", n, seed, eta=0.5)
+    got = generate(image_service, "ddim", n, seed, ddim_eta=0.5)
+    expected = reference_loop(stack_engines, "ddim", n, seed, eta=0.5)
     assert np.abs(got - expected).max() <= TOLERANCE
     # eta adds noise: the pictures differ from eta 0's
-    assert np.abs(got - generate(client, "ddim", n, seed)).max() > 1e-2
+    assert np.abs(got - generate(image_service, "ddim", n, seed)).max() > 1e-2
 
 
-def test_samplers_are_listed_and_bad_ones_refused(client):
+def test_samplers_are_listed_and_bad_ones_refused(image_service):
     import grpc
 
-    capabilities = client.GetCapabilities(pb.CapabilitiesRequest())
+    capabilities = image_service.GetCapabilities(pb.CapabilitiesRequest())
     assert list(capabilities.samplers) == ["unclip", "ddim", "dpmsolver++"]
     assert capabilities.defaults.decoder_sampler == "unclip"
     with pytest.raises(grpc.RpcError) as error:
-        client.Generate(pb.GenerateRequest(prompt=PROMPT, params=pb.SamplingParams(decoder_sampler="euler")))
+        image_service.Generate(
+            pb.GenerateRequest(prompt=PROMPT, params=pb.SamplingParams(decoder_sampler="euler"))
+        )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "params.decoder_sampler" in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
-        client.Generate(pb.GenerateRequest(prompt=PROMPT, params=pb.SamplingParams(ddim_eta=2.0)))
+        image_service.Generate(pb.GenerateRequest(prompt=PROMPT, params=pb.SamplingParams(ddim_eta=2.0)))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "params.ddim_eta" in error.value.details()

@@ -15,7 +15,6 @@ from diffusers.pipelines.deprecated.unclip import UnCLIPImageVariationPipeline, 
 from unclip.runtime.images import downscale
 from unclip.runtime.tensors import from_proto
 from unclip.v1 import orchestrator_pb2 as pb
-from unclip.v1 import orchestrator_pb2_grpc
 
 TOLERANCE = 1e-4
 
@@ -50,29 +49,8 @@ def pixels(response: pb.ImagesResponse) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def client(stack):
-    with stack.channel() as channel:
-        yield orchestrator_pb2_grpc.ImageServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def components(stack):
-    """The stack's weights, loaded in this process the way the stages load them."""
-    torch.set_num_threads(1)
-    from services.decoder.engine import DecoderEngine, UpsamplerEngine
-    from services.encoder.engine import EncoderEngine
-    from services.prior.engine import PriorEngine
-
-    encoder = EncoderEngine.from_pretrained(stack.model_dir)
-    prior = PriorEngine.from_pretrained(stack.model_dir)
-    decoder = DecoderEngine.from_pretrained(stack.model_dir)
-    upsampler = UpsamplerEngine.from_pretrained(stack.model_dir, "super_res")
-    return encoder, prior, decoder, upsampler
-
-
-@pytest.fixture(scope="module")
-def reference(components) -> UnCLIPPipeline:
-    encoder, prior, decoder, upsampler = components
+def reference(stack_engines) -> UnCLIPPipeline:
+    encoder, prior, decoder, upsampler = stack_engines
     pipe = UnCLIPPipeline(
         prior=prior.prior,
         decoder=decoder.decoder,
@@ -110,8 +88,8 @@ def reference_images(pipe: UnCLIPPipeline, n: int, seed: int, **guidance) -> np.
         (2, 5, {"prior_guidance_scale": 4.0, "decoder_guidance_scale": 0.0}),  # prior on, decoder off
     ],
 )
-def test_generate_equals_unclip_pipeline(client, reference, n, seed, guidance):
-    response = client.Generate(
+def test_generate_equals_unclip_pipeline(image_service, reference, n, seed, guidance):
+    response = image_service.Generate(
         pb.GenerateRequest(
             prompt=PROMPT, n=n, size=64, seed=seed, params=params(**guidance), output_format=FLOAT32
         )
@@ -127,31 +105,34 @@ def test_generate_equals_unclip_pipeline(client, reference, n, seed, guidance):
     assert np.abs(png - got[0]).max() <= 0.5 / 255 + 1e-6
 
 
-def test_seed_is_drawn_when_absent_and_reproduces(client):
-    drawn = client.Generate(
+def test_seed_is_drawn_when_absent_and_reproduces(image_service):
+    drawn = image_service.Generate(
         pb.GenerateRequest(prompt=PROMPT, size=32, params=params(), output_format=FLOAT32)
     )
-    again = client.Generate(
+    again = image_service.Generate(
         pb.GenerateRequest(prompt=PROMPT, size=32, seed=drawn.seed, params=params(), output_format=FLOAT32)
     )
     assert drawn.images[0].seed == drawn.seed == again.seed
     assert np.array_equal(pixels(drawn), pixels(again))
 
 
-def test_batch_drift_is_small(client):
+def test_batch_drift_is_small(image_service):
     """Image i of a batch vs image i alone: same noise, only float rounding differs (kernels vary by
     batch)."""
-    batch = pixels(client.Generate(pb.GenerateRequest(prompt=PROMPT, n=3, size=64, seed=40, params=params(),
-                                                      output_format=FLOAT32)))  # fmt: skip
-    alone = pixels(client.Generate(pb.GenerateRequest(prompt=PROMPT, n=1, size=64, seed=41, params=params(),
-                                                      output_format=FLOAT32)))  # fmt: skip
+
+    def generate(n: int, seed: int) -> np.ndarray:
+        request = pb.GenerateRequest(prompt=PROMPT, n=n, size=64, seed=seed, params=params())
+        request.output_format = FLOAT32
+        return pixels(image_service.Generate(request))
+
+    batch, alone = generate(3, 40), generate(1, 41)
     drift = float(np.abs(batch[1] - alone[0]).max())
     print(f"batch-vs-alone drift (max abs, tiny model, 2 steps/stage): {drift:.2e}")
     assert drift <= 1e-3
 
 
-def test_variation_equals_unclip_image_variation_pipeline(client, components):
-    encoder, _, decoder, upsampler = components
+def test_variation_equals_unclip_image_variation_pipeline(image_service, stack_engines):
+    encoder, _, decoder, upsampler = stack_engines
     pipe = UnCLIPImageVariationPipeline(
         decoder=decoder.decoder,
         text_encoder=encoder.text_encoder,
@@ -170,7 +151,7 @@ def test_variation_equals_unclip_image_variation_pipeline(client, components):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     n, seed = 2, 3
-    response = client.CreateVariation(
+    response = image_service.CreateVariation(
         pb.VariationRequest(
             image=buffer.getvalue(), n=n, size=64, seed=seed, params=params(), output_format=FLOAT32
         )
@@ -185,12 +166,12 @@ def test_variation_equals_unclip_image_variation_pipeline(client, components):
     assert np.abs(pixels(response) - expected).max() <= TOLERANCE
 
 
-def test_two_upsampler_cascade(stack, client):
-    capabilities = client.GetCapabilities(pb.CapabilitiesRequest())
+def test_two_upsampler_cascade(stack, image_service):
+    capabilities = image_service.GetCapabilities(pb.CapabilitiesRequest())
     assert list(capabilities.sizes) == [32, 64, 128]
     assert list(capabilities.defaults.super_res_num_inference_steps) == [7, 7]
 
-    full = client.Generate(
+    full = image_service.Generate(
         pb.GenerateRequest(prompt=PROMPT, n=2, seed=9, params=params(), output_format=FLOAT32)
     )
     assert full.size == 128
@@ -198,7 +179,7 @@ def test_two_upsampler_cascade(stack, client):
     assert PIL.Image.open(io.BytesIO(full.images[0].png)).size == (128, 128)
 
     # A size between stage sizes is an antialiased downscale of the next larger stage's output.
-    between = client.Generate(
+    between = image_service.Generate(
         pb.GenerateRequest(prompt=PROMPT, n=2, size=96, seed=9, params=params(), output_format=FLOAT32)
     )
     large = torch.from_numpy(pixels(full)).permute(0, 3, 1, 2) * 2 - 1
@@ -209,16 +190,16 @@ def test_two_upsampler_cascade(stack, client):
     assert np.abs(pixels(between) - expected).max() <= TOLERANCE + 1.3 * mark
 
     # The decoder's own size runs no upsampler; per-stage steps may differ.
-    small = client.Generate(pb.GenerateRequest(prompt=PROMPT, size=32, seed=9, params=params()))
+    small = image_service.Generate(pb.GenerateRequest(prompt=PROMPT, size=32, seed=9, params=params()))
     assert PIL.Image.open(io.BytesIO(small.images[0].png)).size == (32, 32)
-    two = client.Generate(
+    two = image_service.Generate(
         pb.GenerateRequest(prompt=PROMPT, seed=9, params=params(super_res_num_inference_steps=[2, 3]))
     )
     assert two.size == 128
 
 
 @pytest.mark.parametrize("size", [64, 96, 128])  # 96: between stages, downscaled from 128
-def test_edit_keeps_unmasked_pixels_and_changes_the_masked_region(stack, client, size):
+def test_edit_keeps_unmasked_pixels_and_changes_the_masked_region(stack, image_service, size):
     rng = np.random.default_rng(size)
     original = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     alpha = np.full((size, size), 255, dtype=np.uint8)
@@ -229,7 +210,7 @@ def test_edit_keeps_unmasked_pixels_and_changes_the_masked_region(stack, client,
     PIL.Image.fromarray(original).save(image_png, format="PNG")
     mask.save(mask_png, format="PNG")
 
-    response = client.Edit(
+    response = image_service.Edit(
         pb.EditRequest(image=image_png.getvalue(), mask=mask_png.getvalue(), prompt=PROMPT, n=2, size=size,
                        seed=1, params=params(), output_format=FLOAT32)
     )  # fmt: skip
@@ -243,7 +224,7 @@ def test_edit_keeps_unmasked_pixels_and_changes_the_masked_region(stack, client,
     assert np.abs(got - want)[:, ~known].mean() > 0.05
 
     # Without a mask the image's own alpha marks the region: the same request, the same pixels.
-    by_alpha = client.Edit(
+    by_alpha = image_service.Edit(
         pb.EditRequest(image=mask_png.getvalue(), prompt=PROMPT, n=2, size=size, seed=1, params=params(),
                        output_format=FLOAT32)
     )  # fmt: skip
