@@ -8,7 +8,9 @@ that knows when interactive requests are in flight:
 - ``PriorityGate.interactive()`` wraps each admitted interactive request. While one or more are in flight,
   a batch request does not start its next stage call (``Calls`` asks ``wait_clear``), and every denoising
   stage is told to pause its batch rows between steps (``BatchHold.Hold``, a lease renewed every third of
-  its length and released when the last interactive request ends; ``unclip.batching.hold``).
+  its length; ``unclip.batching.hold``). The hold outlasts the last interactive request by ``LINGER_S``:
+  released between two back-to-back interactive requests, every stage would step a full batch of batch
+  rows (and every waiting batch request start a stage call) just as the next interactive request arrives.
 - Ageing: a batch request waits here at most ``UNCLIP_BATCH_MAX_HOLD_S`` seconds over all its stage calls,
   and each stage pauses its rows at most as long again (``StepBatcher``); then it runs as interactive work
   does. Batch work therefore slows down under interactive load and never starves.
@@ -38,6 +40,7 @@ from unclip.v1 import hold_pb2
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 3.0  # a stage stops pausing batch rows this long after the orchestrator last spoke
+LINGER_S = 0.5  # the hold stays this long after the last interactive request ended
 HOLD_CALL_TIMEOUT_S = 1.0
 
 
@@ -52,6 +55,9 @@ class PriorityGate:
         self._interactive = 0
         self._sequence = itertools.count(1)
         self._refresher: threading.Thread | None = None
+        self._held = False  # the stages were told to hold (and not yet to release)
+        self._clear_at = 0.0  # time.monotonic() the linger after the last interactive request ends
+        self._generation = 0  # counts idle -> busy transitions: a linger timer of an older one does nothing
         self._warned: set[str] = set()
 
     @property
@@ -68,7 +74,10 @@ class PriorityGate:
         with self._cond:
             self._interactive += 1
             if self._interactive == 1:
-                self._send(LEASE_SECONDS)
+                self._generation += 1
+                if not self._held:
+                    self._send(LEASE_SECONDS)
+                    self._held = True
                 if self._refresher is None:
                     self._refresher = threading.Thread(target=self._renew, name="batch-hold", daemon=True)
                     self._refresher.start()
@@ -78,8 +87,17 @@ class PriorityGate:
             with self._cond:
                 self._interactive -= 1
                 if self._interactive == 0:
-                    self._send(0.0)
-                    self._cond.notify_all()
+                    self._clear_at = time.monotonic() + LINGER_S
+                    timer = threading.Timer(LINGER_S, self._release, args=(self._generation,))
+                    timer.daemon = True
+                    timer.start()
+
+    def _release(self, generation: int) -> None:
+        with self._cond:
+            if self._interactive == 0 and generation == self._generation and self._held:
+                self._send(0.0)
+                self._held = False
+            self._cond.notify_all()
 
     def wait_clear(self, max_seconds: float, cancelled: Callable[[], bool] = lambda: False) -> float:
         """Blocks a batch request's next stage call while interactive work is in flight, at most
@@ -88,7 +106,7 @@ class PriorityGate:
             return 0.0
         began = time.monotonic()
         with self._cond:
-            while self._interactive and not cancelled():
+            while (self._interactive or time.monotonic() < self._clear_at) and not cancelled():
                 left = max_seconds - (time.monotonic() - began)
                 if left <= 0:
                     break

@@ -13,8 +13,10 @@ Priority classes: interactive requests are admitted first and, while interactive
 this stage or the ``hold`` callable says interactive work is in flight elsewhere in the stack
 (``unclip.batching.hold``: the orchestrator tells every denoising stage), batch tickets are paused between
 steps: they keep their state and their place, and step again as soon as the hold ends. Ageing: a batch
-ticket is paused at most ``max_hold_s`` seconds in all (UNCLIP_BATCH_MAX_HOLD_S); after that it steps as
-interactive work does, so batch work slows down under interactive load but never starves.
+ticket is paused at most ``max_hold_s`` seconds in all (UNCLIP_BATCH_MAX_HOLD_S); after that it steps
+beside the interactive work, one aged ticket per iteration (the oldest first; a cap, so that aged batch work
+cannot take the cores back from interactive work all at once): batch work slows down under interactive load,
+never starves.
 
 Deterministic requests (per request, or every request when the deployment says so) step alone: their forward
 passes hold no other request's rows, so their output is the engine's bit for bit.
@@ -338,9 +340,14 @@ class StepBatcher:
         alone: list[list[Ticket]] = []
         holding = any(t.batch for t in self._running) and self._holding()
         now = time.monotonic()
-        for ticket in list(self._running):
+        aged = 0  # aged batch tickets stepping this iteration (at most one while holding)
+        for ticket in sorted(self._running, key=lambda t: t.enqueued_at):
             if self._paused(ticket, holding, now):
                 continue
+            if holding and ticket.batch:
+                aged += 1
+                if aged > 1:
+                    continue
             if ticket.deterministic:
                 alone.append([ticket])
             else:
