@@ -160,9 +160,10 @@ class Calls:
         self.metadata: tuple[tuple[str, str], ...] = ()  # sent with every stage call (e.g. deterministic)
         self.stage_seconds: dict[str, float] = {}  # usage: each stage's reported compute for this request
         self.batch = False  # the batch priority class (admission and the stages' batchers serve it last)
-        # With `batch`: waits before each stage call while interactive work is in flight (PriorityGate).
+        # With `batch`: waits before each stage call while interactive work is in flight (PriorityGate),
+        # until its ageing deadline (time.monotonic(); the stages get it in metadata, AGE_AT_KEY).
         self.gate: Any = None
-        self.held_seconds = 0.0  # what this request has waited at the gate so far (ageing: bounded)
+        self.age_at = 0.0
         self.identity = ""  # the authenticated caller ("key:NAME" / "cert:SUBJECT"), for the safety audit
         self.tenant = ""  # its tenant
         # GenerateStream: receives each GenerateEvent (stage started/finished, denoising steps) as it happens.
@@ -200,8 +201,7 @@ class Calls:
         if on_event is OWN_EVENTS:
             on_event = self.on_event
         if self.batch and self.gate is not None:  # interactive work first (services/orchestrator/priority.py)
-            left = self.gate.max_hold_s - self.held_seconds
-            self.held_seconds += self.gate.wait_clear(left, lambda: self._cancelled)
+            self.gate.wait_clear(self.age_at - time.monotonic(), lambda: self._cancelled)
         streaming = on_event is not None and isinstance(method, ReplicatedMethod) and method.name in STREAMING
         if streaming:
             method = ReplicatedMethod(method.stage, STREAMING[method.name])

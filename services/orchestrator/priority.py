@@ -11,9 +11,11 @@ that knows when interactive requests are in flight:
   its length; ``unclip.batching.hold``). The hold outlasts the last interactive request by ``LINGER_S``:
   released between two back-to-back interactive requests, every stage would step a full batch of batch
   rows (and every waiting batch request start a stage call) just as the next interactive request arrives.
-- Ageing: a batch request waits here at most ``UNCLIP_BATCH_MAX_HOLD_S`` seconds over all its stage calls,
-  and each stage pauses its rows at most as long again (``StepBatcher``); then it runs as interactive work
-  does. Batch work therefore slows down under interactive load and never starves.
+- Ageing: a batch request is held at most ``UNCLIP_BATCH_MAX_HOLD_S`` seconds in all, counted from its
+  admission: its stage calls carry that deadline (``x-unclip-batch-age-at``, wall clock, as stages run in
+  other processes or hosts) and neither the gate nor a stage's batcher holds it past it; then it steps
+  beside the interactive work, one aged request per stage iteration (``StepBatcher``). Batch work
+  therefore slows down under interactive load and never starves.
 
 The hold is sent to every replica listed for the prior, the decoder and the upsamplers; behind one
 ``dns:///`` name only the replica gRPC picks for the call gets it. A stage that does not serve

@@ -35,7 +35,7 @@ from unclip.access.quotas import Quotas, check_compute, compute_units
 from unclip.access.usage import Accounting
 from unclip.provenance.verify import ALTERED, INTACT, Verifier, VerifyResult, verify_png
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
-from unclip.runtime.slots import DETERMINISTIC_KEY, PRIORITY_KEY
+from unclip.runtime.slots import AGE_AT_KEY, DETERMINISTIC_KEY, PRIORITY_KEY
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 
@@ -183,7 +183,9 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         if request is not None and priority_of(request, identity) == "batch":
             calls.metadata += ((PRIORITY_KEY, "batch"),)  # the stages' batchers hold its rows back
             calls.batch = True
-            calls.gate = self.gate  # and it waits before each stage call while interactive work runs
+            calls.gate = self.gate  # and it waits before each stage call while interactive work runs,
+            calls.age_at = time.monotonic() + self.gate.max_hold_s  # at most this long in all (ageing)
+            calls.metadata += ((AGE_AT_KEY, f"{time.time() + self.gate.max_hold_s:.3f}"),)
         return self.pipeline, calls
 
     @grpc_errors

@@ -13,7 +13,9 @@ Priority classes: interactive requests are admitted first and, while interactive
 this stage or the ``hold`` callable says interactive work is in flight elsewhere in the stack
 (``unclip.batching.hold``: the orchestrator tells every denoising stage), batch tickets are paused between
 steps: they keep their state and their place, and step again as soon as the hold ends. Ageing: a batch
-ticket is paused at most ``max_hold_s`` seconds in all (UNCLIP_BATCH_MAX_HOLD_S); after that it steps
+ticket is paused only until its ``age_at`` — the request's own ageing deadline when the caller sends one
+(the orchestrator: UNCLIP_BATCH_MAX_HOLD_S after it admitted the request, so a batch request waits at most
+that long in all, wherever it is), else ``max_hold_s`` after it arrived; after that it steps
 beside the interactive work, one aged ticket per iteration (the oldest first; a cap, so that aged batch work
 cannot take the cores back from interactive work all at once): batch work slows down under interactive load,
 never starves.
@@ -110,6 +112,7 @@ class Ticket:
         self.batch = False  # priority class batch: admitted after interactive work, paused while it runs
         self.held_seconds = 0.0  # paused for interactive work so far (ended pauses)
         self.held_since: float | None = None  # when the current pause began
+        self.age_at = float("inf")  # time.monotonic() after which it is not paused any more (ageing)
         self._cancel = threading.Event()
         self._started = threading.Event()  # joined the running batch (or finished without joining)
         self._done = threading.Event()
@@ -217,12 +220,15 @@ class StepBatcher:
         on_step: Callable[[int, int], None] | None = None,
         batch: bool = False,
         start_seconds: float = 0.0,
+        age_at: float | None = None,
     ) -> Ticket:
         """Queues a task; raises QueueFull when the queue is full. deadline: a time.monotonic() value.
         batch: the batch priority class (see _admit and _groups). start_seconds: what preparing the task
-        (the stage's start(), in the caller's thread) took; counted in its compute and in the busy time."""
+        (the stage's start(), in the caller's thread) took; counted in its compute and in the busy time.
+        age_at: a batch request's ageing deadline (time.monotonic()); None: max_hold_s from now."""
         ticket = Ticket(task, deterministic or self.config.deterministic, deadline, is_cancelled, on_step)
         ticket.batch = batch
+        ticket.age_at = ticket.enqueued_at + self.config.max_hold_s if age_at is None else age_at
         if start_seconds > 0:
             ticket.compute_seconds += start_seconds
             if self.on_busy is not None:
@@ -320,13 +326,12 @@ class StepBatcher:
         return here or (self.hold is not None and self.hold())
 
     def _paused(self, ticket: Ticket, holding: bool, now: float) -> bool:
-        """Whether a running ticket sits this iteration out (batch, holding, and not yet aged past
-        max_hold_s); keeps its pause time."""
-        if ticket.batch and holding:
+        """Whether a running ticket sits this iteration out (batch, holding, and not yet aged: before its
+        age_at); keeps its pause time."""
+        if ticket.batch and holding and now < ticket.age_at:
             if ticket.held_since is None:
                 ticket.held_since = now
-            if ticket.held_seconds + (now - ticket.held_since) < self.config.max_hold_s:
-                return True
+            return True
         if ticket.held_since is not None:
             ticket.held_seconds += now - ticket.held_since
             ticket.held_since = None

@@ -37,6 +37,26 @@ def is_batch(context: grpc.ServicerContext) -> bool:
     return any(k == PRIORITY_KEY and v == "batch" for k, v in context.invocation_metadata() or ())
 
 
+# Metadata with a batch request's ageing deadline (seconds since the epoch): the stage's batcher pauses its
+# rows for interactive work only until then (services/orchestrator/priority.py). Wall clock: it crosses
+# processes.
+AGE_AT_KEY = "x-unclip-batch-age-at"
+
+
+def age_at(context: grpc.ServicerContext) -> float | None:
+    """The request's ageing deadline as a time.monotonic() value, or None (not sent, or unreadable)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == AGE_AT_KEY:
+            try:
+                wall = float(value)
+            except ValueError:
+                return None
+            if wall != wall:  # NaN
+                return None
+            return time.monotonic() + max(0.0, min(wall - time.time(), 3600.0))
+    return None
+
+
 class InferenceModeStage:
     """A step-wise stage whose start, step and finish run under torch.inference_mode()
     (UNCLIP_INFERENCE_MODE).
@@ -195,6 +215,7 @@ class EngineSlot:
                 on_step=on_step,
                 batch=is_batch(context),
                 start_seconds=start_seconds,
+                age_at=age_at(context),
             )
             context.add_callback(ticket.cancel)  # the call ended (client gone): leave the batch now
             if on_accepted is not None:
