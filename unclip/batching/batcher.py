@@ -16,9 +16,10 @@ steps: they keep their state and their place, and step again as soon as the hold
 ticket is paused only until its ``age_at`` — the request's own ageing deadline when the caller sends one
 (the orchestrator: UNCLIP_BATCH_MAX_HOLD_S after it admitted the request, so a batch request waits at most
 that long in all, wherever it is), else ``max_hold_s`` after it arrived; after that it steps
-beside the interactive work, one aged ticket per iteration (the oldest first; a cap, so that aged batch work
-cannot take the cores back from interactive work all at once): batch work slows down under interactive load,
-never starves.
+beside the interactive work, one aged ticket per iteration (the oldest first) and in at most one iteration
+out of every ``AGED_REST + 1`` iterations' time (a duty cycle: every stage of the stack does the same while
+the hold is on, and on a small machine they all share the interactive request's cores): batch work slows
+down under interactive load, never starves.
 
 Deterministic requests (per request, or every request when the deployment says so) step alone: their forward
 passes hold no other request's rows, so their output is the engine's bit for bit.
@@ -63,6 +64,10 @@ class BatcherConfig:
     # Ageing: the longest a batch ticket is paused for interactive work, in all (0: never paused).
     max_hold_s: float = field(default_factory=lambda: float(env_default("batch_max_hold_s")))
 
+
+# Ageing's duty cycle: after an iteration that stepped an aged batch ticket during a hold, the next aged one
+# waits this many times that iteration's duration.
+AGED_REST = 4.0
 
 # How often a worker whose every running ticket is paused looks again (the hold may end at any time; a
 # cancelled or expired ticket leaves within this).
@@ -189,6 +194,8 @@ class StepBatcher:
         self._running: list[Ticket] = []
         self._closed = False
         self._step_seconds = 0.05  # running average of one iteration, for retry hints
+        self._aged_after = 0.0  # time.monotonic() before which no aged batch ticket steps (duty cycle)
+        self._aged_stepped = False  # the current iteration steps an aged batch ticket
         delay = self.config.first_step_delay_s
         self._first_step_delay = self.config.max_queue_delay_s if delay is None else delay
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{stage.name}", daemon=True)
@@ -345,14 +352,14 @@ class StepBatcher:
         alone: list[list[Ticket]] = []
         holding = any(t.batch for t in self._running) and self._holding()
         now = time.monotonic()
-        aged = 0  # aged batch tickets stepping this iteration (at most one while holding)
+        self._aged_stepped = False  # at most one aged ticket per iteration, and only after the rest
         for ticket in sorted(self._running, key=lambda t: t.enqueued_at):
             if self._paused(ticket, holding, now):
                 continue
             if holding and ticket.batch:
-                aged += 1
-                if aged > 1:
+                if self._aged_stepped or now < self._aged_after:
                     continue
+                self._aged_stepped = True
             if ticket.deterministic:
                 alone.append([ticket])
             else:
@@ -377,6 +384,8 @@ class StepBatcher:
             with self._cond:
                 elapsed = time.monotonic() - began
                 self._step_seconds = 0.8 * self._step_seconds + 0.2 * elapsed
+                if self._aged_stepped:
+                    self._aged_after = time.monotonic() + AGED_REST * elapsed
         with self._cond:  # closed: nobody will step what is left
             for ticket in [*self._queue, *self._running]:
                 ticket._settle(error=Cancelled("the stage is shutting down"))
