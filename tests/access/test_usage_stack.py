@@ -161,6 +161,7 @@ def test_interactive_latency_stays_near_idle_under_batch_load(metered):
         stop.set()
         for thread in threads:
             thread.join(timeout=300)
-    # Without the stack-wide hold this ratio measured ~2.5-3 on the shared 2-core machine; with it ~1.1-1.3.
+    # Measured on the shared 2-core machine (load ~10): without the stack-wide hold 2.7 (5.7 s vs 2.1 s),
+    # with it 0.6 (1.9 s vs 3.1 s: the idle figure is the noisier one there).
     assert loaded <= 1.6 * idle + 0.2, (loaded, idle)
     assert done["ok"] > before, done  # batch work still completes (held back, never starved)
