@@ -137,3 +137,43 @@ def test_hold_state_refuses_bad_leases():
     assert hold.set("a", 1, 0.05) and hold.held()
     time.sleep(0.1)
     assert not hold.held()  # a lease lapses by itself
+
+
+def test_orchestrator_gate_holds_the_stages_while_interactive_work_is_in_flight():
+    """PriorityGate against a real BatchHold server: the hold is set when an interactive request is admitted,
+    outlasts it by the linger, and is released; a batch request's stage call waits meanwhile, at most until
+    its ageing deadline."""
+    from concurrent import futures
+
+    import grpc
+
+    from services.orchestrator.priority import LINGER_S, PriorityGate
+    from unclip.runtime.hold import BatchHoldServicer
+    from unclip.v1 import hold_pb2_grpc
+
+    state = HoldState()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    hold_pb2_grpc.add_BatchHoldServicer_to_server(BatchHoldServicer(state), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    gate = PriorityGate(lambda: [("stage", hold_pb2_grpc.BatchHoldStub(channel))], max_hold_s=5.0)
+    try:
+        assert gate.wait_clear(1.0) < 0.05  # nothing interactive: a batch call goes at once
+        with gate.interactive():
+            until = time.monotonic() + 5
+            while not state.held() and time.monotonic() < until:
+                time.sleep(0.01)
+            assert state.held()
+            assert 0.2 <= gate.wait_clear(0.2) < 1.0  # ageing: waits no longer than it may
+        waited = gate.wait_clear(5.0)  # the linger, then the batch call goes
+        assert LINGER_S - 0.1 <= waited < LINGER_S + 1.0, waited
+        until = time.monotonic() + 5
+        while state.held() and time.monotonic() < until:
+            time.sleep(0.01)
+        assert not state.held()  # released
+        with gate.interactive(active=False):  # a batch request holds nothing
+            assert gate.interactive_in_flight == 0 and gate.wait_clear(1.0) < 0.05
+    finally:
+        channel.close()
+        server.stop(None)
