@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -25,6 +25,7 @@ from unclip.v1 import (
     decoder_pb2,
     decoder_pb2_grpc,
     encoder_pb2_grpc,
+    hold_pb2_grpc,
     orchestrator_pb2,
     prior_pb2_grpc,
     safety_pb2_grpc,
@@ -60,6 +61,8 @@ class Stages:
     upsamplers: list[Replicas]  # cascade order
     safety: Replicas
     addresses: dict[str, str]  # stage name (or "decoder[1]" for a second replica) -> target
+    # (target, BatchHold stub) of every denoising stage replica (services.orchestrator.priority)
+    holds: list[tuple[str, Any]] = field(default_factory=list)
 
     @classmethod
     def connect(
@@ -96,6 +99,11 @@ class Stages:
         for i, value in enumerate(upsamplers):
             for j, target in enumerate(parse_targets(value)):
                 addresses[f"upsampler[{i}]" if j == 0 else f"upsampler[{i}][{j}]"] = target
+        holds = [
+            (target, hold_pb2_grpc.BatchHoldStub(stage_channel(target, max_message_bytes=max_message_bytes)))
+            for value in [prior, decoder, *upsamplers]
+            for target in parse_targets(value)
+        ]
         return cls(
             encoder=replicas(encoder, "encoder", encoder_pb2_grpc.EncoderStub),
             prior=replicas(prior, "prior", prior_pb2_grpc.PriorStub),
@@ -106,6 +114,7 @@ class Stages:
             ],
             safety=replicas(safety, "safety", safety_pb2_grpc.SafetyStub),
             addresses=addresses,
+            holds=holds,
         )
 
     def wait_until_serving(self, timeout: float) -> None:
@@ -151,6 +160,10 @@ class Calls:
         self.metadata: tuple[tuple[str, str], ...] = ()  # sent with every stage call (e.g. deterministic)
         self.stage_seconds: dict[str, float] = {}  # usage: each stage's reported compute for this request
         self.batch = False  # the batch priority class (admission and the stages' batchers serve it last)
+        # With `batch`: waits before each stage call while interactive work is in flight (PriorityGate),
+        # until its ageing deadline (time.monotonic(); the stages get it in metadata, AGE_AT_KEY).
+        self.gate: Any = None
+        self.age_at = 0.0
         self.identity = ""  # the authenticated caller ("key:NAME" / "cert:SUBJECT"), for the safety audit
         self.tenant = ""  # its tenant
         # GenerateStream: receives each GenerateEvent (stage started/finished, denoising steps) as it happens.
@@ -187,6 +200,8 @@ class Calls:
         them back until the caller releases them in order)."""
         if on_event is OWN_EVENTS:
             on_event = self.on_event
+        if self.batch and self.gate is not None:  # interactive work first (services/orchestrator/priority.py)
+            self.gate.wait_clear(self.age_at - time.monotonic(), lambda: self._cancelled)
         streaming = on_event is not None and isinstance(method, ReplicatedMethod) and method.name in STREAMING
         if streaming:
             method = ReplicatedMethod(method.stage, STREAMING[method.name])

@@ -6,6 +6,11 @@ authenticated identity: key name or certificate subject; with authentication off
 the client-chosen `user`), so one caller cannot starve the rest. A request beyond either is
 refused at once with RESOURCE_EXHAUSTED and a retry hint (google.rpc.RetryInfo and `retry-after-ms` trailing
 metadata) instead of queueing: accepted requests keep their latency and memory stays bounded.
+
+Priority classes: batch requests may fill all but a quarter of the slots (interactive work finds room), and
+while any interactive request is in flight, batch requests wait before their next stage call and the
+denoising stages pause their batch rows between steps, each for at most UNCLIP_BATCH_MAX_HOLD_S (ageing;
+services/orchestrator/priority.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from services.orchestrator.clients import Calls
 from services.orchestrator.interpolate import Interpolation
 from services.orchestrator.params import Params
 from services.orchestrator.pipeline import Pipeline
+from services.orchestrator.priority import PriorityGate
 from services.orchestrator.textdiff import TextDiff
 from unclip.access.interceptor import current_identity
 from unclip.access.keys import Identity
@@ -30,7 +36,7 @@ from unclip.access.quotas import Quotas, check_compute, compute_units
 from unclip.access.usage import Accounting
 from unclip.provenance.verify import ALTERED, INTACT, Verifier, VerifyResult, verify_png
 from unclip.runtime.errors import StatusError, grpc_errors, grpc_stream_errors, resource_exhausted
-from unclip.runtime.slots import DETERMINISTIC_KEY, PRIORITY_KEY
+from unclip.runtime.slots import AGE_AT_KEY, DETERMINISTIC_KEY, PRIORITY_KEY
 from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 
@@ -124,6 +130,8 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         self.quotas = quotas  # per key / tenant (None: authentication off)
         self.max_request_compute = max_request_compute  # compute units one request may ask for (0: any)
         self.accounting = accounting or Accounting(None, 0.0)  # usage: responses, counters, ledger
+        # Interactive requests in flight hold batch work back, here and in the stages (priority.py).
+        self.gate = PriorityGate(lambda: self.pipeline.stages.holds if self.pipeline is not None else [])
 
     def _settle(self, response, calls: Calls, method: str):
         """The response with its usage filled in and recorded (counters, ledger)."""
@@ -142,7 +150,8 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
     ) -> Iterator[int]:
         """The compute ceiling (INVALID_ARGUMENT), the service's capacity and per-caller cap, then the
         caller's quotas (RESOURCE_EXHAUSTED); yields the number of requests ahead. `images`: what the request
-        draws when it has no `n` (an interpolation's frames)."""
+        draws when it has no `n` (an interpolation's frames). An admitted interactive request holds batch
+        work back stack-wide until it ends (PriorityGate)."""
         assert self.pipeline is not None
         n = images or request.n or 1
         sizes = [stage.output_size for stage in self.pipeline.cascade]
@@ -158,9 +167,10 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         check_compute(units, self.max_request_compute)
         with self.admission.admit(caller_of(request, context), batch=batch) as ahead:
             if self.quotas is None:
-                yield ahead
+                with self.gate.interactive(not batch):
+                    yield ahead
                 return
-            with self.quotas.admit(current_identity(), n):
+            with self.quotas.admit(current_identity(), n), self.gate.interactive(not batch):
                 yield ahead
 
     def _run(self, context: grpc.ServicerContext, request=None) -> tuple[Pipeline, Calls]:
@@ -174,6 +184,9 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         if request is not None and priority_of(request, identity) == "batch":
             calls.metadata += ((PRIORITY_KEY, "batch"),)  # the stages' batchers hold its rows back
             calls.batch = True
+            calls.gate = self.gate  # and it waits before each stage call while interactive work runs,
+            calls.age_at = time.monotonic() + self.gate.max_hold_s  # at most this long in all (ageing)
+            calls.metadata += ((AGE_AT_KEY, f"{time.time() + self.gate.max_hold_s:.3f}"),)
         return self.pipeline, calls
 
     @grpc_errors

@@ -9,6 +9,18 @@ batching, as LLM servers do it). When the stage is idle, the first request may w
 batcher ``max_queue_delay``); the services start at once (UNCLIP_STEP_QUEUE_DELAY_MS=0): a request arriving
 a moment later joins at the next step anyway, so the wait would only delay every lone request.
 
+Priority classes: interactive requests are admitted first and, while interactive work waits or runs in
+this stage or the ``hold`` callable says interactive work is in flight elsewhere in the stack
+(``unclip.batching.hold``: the orchestrator tells every denoising stage), batch tickets are paused between
+steps: they keep their state and their place, and step again as soon as the hold ends. Ageing: a batch
+ticket is paused only until its ``age_at`` — the request's own ageing deadline when the caller sends one
+(the orchestrator: UNCLIP_BATCH_MAX_HOLD_S after it admitted the request, so a batch request waits at most
+that long in all, wherever it is), else ``max_hold_s`` after it arrived; after that it steps
+beside the interactive work, one aged ticket per iteration (the oldest first) and in at most one iteration
+out of every ``AGED_REST + 1`` iterations' time (a duty cycle: every stage of the stack does the same while
+the hold is on, and on a small machine they all share the interactive request's cores): batch work slows
+down under interactive load, never starves.
+
 Deterministic requests (per request, or every request when the deployment says so) step alone: their forward
 passes hold no other request's rows, so their output is the engine's bit for bit.
 
@@ -23,11 +35,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the batcher itself stays torch-free
     from unclip.batching.stages import DenoisingStage, Task
+
+from unclip.runtime.settings import env_default
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +61,17 @@ class BatcherConfig:
     first_step_delay_s: float | None = None
     max_queue_size: int = 16  # requests waiting to join; one more is refused with QueueFull
     deterministic: bool = False  # True: every request steps alone (bit-exact with the engine, no batching)
+    # Ageing: the longest a batch ticket is paused for interactive work, in all (0: never paused).
+    max_hold_s: float = field(default_factory=lambda: float(env_default("batch_max_hold_s")))
 
 
-# While interactive work is running, batch work steps once every this many iterations (ageing: on a small
-# machine a batch row slows every interactive step it shares or competes with; held back, it still ends).
-BATCH_EVERY = 4
+# Ageing's duty cycle: after an iteration that stepped an aged batch ticket during a hold, the next aged one
+# waits this many times that iteration's duration.
+AGED_REST = 4.0
+
+# How often a worker whose every running ticket is paused looks again (the hold may end at any time; a
+# cancelled or expired ticket leaves within this).
+HOLD_POLL_S = 0.01
 
 
 class QueueFull(Exception):
@@ -91,8 +111,13 @@ class Ticket:
         self.started_at: float | None = None  # when it joined the running batch
         self.finished_at: float | None = None
         self.cancelled_at_step: int | None = None  # the task's step counter when cancel() was called
-        self.compute_seconds = 0.0  # its share of the steps it joined (each step's time split by rows)
-        self.batch = False  # priority class batch: admitted after interactive work, held back while it waits
+        # Usage: its preparation (start), its share of the steps it joined (each step's time split by rows),
+        # and its finish; the same intervals the stage's busy time adds up (on_busy).
+        self.compute_seconds = 0.0
+        self.batch = False  # priority class batch: admitted after interactive work, paused while it runs
+        self.held_seconds = 0.0  # paused for interactive work so far (ended pauses)
+        self.held_since: float | None = None  # when the current pause began
+        self.age_at = float("inf")  # time.monotonic() after which it is not paused any more (ageing)
         self._cancel = threading.Event()
         self._started = threading.Event()  # joined the running batch (or finished without joining)
         self._done = threading.Event()
@@ -151,17 +176,26 @@ class StepBatcher:
     """
 
     def __init__(
-        self, stage: DenoisingStage, config: BatcherConfig | None = None, on_batch: Callable | None = None
+        self,
+        stage: DenoisingStage,
+        config: BatcherConfig | None = None,
+        on_batch: Callable | None = None,
+        *,
+        hold: Callable[[], bool] | None = None,
+        on_busy: Callable[[float], None] | None = None,
     ):
         self.stage = stage
         self.config = config or BatcherConfig()
         self.on_batch = on_batch  # Callable[[int], None] | None: images in each forward pass (metrics)
+        self.hold = hold  # True while interactive work is in flight elsewhere in the stack (pause batch)
+        self.on_busy = on_busy  # seconds of engine work (each start, step and finish), for the busy counter
         self._cond = threading.Condition()
         self._queue: collections.deque[Ticket] = collections.deque()
         self._running: list[Ticket] = []
         self._closed = False
         self._step_seconds = 0.05  # running average of one iteration, for retry hints
-        self._iteration = 0  # worker iterations (batch tickets step in one of BATCH_EVERY beside interactive)
+        self._aged_after = 0.0  # time.monotonic() before which no aged batch ticket steps (duty cycle)
+        self._aged_stepped = False  # the current iteration steps an aged batch ticket
         delay = self.config.first_step_delay_s
         self._first_step_delay = self.config.max_queue_delay_s if delay is None else delay
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{stage.name}", daemon=True)
@@ -192,11 +226,20 @@ class StepBatcher:
         is_cancelled: Callable[[], bool] | None = None,
         on_step: Callable[[int, int], None] | None = None,
         batch: bool = False,
+        start_seconds: float = 0.0,
+        age_at: float | None = None,
     ) -> Ticket:
         """Queues a task; raises QueueFull when the queue is full. deadline: a time.monotonic() value.
-        batch: the batch priority class (see _admit and _groups)."""
+        batch: the batch priority class (see _admit and _groups). start_seconds: what preparing the task
+        (the stage's start(), in the caller's thread) took; counted in its compute and in the busy time.
+        age_at: a batch request's ageing deadline (time.monotonic()); None: max_hold_s from now."""
         ticket = Ticket(task, deterministic or self.config.deterministic, deadline, is_cancelled, on_step)
         ticket.batch = batch
+        ticket.age_at = ticket.enqueued_at + self.config.max_hold_s if age_at is None else age_at
+        if start_seconds > 0:
+            ticket.compute_seconds += start_seconds
+            if self.on_busy is not None:
+                self.on_busy(start_seconds)
         with self._cond:
             self._raise_if_full()
             ticket.queue_position = len(self._queue)
@@ -283,18 +326,40 @@ class StepBatcher:
                 self._queue.remove(ticket)
                 ticket._settle(error=reason)
 
+    def _holding(self) -> bool:
+        """Whether batch tickets pause now: interactive work runs or waits here, or elsewhere (``hold``)."""
+        with self._cond:
+            here = any(not t.batch for t in self._running) or any(not t.batch for t in self._queue)
+        return here or (self.hold is not None and self.hold())
+
+    def _paused(self, ticket: Ticket, holding: bool, now: float) -> bool:
+        """Whether a running ticket sits this iteration out (batch, holding, and not yet aged: before its
+        age_at); keeps its pause time."""
+        if ticket.batch and holding and now < ticket.age_at:
+            if ticket.held_since is None:
+                ticket.held_since = now
+            return True
+        if ticket.held_since is not None:
+            ticket.held_seconds += now - ticket.held_since
+            ticket.held_since = None
+        return False
+
     def _groups(self) -> list[list[Ticket]]:
         """Running tickets by shared forward pass: deterministic ones alone, the rest by the stage's key.
-        While interactive work runs, batch tickets are held back but one iteration in BATCH_EVERY (ageing:
-        they slow down, never starve)."""
+        Batch tickets pause while interactive work runs (see the module docstring: they slow down under
+        interactive load, never starve)."""
         groups: dict[Any, list[Ticket]] = {}
         alone: list[list[Ticket]] = []
-        self._iteration += 1
-        interactive = any(not t.batch for t in self._running)
-        hold = interactive and self._iteration % BATCH_EVERY != 0
-        for ticket in self._running:
-            if hold and ticket.batch:
+        holding = any(t.batch for t in self._running) and self._holding()
+        now = time.monotonic()
+        self._aged_stepped = False  # at most one aged ticket per iteration, and only after the rest
+        for ticket in sorted(self._running, key=lambda t: t.enqueued_at):
+            if self._paused(ticket, holding, now):
                 continue
+            if holding and ticket.batch:
+                if self._aged_stepped or now < self._aged_after:
+                    continue
+                self._aged_stepped = True
             if ticket.deterministic:
                 alone.append([ticket])
             else:
@@ -309,11 +374,18 @@ class StepBatcher:
                 reason = ticket._stop_reason(began)
                 if reason is not None:
                     self._remove(ticket, error=reason)
-            for group in self._groups():
+            groups = self._groups()
+            if not groups:  # every running ticket is paused: wait for the hold to end (or a new arrival)
+                with self._cond:
+                    self._cond.wait(HOLD_POLL_S)
+                continue
+            for group in groups:
                 self._step(group)
             with self._cond:
                 elapsed = time.monotonic() - began
                 self._step_seconds = 0.8 * self._step_seconds + 0.2 * elapsed
+                if self._aged_stepped:
+                    self._aged_after = time.monotonic() + AGED_REST * elapsed
         with self._cond:  # closed: nobody will step what is left
             for ticket in [*self._queue, *self._running]:
                 ticket._settle(error=Cancelled("the stage is shutting down"))
@@ -333,7 +405,7 @@ class StepBatcher:
             return
         if rows is None:  # a stage that does not say: every task's rows went through
             rows = sum(task.rows for task in tasks)
-        _share(group, time.perf_counter() - began)
+        self._busy(group, time.perf_counter() - began)
         if self.on_batch is not None and rows:
             self.on_batch(rows)
         for ticket in group:
@@ -342,7 +414,12 @@ class StepBatcher:
                 if ticket.on_step is not None:
                     ticket.on_step(task.steps_done, task.total)
                 if task.done:
-                    self._remove(ticket, result=self.stage.finish(task))
+                    began = time.perf_counter()
+                    try:
+                        output = self.stage.finish(task)
+                    finally:
+                        self._busy([ticket], time.perf_counter() - began)
+                    self._remove(ticket, result=output)
             except Exception as error:  # on_step raised to stop it, or finish failed
                 self._remove(ticket, error=error)
 
@@ -351,6 +428,12 @@ class StepBatcher:
             if ticket in self._running:
                 self._running.remove(ticket)
         ticket._settle(result=result, error=error)
+
+    def _busy(self, group: list[Ticket], seconds: float) -> None:
+        """Engine work of `seconds` for `group`: split over its requests, added to the busy time."""
+        _share(group, seconds)
+        if self.on_busy is not None:
+            self.on_busy(seconds)
 
 
 def _share(group: list[Ticket], seconds: float) -> None:

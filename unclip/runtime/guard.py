@@ -77,6 +77,7 @@ def method_limits() -> dict[str, int]:
         "/unclip.v1.Upsampler/Upsample": _float_images(side // 4) + inpaint + TEXT_REQUEST_BYTES,
         "/unclip.v1.Upsampler/UpsampleStream": _float_images(side // 4) + inpaint + TEXT_REQUEST_BYTES,
         "/unclip.v1.Safety/CheckPrompt": TEXT_REQUEST_BYTES,
+        "/unclip.v1.BatchHold/Hold": TEXT_REQUEST_BYTES,
         "/unclip.v1.Safety/CheckImages": _float_images(side) + CONDITION_BYTES,
     }
     return limits

@@ -69,6 +69,12 @@ FORWARD_PASS_IMAGES = Histogram(
     ["service"],
     buckets=BATCH_BUCKETS,
 )
+BUSY_SECONDS = Counter(
+    "unclip_busy_seconds",
+    "Seconds the engine worked on requests (denoising steps, each request's preparation and finish; the "
+    "encoder's and safety's engine calls); requests' usage compute_seconds add up to it.",
+    ["service"],
+)
 MODEL_LOAD_SECONDS = Gauge(
     "unclip_model_load_seconds", "Seconds the weights took to load (and warm up) at start.", ["service"]
 )
@@ -178,6 +184,7 @@ class ServiceMetrics:
         # Prometheus scaler treats an empty result as an error.
         REQUESTS_WAITING.labels(service).set(0)
         REQUESTS_RUNNING.labels(service).set(0)
+        BUSY_SECONDS.labels(service)
 
     def server_interceptor(self) -> grpc.ServerInterceptor:
         """Put it first in `interceptors=` so it sees the final status of every call."""
@@ -239,6 +246,10 @@ class ServiceMetrics:
     def forward_pass(self, images: int) -> None:
         """Step-level batching: one denoising forward pass over `images` images of one or more requests."""
         FORWARD_PASS_IMAGES.labels(self.service).observe(images)
+
+    def busy(self, seconds: float) -> None:
+        """Engine work of `seconds` (a step, a request's preparation or finish, an engine call)."""
+        BUSY_SECONDS.labels(self.service).inc(seconds)
 
     @contextlib.contextmanager
     def model_load(self) -> Iterator[None]:

@@ -313,9 +313,15 @@ def serve(
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     register(server)
+    extra = []
+    if not front_door:  # stages: the orchestrator pauses their batch rows while interactive work runs
+        from unclip.runtime import hold
+
+        hold.register(server)
+        extra.append(hold.SERVICE_NAME)
     if getattr(args, "reflection", True):  # off in production: it lists every method to any caller
         reflection.enable_server_reflection(
-            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [*service_names, *extra, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
     for service in ["", *service_names]:
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

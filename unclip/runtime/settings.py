@@ -374,6 +374,14 @@ SETTINGS: dict[str, Setting] = {
             "candidates + decoder steps + upsampler steps x size ratio^2)); more is INVALID_ARGUMENT; 0: any",
         ),
         Setting(
+            "batch_max_hold_s",
+            "UNCLIP_BATCH_MAX_HOLD_S",
+            10.0,
+            float,
+            "priority: longest a batch request is held back for interactive work, at the orchestrator and "
+            "again in each denoising stage (ageing: then it runs as interactive work does); 0: never held",
+        ),
+        Setting(
             "usage_dir",
             "UNCLIP_USAGE_DIR",
             "",

@@ -37,6 +37,26 @@ def is_batch(context: grpc.ServicerContext) -> bool:
     return any(k == PRIORITY_KEY and v == "batch" for k, v in context.invocation_metadata() or ())
 
 
+# Metadata with a batch request's ageing deadline (seconds since the epoch): the stage's batcher pauses its
+# rows for interactive work only until then (services/orchestrator/priority.py). Wall clock: it crosses
+# processes.
+AGE_AT_KEY = "x-unclip-batch-age-at"
+
+
+def age_at(context: grpc.ServicerContext) -> float | None:
+    """The request's ageing deadline as a time.monotonic() value, or None (not sent, or unreadable)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == AGE_AT_KEY:
+            try:
+                wall = float(value)
+            except ValueError:
+                return None
+            if wall != wall:  # NaN
+                return None
+            return time.monotonic() + max(0.0, min(wall - time.time(), 3600.0))
+    return None
+
+
 class InferenceModeStage:
     """A step-wise stage whose start, step and finish run under torch.inference_mode()
     (UNCLIP_INFERENCE_MODE).
@@ -123,10 +143,15 @@ class EngineSlot:
                 self.stage = InferenceModeStage(self.stage)
             if threads is not None:
                 self.stage = ThreadedStage(self.stage, threads)
-            on_batch = None
+            from unclip.batching.hold import STAGE_HOLD
+
+            on_batch = on_busy = None
             if self.metrics is not None:
-                on_batch = self.metrics.forward_pass
-            self.batcher = StepBatcher(self.stage, self.config, on_batch=on_batch)
+                on_batch, on_busy = self.metrics.forward_pass, self.metrics.busy
+            # hold: the orchestrator's stack-wide pause of batch rows (BatchHold, unclip.runtime.hold).
+            self.batcher = StepBatcher(
+                self.stage, self.config, on_batch=on_batch, hold=STAGE_HOLD.held, on_busy=on_busy
+            )
         self.engine = engine
 
     def get(self) -> Any:
@@ -177,7 +202,9 @@ class EngineSlot:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, f"{self.name} is loading its weights")
         try:
             batcher.check_capacity()
+            began = time.perf_counter()
             task = start()
+            start_seconds = time.perf_counter() - began  # usage and busy time count the preparation too
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e6 else None
             ticket = batcher.submit(
@@ -187,6 +214,8 @@ class EngineSlot:
                 is_cancelled=lambda: not context.is_active(),
                 on_step=on_step,
                 batch=is_batch(context),
+                start_seconds=start_seconds,
+                age_at=age_at(context),
             )
             context.add_callback(ticket.cancel)  # the call ended (client gone): leave the batch now
             if on_accepted is not None:
