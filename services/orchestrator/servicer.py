@@ -102,7 +102,7 @@ def caller_of(request, context: grpc.ServicerContext) -> str:
 
 def priority_of(request, identity: Identity) -> str:
     """The request's priority class: the key's, or lower when the request asks (never higher)."""
-    asked = request.priority
+    asked = getattr(request, "priority", orchestrator_pb2.PRIORITY_UNSPECIFIED)  # not every request has one
     if asked == orchestrator_pb2.PRIORITY_INTERACTIVE and identity.priority == "batch":
         raise StatusError(
             grpc.StatusCode.PERMISSION_DENIED,
@@ -179,7 +179,7 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         calls = Calls(context, self.stage_timeout_seconds)
         identity = current_identity()
         calls.identity, calls.tenant = identity.principal, identity.tenant
-        if request is not None and request.deterministic:
+        if request is not None and getattr(request, "deterministic", False):
             calls.metadata = ((DETERMINISTIC_KEY, "1"),)
         if request is not None and priority_of(request, identity) == "batch":
             calls.metadata += ((PRIORITY_KEY, "batch"),)  # the stages' batchers hold its rows back
@@ -247,36 +247,37 @@ class ImageServicer(orchestrator_pb2_grpc.ImageServiceServicer):
         with self.admission.admit(caller_of(request, context)):
             return verify_response(verify_png(request.image, self.verifier))
 
+    def _frames(self, context: grpc.ServicerContext, request, job_class: type, method: str):
+        """Interpolate / TextDiff: the request validated (before admission and any work) by `job_class`;
+        returns its admission and the work, which settles the frames' usage."""
+        pipeline, calls = self._run(context, request)
+        job = job_class(pipeline, request, calls)
+        prior = getattr(job, "has_prompt", False)  # a prompt end runs the prior; a text diff never does
+        admission = self._admit(request, context, prior=prior, batch=calls.batch, images=job.frames)
+
+        def run() -> orchestrator_pb2.InterpolateResponse:
+            response = job.run()
+            self._settle(response.frames, calls, method)
+            return response
+
+        return admission, calls, run
+
     @grpc_errors
     def Interpolate(self, request: orchestrator_pb2.InterpolateRequest, context: grpc.ServicerContext):
-        pipeline, calls = self._run(context)
-        interpolation = Interpolation(pipeline, request, calls)  # validates before admission and work
-        with self._admit(request, context, prior=interpolation.has_prompt, images=interpolation.frames):
-            response = interpolation.run()
-            self._settle(response.frames, calls, "Interpolate")
-            return response
+        admission, _, run = self._frames(context, request, Interpolation, "Interpolate")
+        with admission:
+            return run()
 
     @grpc_errors
     def TextDiff(self, request: orchestrator_pb2.TextDiffRequest, context: grpc.ServicerContext):
-        pipeline, calls = self._run(context)
-        diff = TextDiff(pipeline, request, calls)  # validates before admission and work
-        with self._admit(request, context, prior=False, images=diff.frames):
-            response = diff.run()
-            self._settle(response.frames, calls, "TextDiff")
-            return response
+        admission, _, run = self._frames(context, request, TextDiff, "TextDiff")
+        with admission:
+            return run()
 
     @grpc_stream_errors
     def InterpolateStream(self, request: orchestrator_pb2.InterpolateRequest, context: grpc.ServicerContext):
         """Interpolate, reporting progress as GenerateStream does; the last event carries the frames."""
-        pipeline, calls = self._run(context)
-        interpolation = Interpolation(pipeline, request, calls)  # invalid: refused before "accepted"
-
-        def run() -> orchestrator_pb2.InterpolateResponse:
-            response = interpolation.run()
-            self._settle(response.frames, calls, "Interpolate")
-            return response
-
-        admission = self._admit(request, context, prior=interpolation.has_prompt, images=interpolation.frames)
+        admission, calls, run = self._frames(context, request, Interpolation, "Interpolate")
         yield from self._stream(admission, calls, run, "interpolation")
 
     def _stream(self, admission, calls: Calls, run, field: str, check=None):
