@@ -22,14 +22,16 @@ ALLOWED = frozenset(
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 # The services each process of a stack serves (replicas share their stage's name before "#").
+# Every stage also serves BatchHold (the orchestrator's stack-wide pause of batch rows).
+HOLD = "unclip.v1.BatchHold"
 SERVICES = {
     "orchestrator": ["unclip.v1.ImageService"],
-    "encoder": ["unclip.v1.Encoder"],
-    "prior": ["unclip.v1.Prior"],
-    "decoder": ["unclip.v1.Decoder"],
-    "super_res": ["unclip.v1.Upsampler"],
-    "super_res_2": ["unclip.v1.Upsampler"],
-    "safety": ["unclip.v1.Safety"],
+    "encoder": ["unclip.v1.Encoder", HOLD],
+    "prior": ["unclip.v1.Prior", HOLD],
+    "decoder": ["unclip.v1.Decoder", HOLD],
+    "super_res": ["unclip.v1.Upsampler", HOLD],
+    "super_res_2": ["unclip.v1.Upsampler", HOLD],
+    "safety": ["unclip.v1.Safety", HOLD],
 }
 MB = 1024 * 1024
 
@@ -112,6 +114,7 @@ def discover(processes: list[str]) -> list[Method]:
 
     import unclip.v1.decoder_pb2  # noqa: F401
     import unclip.v1.encoder_pb2  # noqa: F401
+    import unclip.v1.hold_pb2  # noqa: F401
     import unclip.v1.orchestrator_pb2  # noqa: F401
     import unclip.v1.prior_pb2  # noqa: F401
     import unclip.v1.safety_pb2  # noqa: F401

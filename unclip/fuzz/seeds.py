@@ -24,6 +24,7 @@ def capture_seeds(methods: list[Method], channel_for: Callable[[str], grpc.Chann
         decoder_pb2_grpc,
         encoder_pb2,
         encoder_pb2_grpc,
+        hold_pb2,
         orchestrator_pb2,
         prior_pb2,
         prior_pb2_grpc,
@@ -54,6 +55,8 @@ def capture_seeds(methods: list[Method], channel_for: Callable[[str], grpc.Chann
     }
     seeds["/unclip.v1.ImageService/GenerateStream"] = seeds["/unclip.v1.ImageService/Generate"]
     seeds["/unclip.v1.ImageService/EditStream"] = seeds["/unclip.v1.ImageService/Edit"]
+    # A short lease: fuzzing the pause of batch rows must not hold them long (fuzz traffic is interactive).
+    seeds["/unclip.v1.BatchHold/Hold"] = [hold_pb2.HoldRequest(holder="fuzz", sequence=1, seconds=0.5)]
     context = safety_pb2.RequestContext(request_id="fuzz-seed", user="fuzz")
     seeds["/unclip.v1.Safety/CheckPrompt"] = [
         safety_pb2.CheckPromptRequest(prompt="a red circle", context=context)
