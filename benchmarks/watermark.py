@@ -194,11 +194,14 @@ def run(method: Method, size: int, n: int, seed: int) -> list[dict]:
 
 
 def _row(size: int, attack: str, readings: list[Reading]) -> dict:
+    """The first half of `readings` are world renders, the second half synthetic photos (as in `run`)."""
     scores = [r.score for r in readings]
-    count = len(readings)
+    count, half = len(readings), len(readings) // 2
     found, exact = sum(r.found for r in readings), sum(r.exact for r in readings)
     return {"size": size, "attack": attack, "images": count, "detected": found / count,
             "payload_exact": exact / count, "refused": sum(r.refused for r in readings),
+            "detected_world": sum(r.found for r in readings[:half]) / half,
+            "detected_photos": sum(r.found for r in readings[half:]) / (count - half),
             "min_score": min(scores), "median_score": float(np.median(scores)), "max_score": max(scores),
             "mean_score": float(np.mean(scores))}  # fmt: skip
 
