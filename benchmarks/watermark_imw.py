@@ -49,6 +49,10 @@ class ImWatermark:
             raise ValueError(f"method must be one of {METHODS}")
         self.method = method
         self.check_size = check_size
+        try:
+            import imwatermark  # noqa: F401
+        except ImportError as error:  # not in the project's environment by design: say where it comes from
+            raise SystemExit(f"{error}: install the extra bench-watermark apart (see {__file__})") from error
 
     def embed(self, pixels: np.ndarray, payload: int) -> np.ndarray:
         """pixels: float [H, W, 3] in [0, 1] -> marked uint8 [H, W, 3] RGB."""
