@@ -1,13 +1,18 @@
 """The invisible watermark's robustness table (unclip/provenance/watermark.py): detection after attacks and
-the false-positive rate on images never marked, per size.
+the false-positive rate on images never marked, per size; with `--method dwtDct|dwtDctSvd` the same table for
+`invisible-watermark` (benchmarks/watermark_imw.py says how to install it beside the project's environment).
 
     python -m benchmarks.watermark --images 100 --sizes 128,256,1024
+    PYTHONPATH=$PWD:/tmp/wmsite python -m benchmarks.watermark --method dwtDct --images 50 --sizes 256,1024
 
 Images: renders of the shapes world (`training/world.py`, flat shapes, what the bundled model draws) and
 synthetic photos (1/f "pink" noise fields with a few soft blobs: natural-image spectra). Each marked image
-carries a random payload; each row says how often the mark was found (score >= THRESHOLD) and how often the
-whole payload came back exact. False positives: the same images unmarked, and marked images read with another
-key. PSNR of the mark over the marked images (8-bit PNG pixels).
+carries a random 16-bit payload (the same images and payloads for every method); each row says how often the
+mark was found and how often the whole payload came back exact. Ours: found = sync score >= THRESHOLD.
+invisible-watermark: found = all 16 decoded bits equal the embedded ones (it has no other evidence of a mark).
+False positives: the same images unmarked (read for the payload their marked twin carries), unmarked after
+JPEG q75, and marked images read with another key (ours only: invisible-watermark has no key). PSNR of the
+mark over the marked images (8-bit PNG pixels). `--markdown` prints the table rows for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import argparse
 import io
 import json
 import time
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import PIL.Image
 import torch
 
-from unclip.provenance.watermark import THRESHOLD, Watermark
+from unclip.provenance.watermark import PAYLOAD_BITS, Watermark
 
 
 def world_images(n: int, size: int, seed: int) -> list[np.ndarray]:
@@ -77,47 +83,156 @@ ATTACKS = {
 }
 
 
-def run(size: int, n: int, seed: int) -> list[dict]:
+class Refused(Exception):
+    """The method declined the image (invisible-watermark's size check)."""
+
+
+FALSE_POSITIVES = ("unmarked (FP)", "unmarked JPEG q75 (FP)", "marked, other key (FP)")
+
+
+class Reading(NamedTuple):
+    found: bool  # the method says the image carries its mark
+    exact: bool  # ... and the whole payload came back
+    score: float  # ours: the sync peak in standard deviations; invisible-watermark: bits matched
+    refused: bool = False  # the library declined the image (invisible-watermark's size check)
+
+
+class Method(Protocol):
+    def embed(self, pixels: np.ndarray, payload: int) -> np.ndarray: ...  # float [H, W, 3] -> uint8 RGB
+    def read(self, image: PIL.Image.Image, payload: int) -> Reading: ...
+    def foreign(self) -> Method | None: ...  # the same method under another key (None: it has no key)
+
+
+class Ours:
+    """unclip's keyed tiled spread-spectrum mark."""
+
+    def __init__(self, key: bytes = b"benchmark-key-0123456789abcdef"):
+        self.mark = Watermark(key)
+
+    def embed(self, pixels: np.ndarray, payload: int) -> np.ndarray:
+        return (self.mark.embed(pixels, payload) * 255).round().astype("uint8")
+
+    def read(self, image: PIL.Image.Image, payload: int) -> Reading:
+        result = self.mark.detect(image)
+        return Reading(result.found, result.found and result.payload == payload, result.score)
+
+    def foreign(self) -> Method | None:
+        return Ours(b"another-key-0123456789abcdefgh")
+
+
+class Imw:
+    """invisible-watermark through benchmarks.watermark_imw (imported only when asked for)."""
+
+    def __init__(self, method: str, check_size: bool):
+        from benchmarks import watermark_imw
+
+        self.imw = watermark_imw
+        self.inner = watermark_imw.ImWatermark(method, check_size)
+
+    def embed(self, pixels: np.ndarray, payload: int) -> np.ndarray:
+        try:
+            return self.inner.embed(pixels, payload)
+        except self.imw.Refused as error:
+            raise Refused(str(error)) from error
+
+    def read(self, image: PIL.Image.Image, payload: int) -> Reading:
+        found, matched, refused = self.inner.read(image, payload)
+        return Reading(found, found, matched, refused)
+
+    def foreign(self) -> Method | None:
+        return None
+
+
+def make_method(name: str, check_size: bool = True) -> Method:
+    return Ours() if name == "ours" else Imw(name, check_size)
+
+
+def run(method: Method, size: int, n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
-    mark = Watermark(b"benchmark-key-0123456789abcdef")
-    other = Watermark(b"another-key-0123456789abcdefgh")
     sources = world_images(n, size, seed) + synthetic_photos(n, size, seed + 1)
-    rows: list[dict] = []
-    payloads = [int(p) for p in rng.integers(0, 1 << 16, len(sources))]
-    marked = [to_png_image(mark.embed(p, payload)) for p, payload in zip(sources, payloads, strict=True)]
+    payloads = [int(p) for p in rng.integers(0, 1 << PAYLOAD_BITS, len(sources))]
+    started = time.perf_counter()
+    try:
+        marked = [
+            PIL.Image.fromarray(method.embed(p, payload))
+            for p, payload in zip(sources, payloads, strict=True)
+        ]
+    except Refused as error:  # recorded as the size's row: what the library does at this size
+        return [{"size": size, "images": len(sources), "embed_refused": f"{type(error).__name__}: {error}"}]
+    ms_per_embed = 1000 * (time.perf_counter() - started) / len(sources)
     plain = [to_png_image(p) for p in sources]
     psnr = []
     for m, p in zip(marked, plain, strict=True):
         err = np.asarray(m, dtype=np.float64) - np.asarray(p, dtype=np.float64)
         psnr.append(10 * np.log10(255**2 / max(np.mean(err**2), 1e-12)))
+    rows: list[dict] = []
     for name, attack in ATTACKS.items():
         started = time.perf_counter()
-        found = exact = 0
-        scores = []
-        for image, payload in zip(marked, payloads, strict=True):
-            result = mark.detect(attack(image, rng))
-            scores.append(result.score)
-            found += result.found
-            exact += result.found and result.payload == payload
+        readings = [
+            method.read(attack(image, rng), payload) for image, payload in zip(marked, payloads, strict=True)
+        ]
         rows.append(
-            {"size": size, "attack": name, "images": len(marked), "detected": found / len(marked),
-             "payload_exact": exact / len(marked), "min_score": min(scores),
-             "median_score": float(np.median(scores)),
-             "ms_per_detect": 1000 * (time.perf_counter() - started) / len(marked)}
-        )  # fmt: skip
+            _row(size, name, readings)
+            | {"ms_per_detect": 1000 * (time.perf_counter() - started) / len(marked)}
+        )
+    other = method.foreign()
     for name, images, reader in [
-        ("unmarked (FP)", plain, mark),
-        ("unmarked JPEG q75 (FP)", [jpeg(p, 75) for p in plain], mark),
-        ("marked, other key (FP)", marked, other),
+        (FALSE_POSITIVES[0], plain, method),
+        (FALSE_POSITIVES[1], [jpeg(p, 75) for p in plain], method),
+        (FALSE_POSITIVES[2], marked, other),
     ]:
-        scores = [reader.detect(image).score for image in images]
-        rows.append(
-            {"size": size, "attack": name, "images": len(images),
-             "detected": sum(s >= THRESHOLD for s in scores) / len(images), "max_score": max(scores),
-             "median_score": float(np.median(scores))}
-        )  # fmt: skip
-    rows.append({"size": size, "psnr_db_min": min(psnr), "psnr_db_median": float(np.median(psnr))})
+        if reader is None:
+            rows.append(
+                {"size": size, "attack": name, "images": len(images), "detected": None, "note": "no key"}
+            )
+            continue
+        readings = [reader.read(image, payload) for image, payload in zip(images, payloads, strict=True)]
+        rows.append(_row(size, name, readings))
+    rows.append({"size": size, "psnr_db_min": min(psnr), "psnr_db_median": float(np.median(psnr)),
+                 "ms_per_embed": ms_per_embed})  # fmt: skip
     return rows
+
+
+def _row(size: int, attack: str, readings: list[Reading]) -> dict:
+    """The first half of `readings` are world renders, the second half synthetic photos (as in `run`)."""
+    scores = [r.score for r in readings]
+    count, half = len(readings), len(readings) // 2
+    found, exact = sum(r.found for r in readings), sum(r.exact for r in readings)
+    return {"size": size, "attack": attack, "images": count, "detected": found / count,
+            "payload_exact": exact / count, "refused": sum(r.refused for r in readings),
+            "detected_world": sum(r.found for r in readings[:half]) / half,
+            "detected_photos": sum(r.found for r in readings[half:]) / (count - half),
+            "min_score": min(scores), "median_score": float(np.median(scores)), "max_score": max(scores),
+            "mean_score": float(np.mean(scores))}  # fmt: skip
+
+
+def markdown(method: str, rows: list[dict]) -> str:
+    """One BENCHMARKS.md table row per size: attacks as `found % (exact %)`, false positives as
+    `found/images (max score)`, then the median PSNR."""
+    bits = method != "ours"  # invisible-watermark's score is bits matched; found and exact are one
+    lines = []
+    for size in sorted({r["size"] for r in rows}):
+        of_size = [r for r in rows if r["size"] == size]
+        if "embed_refused" in of_size[0]:
+            lines.append(
+                f"| {method} | {size} px ({of_size[0]['images']}) | refused: {of_size[0]['embed_refused']} |"
+            )
+            continue
+        cells = []
+        for r in of_size:
+            if r.get("attack") in ATTACKS:
+                cell = f"{r['detected']:.0%}" if bits else f"{r['detected']:.0%} ({r['payload_exact']:.0%})"
+                cells.append(cell + (f", {r['refused']} refused" if r["refused"] else ""))
+            elif r.get("attack") in FALSE_POSITIVES:
+                if r["detected"] is None:
+                    cells.append("— (no key)")
+                    continue
+                top = f"{r['max_score']:.0f}/{PAYLOAD_BITS} bits" if bits else f"{r['max_score']:.1f}"
+                cells.append(f"{round(r['detected'] * r['images'])}/{r['images']} (max {top})")
+        psnr = next(r["psnr_db_median"] for r in of_size if "psnr_db_median" in r)
+        images = of_size[0]["images"]
+        lines.append(f"| {method} | {size} px ({images}) | " + " | ".join(cells) + f" | {psnr:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -125,11 +240,24 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100, help="per kind (world renders, synthetic photos)")
     parser.add_argument("--sizes", default="64,128,256,1024")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", choices=("ours", "dwtDct", "dwtDctSvd"), default="ours")
+    parser.add_argument(
+        "--no-size-check",
+        action="store_true",
+        help="invisible-watermark: call its embedder classes directly, past the 256x256 check of its wrapper",
+    )
+    parser.add_argument("--markdown", action="store_true", help="also print the table rows for BENCHMARKS.md")
     args = parser.parse_args()
+    method = make_method(args.method, check_size=not args.no_size_check)
+    rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         n = args.images if size <= 256 else max(10, args.images // 10)
-        for row in run(size, n, args.seed + size):
-            print(json.dumps(row), flush=True)
+        for row in run(method, size, n, args.seed + size):
+            print(json.dumps({"method": args.method} | row), flush=True)
+            rows.append(row)
+    if args.markdown:
+        label = args.method + (" (no size check)" if args.no_size_check else "")
+        print(markdown(label, rows))
 
 
 if __name__ == "__main__":
