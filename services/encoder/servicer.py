@@ -12,6 +12,7 @@ UNCLIP_IDLE_DISPATCH=false makes the oldest request wait UNCLIP_MAX_QUEUE_DELAY_
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -38,7 +39,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def attach(self, engine: Any, threads: Any = None) -> None:
         """Makes the loaded engine available, with the text batcher in front of it. `threads`: the
         process's unclip.runtime.threads.ThreadPolicy, applied on every thread before it runs the engine."""
-        self.batcher = DynamicBatcher("encoder", self._encode_batch, self.slot.config)
+        on_busy = self.slot.metrics.busy if self.slot.metrics is not None else None
+        self.batcher = DynamicBatcher("encoder", self._encode_batch, self.slot.config, on_busy=on_busy)
         self.slot.threads = threads
         self.slot.engine = engine
 
@@ -89,6 +91,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             text_mask=to_proto(output.text_mask),
             truncated=list(output.truncated),
             max_tokens=engine.max_tokens,
+            compute_seconds=item.compute_seconds,
         )
 
     @grpc_errors
@@ -105,5 +108,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 decoded[data] = image.convert("RGB")
             images.append(decoded[data])
         with self.slot.call("EncodeImage", len(images)):
+            began = time.perf_counter()
             image_embeds = engine.encode_image(images)
-        return encoder_pb2.EncodeImageResponse(image_embeds=to_proto(image_embeds))
+            seconds = time.perf_counter() - began
+        if self.slot.metrics is not None:
+            self.slot.metrics.busy(seconds)
+        return encoder_pb2.EncodeImageResponse(image_embeds=to_proto(image_embeds), compute_seconds=seconds)

@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("safety")
     policy_from_setting(args.torch_threads).apply()  # model-backed filters share the machine
     # Traces (one per request, across every stage) and the metrics endpoint, as every service has them.
-    _service_metrics, interceptors = instrument_process(
+    service_metrics, interceptors = instrument_process(
         "safety", args.metrics_port, args.metrics_host or args.host
     )
-    servicer = SafetyServicer()
+    servicer = SafetyServicer(service_metrics)
     holder: dict[str, SafetyEngine] = {}
 
     def register(server) -> None:

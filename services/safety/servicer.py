@@ -32,8 +32,9 @@ _ACTIONS = {
 
 
 class SafetyServicer(safety_pb2_grpc.SafetyServicer):
-    def __init__(self) -> None:
+    def __init__(self, metrics=None) -> None:
         self.engine: SafetyEngine | None = None  # set once the policy is loaded (UNAVAILABLE until then)
+        self.metrics = metrics  # ServiceMetrics: each check's seconds go to the busy-seconds counter
 
     def _engine(self) -> SafetyEngine:
         if self.engine is None:
@@ -52,7 +53,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
         item = CheckInput(
             "prompt", prompt=request.prompt, context=_context(request), deadline=_deadline(context)
         )
-        return _response(_decide(engine, item))
+        return self._timed(engine, item)
 
     @grpc_errors
     def CheckImages(self, request: safety_pb2.CheckImagesRequest, context: grpc.ServicerContext):
@@ -83,7 +84,16 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
             context=_context(request),
             deadline=_deadline(context),
         )
-        return _response(_decide(engine, item))
+        return self._timed(engine, item)
+
+    def _timed(self, engine: SafetyEngine, item: CheckInput) -> safety_pb2.CheckResponse:
+        """The check's answer with the seconds it took (usage accounting; the busy-seconds counter)."""
+        began = time.perf_counter()
+        response = _response(_decide(engine, item))
+        response.compute_seconds = time.perf_counter() - began
+        if self.metrics is not None:
+            self.metrics.busy(response.compute_seconds)
+        return response
 
 
 def _decide(engine: SafetyEngine, item: CheckInput) -> Decision:

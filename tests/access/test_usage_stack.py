@@ -29,6 +29,9 @@ from unclip.v1 import orchestrator_pb2 as pb
 from unclip.v1 import orchestrator_pb2_grpc
 
 DENOISING = ("prior", "decoder", "super_res")
+# Every stage that reports compute: the denoising ones, the encoder (its share of each batched forward pass)
+# and safety (each check).
+CHARGED = ("encoder", *DENOISING, "safety")
 STEPS = pb.SamplingParams(
     prior_num_inference_steps=6, decoder_num_inference_steps=8, super_res_num_inference_steps=[4]
 )
@@ -52,9 +55,9 @@ class MeteredStack(Stack):
 
 
 def _busy(stack: MeteredStack) -> dict[str, float]:
-    """Each denoising stage's unclip_busy_seconds_total, scraped from its metrics endpoint."""
+    """Each stage's unclip_busy_seconds_total, scraped from its metrics endpoint."""
     seconds = {}
-    for name in DENOISING:
+    for name in CHARGED:
         url = f"http://127.0.0.1:{stack.metrics_ports[name]}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
@@ -94,7 +97,7 @@ def test_usage_adds_up_to_each_stages_busy_time(metered):
     key = keys.create(metered.keys_file, "usage-busy", tenant="usage-busy")
     client = _stub(metered, key)
     before = _busy(metered)
-    charged = dict.fromkeys(DENOISING, 0.0)
+    charged = dict.fromkeys(CHARGED, 0.0)
     lock = threading.Lock()
 
     def send(i: int) -> None:  # concurrent, so steps are shared and split between requests
@@ -109,8 +112,8 @@ def test_usage_adds_up_to_each_stages_busy_time(metered):
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    busy = {name: _busy(metered)[name] - before[name] for name in DENOISING}
-    for name in DENOISING:
+    busy = {name: _busy(metered)[name] - before[name] for name in CHARGED}
+    for name in CHARGED:
         assert busy[name] > 0, busy
         assert abs(charged[name] - busy[name]) <= 0.10 * busy[name], (name, charged, busy)
 

@@ -4,6 +4,7 @@ pass and get what they get alone (exactly for a request alone or deterministic, 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -80,6 +81,34 @@ def test_requests_arriving_while_a_batch_runs_form_the_next_batch(engines):
         assert batches == [["a"], ["b", "c", "d"], ["e"]]
         assert batcher.stats.idle_dispatches == 1  # only the first found the worker idle
         assert batcher.stats.delay_waits == 0
+    finally:
+        batcher.close()
+
+
+def test_each_request_is_charged_its_share_of_the_batch_time():
+    """Usage: a batch's run time is split over its requests by their sizes, and reported as busy time once."""
+    gate = threading.Event()
+    busy: list[float] = []
+
+    def run_batch(batch):
+        if batch == ["a"]:
+            gate.wait(30)  # the first batch runs until the others have queued
+        else:
+            time.sleep(0.2)
+        return list(batch)
+
+    batcher = DynamicBatcher("encoder", run_batch, BatcherConfig(max_queue_delay_s=30.0), on_busy=busy.append)
+    try:
+        first = batcher.submit("a", key=0)
+        assert first.started.wait(10)
+        small, large = batcher.submit("b", key=0, size=1), batcher.submit("c", key=0, size=3)
+        gate.set()
+        for item in (first, small, large):
+            item.wait()
+        assert len(busy) == 2 and busy[1] >= 0.2
+        assert small.compute_seconds + large.compute_seconds == pytest.approx(busy[1])
+        assert large.compute_seconds == pytest.approx(3 * small.compute_seconds)
+        assert first.compute_seconds == pytest.approx(busy[0])
     finally:
         batcher.close()
 

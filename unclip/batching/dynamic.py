@@ -8,7 +8,8 @@ When the worker is idle (``config.idle_dispatch``, the default), a request start
 ``max_queue_delay_s`` for company would only delay every lone request, and requests that arrive while a batch
 runs queue up and form the next batch (continuous batching, as the step batcher does between steps). With
 ``idle_dispatch=False`` the oldest request waits up to ``max_queue_delay_s`` for company (Triton's dynamic
-batcher). ``stats`` counts the batches and how many of them waited for company.
+batcher). ``stats`` counts the batches and how many of them waited for company. Each item carries its
+share of its batch's run time (``compute_seconds``, split by size), for usage accounting.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class _Item:
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.compute_seconds = 0.0  # this item's share (by size) of its batch's run time
 
     def wait(self) -> Any:
         """Blocks until the batch holding this item has run; its output, or the batch's error raised."""
@@ -53,9 +55,16 @@ class DynamicStats:
 class DynamicBatcher:
     """``run(payload, key=, size=, deterministic=)`` blocks until the batch holding it has run."""
 
-    def __init__(self, name: str, run_batch: Callable[[list[Any]], list[Any]], config: BatcherConfig):
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[Any]], list[Any]],
+        config: BatcherConfig,
+        on_busy: Callable[[float], None] | None = None,
+    ):
         self.name = name
         self.run_batch = run_batch
+        self.on_busy = on_busy  # called with each batch's run time (the busy-seconds metric)
         self.config = config
         self._cond = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
@@ -135,6 +144,7 @@ class DynamicBatcher:
         while (batch := self._take()) is not None:
             for item in batch:
                 item.started.set()
+            began = time.perf_counter()
             try:
                 outputs = self.run_batch([item.payload for item in batch])
                 for item, output in zip(batch, outputs, strict=True):
@@ -143,5 +153,11 @@ class DynamicBatcher:
                 log.exception("%s batch of %d failed", self.name, len(batch))
                 for item in batch:
                     item.error = error
+            elapsed = time.perf_counter() - began
+            total = sum(item.size for item in batch) or 1
+            for item in batch:
+                item.compute_seconds = elapsed * item.size / total
+            if self.on_busy is not None:
+                self.on_busy(elapsed)
             for item in batch:
                 item.done.set()
