@@ -204,7 +204,9 @@ def main() -> None:
             Path(tempfile.mkdtemp(prefix="unclip-soak-")) / "model", super_res_stages=2, variation=True
         )
     replicas = {stage: 2 for stage in STAGES} if args.chaos else {}
-    stack = start_stack(model, replicas=replicas)
+    # All the traffic comes from one key (the stack's): the soak measures the stack's capacity, so the
+    # per-caller cap is the service's own in-flight limit (else bursts from one key are refused by design).
+    stack = start_stack(model, replicas=replicas, extra_env={"UNCLIP_MAX_INFLIGHT_PER_CALLER": "16"})
     emit({"benchmark": "soak", **environment(), "minutes": args.minutes, "load": args.load, "steps": steps,
           "chaos": args.chaos, "processes": [p.name for p in stack.processes]})  # fmt: skip
     try:

@@ -287,7 +287,7 @@ SETTINGS: dict[str, Setting] = {
             "UNCLIP_MAX_INFLIGHT_PER_CALLER",
             4,
             int,
-            "orchestrator: requests in progress per caller (the request's user, else its peer)",
+            "orchestrator: requests in progress per caller (its key or certificate, else its address)",
         ),
         Setting(
             "images_url",
