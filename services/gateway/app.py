@@ -19,12 +19,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import core, manipulations, provenance, schema
 from services.gateway.client import Orchestrator, OrchestratorConfig, OrchestratorError
 from services.gateway.core import ApiError, ImageFields
+from services.gateway.forms import read_multipart, read_upload
 from services.gateway.links import LinkConfig, LinkStore
 from services.gateway.streaming import EDIT, GENERATION, sse_events
 
@@ -286,38 +286,14 @@ def create_app(config: GatewayConfig) -> Limits:
         items = form.getlist("file")
         if not items:
             raise core.invalid("file", "Missing required parameter: 'file'.", "missing_required_parameter")
-        if len(items) != 1 or not isinstance(items[0], UploadFile):
-            raise core.invalid("file", "'file' must be one file upload.", "invalid_type")
-        if items[0].size is not None and items[0].size > config.max_upload_bytes:
-            limit = config.max_upload_bytes // (1024 * 1024)
-            raise core.invalid("file", f"'file' must be less than {limit} MB.", "invalid_value")
-        return await items[0].read()
+        return await read_upload("file", items, config.max_upload_bytes)
 
     async def read_form(
         request: Request, file_names: tuple[str, ...]
     ) -> tuple[ImageFields, dict[str, bytes]]:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(400, "This endpoint takes multipart/form-data (image and mask as files).")
-        form = await request.form(max_files=4, max_fields=64)
-        values: dict[str, Any] = {}
-        files: dict[str, bytes] = {}
-        for key in form:
-            items = form.getlist(key)
-            name = key.removesuffix("[]")
-            if name in file_names:
-                if len(items) != 1 or not isinstance(items[0], UploadFile):
-                    raise core.invalid(name, f"'{name}' must be one file upload.", "invalid_type")
-                upload = items[0]
-                if upload.size is not None and upload.size > config.max_upload_bytes:
-                    limit = config.max_upload_bytes // (1024 * 1024)
-                    raise core.invalid(name, f"'{name}' must be less than {limit} MB.", "invalid_value")
-                files[name] = await upload.read()
-            elif any(isinstance(item, UploadFile) for item in items):
-                raise core.invalid(name, f"'{name}' must be a form field, not a file.", "invalid_type")
-            elif key.endswith("[]") or len(items) > 1:
-                values[name] = list(items) if name in core.LIST_PARAMS else items[-1]
-            else:
-                values[name] = items[0]
+        values, files = await read_multipart(request, file_names, config.max_upload_bytes)
         return ImageFields.parse(values, form=True), files
 
     # unclip's extensions, in their own module: interpolations, text diffs, the animations' links.

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import UploadFile
 
-from services.gateway import core, manipulation, schema
+from services.gateway import manipulation, schema
 from services.gateway.client import Orchestrator, OrchestratorError
-from services.gateway.core import ApiError, invalid
+from services.gateway.core import ApiError
+from services.gateway.forms import read_multipart
 from services.gateway.links import LinkStore
 from services.gateway.manipulation import INTERPOLATION, TEXT_DIFF, ManipulationFields
 
@@ -35,7 +34,7 @@ def router(
     async def read(request: Request, kind: str) -> ManipulationFields:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            values, files = await _read_form(request, manipulation.IMAGE_FIELDS[kind], max_upload_bytes)
+            values, files = await read_multipart(request, manipulation.IMAGE_FIELDS[kind], max_upload_bytes)
             fields = ManipulationFields.parse(kind, values, form=True)
             fields.add_files(files)
             return fields
@@ -103,30 +102,3 @@ def router(
         return await animation_file("webp", token, expires, signature)
 
     return routes
-
-
-async def _read_form(
-    request: Request, file_names: tuple[str, ...], max_upload_bytes: int
-) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The form's text fields (lists for `name[]`) and its image files, each at most `max_upload_bytes`."""
-    form = await request.form(max_files=4, max_fields=64)
-    values: dict[str, Any] = {}
-    files: dict[str, bytes] = {}
-    for key in form:
-        items = form.getlist(key)
-        name = key.removesuffix("[]")
-        if name in file_names:
-            if len(items) != 1 or not isinstance(items[0], UploadFile):
-                raise invalid(name, f"'{name}' must be one file upload.", "invalid_type")
-            upload = items[0]
-            if upload.size is not None and upload.size > max_upload_bytes:
-                limit = max_upload_bytes // (1024 * 1024)
-                raise invalid(name, f"'{name}' must be less than {limit} MB.", "invalid_value")
-            files[name] = await upload.read()
-        elif any(isinstance(item, UploadFile) for item in items):
-            raise invalid(name, f"'{name}' must be a form field, not a file.", "invalid_type")
-        elif key.endswith("[]") or len(items) > 1:
-            values[name] = list(items) if name in core.LIST_PARAMS else items[-1]
-        else:
-            values[name] = items[0]
-    return values, files
