@@ -81,6 +81,24 @@ def mint_ca(
     return key, cert
 
 
+def _leaf(
+    key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, name: str, validity: datetime.timedelta
+) -> x509.CertificateBuilder:
+    """What every certificate the CA issues has: subject `name`, the CA as issuer, a random serial, validity
+    from five minutes ago (clock skew) to `validity` from now but never past the CA's, not a CA itself."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + min(validity, ca_cert.not_valid_after_utc - now))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+
+
 def mint_leaf(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
@@ -90,7 +108,6 @@ def mint_leaf(
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A certificate for `name` (CN and first DNS SAN) also valid for `hosts` (DNS names or IP addresses)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
     alt: list[x509.GeneralName] = [x509.DNSName(name)]
     for host in hosts:
         try:
@@ -98,14 +115,7 @@ def mint_leaf(
         except ValueError:
             alt.append(x509.DNSName(host))
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + min(validity, ca_cert.not_valid_after_utc - now))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        _leaf(key, ca_cert, name, validity)
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -125,21 +135,13 @@ def mint_signer(
     """A C2PA signing certificate issued by the CA: digitalSignature and the emailProtection EKU, which C2PA
     validators require (they refuse self-signed leaves and TLS-only usages), with the key identifiers."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
     usage = dict.fromkeys(
         ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement", "key_cert_sign",
          "crl_sign", "encipher_only", "decipher_only"),
         False,
     )  # fmt: skip
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + min(validity, ca_cert.not_valid_after_utc - now))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        _leaf(key, ca_cert, name, validity)
         .add_extension(x509.KeyUsage(digital_signature=True, **usage), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
