@@ -8,7 +8,9 @@ sampled; with --chaos, two replicas of each stage and one of them SIGKILLed in t
 2. Soak: requests arrive at --load x capacity (Poisson), from a bounded pool of threads: generate, vary,
    edit, GenerateStream read to the end, generate cancelled mid-way, and prompts the content policy refuses.
 3. With --chaos, one replica of each stage (encoder, prior, decoder, upsamplers, safety) is SIGKILLed in turn,
-   evenly spaced over the run. A request that fails with UNAVAILABLE is counted as "lost to a kill".
+   evenly spaced over the run, and started again on its port --restart-after seconds later (as its Deployment
+   would replace the pod; the load was calibrated with both replicas up). A request that fails with
+   UNAVAILABLE is counted as "lost to a kill".
 Outcomes: `ok`, `refused` (the intended refusals), `cancelled` (the intended cancellations), `unavailable`,
 and `failed` (anything else: the count that must be 0). Every request id answered OK must have its audit
 records (the final-output check) in the safety service's audit log. RSS: growth over the last 20 minutes (or
@@ -187,6 +189,12 @@ def main() -> None:
     parser.add_argument("--steps", default="4,4,2", help="prior,decoder,super-res steps of every request")
     parser.add_argument("--sample-seconds", type=float, default=15.0)
     parser.add_argument("--chaos", action="store_true", help="two replicas per stage, one SIGKILLed in turn")
+    parser.add_argument(
+        "--restart-after",
+        type=float,
+        default=20.0,
+        help="seconds after a SIGKILL to start the killed replica again on its port (0: never)",
+    )
     parser.add_argument("--out-dir", default="runs/soak")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -239,6 +247,14 @@ def main() -> None:
             spacing = 60 * args.minutes / (len(present) + 1)
             kill_plan = [(began + spacing * (i + 1), f"{stage}#2") for i, stage in enumerate(present)]
         kills: list[tuple[float, str]] = []
+        restarts: list[tuple[float, str]] = []  # (when, name): killed replicas to start again
+        restarted: list[tuple[float, str]] = []  # (minute it served again, name)
+
+        def restart(name: str) -> None:
+            stack.restart(name)
+            restarted.append((round((time.monotonic() - began) / 60, 2), name))
+            emit({"minute": restarted[-1][0], "serving_again": name})
+
         samples: list[dict] = []
         next_sample = began
         next_arrival = began
@@ -257,6 +273,11 @@ def main() -> None:
                 os.kill(victim.popen.pid, signal.SIGKILL)
                 kills.append((round((now - began) / 60, 2), name))
                 emit({"minute": kills[-1][0], "sigkill": name})
+                if args.restart_after > 0:
+                    restarts.append((now + args.restart_after, name))
+            if restarts and now >= restarts[0][0]:
+                _, name = restarts.pop(0)
+                threading.Thread(target=restart, args=(name,), daemon=True).start()
             if now >= next_arrival:
                 if inflight.acquire(blocking=False):
                     kind = rng.choices(list(MIX), list(MIX.values()))[0]
@@ -278,6 +299,7 @@ def main() -> None:
             "outcomes": dict(outcomes),
             "failed_examples": errors[:10],
             "kills": kills,
+            "restarted": restarted,
             "ok_requests": len(ok_ids),
             "ok_requests_missing_from_audit": len(missing),
             "rss_growth_pct_last_window": growth(samples, window, killed),

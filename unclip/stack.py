@@ -236,6 +236,12 @@ class Stack:
         self.test_signer = mint_test_signer(self.log_dir / "provenance")
         return self.test_signer.env()
 
+    def restart(self, name: str, timeout: float = 120.0) -> None:
+        """Starts the dead stage process `name` ("decoder#2") again on its ports and waits until it serves."""
+        process = next(p for p in self.processes if p.name == name)
+        process.restart(self._env())
+        self._wait([process], time.monotonic() + timeout, need_serving=True)
+
     def _wait(self, processes: list[Process], deadline: float, need_serving: bool) -> None:
         pending = list(processes)
         while pending:

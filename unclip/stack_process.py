@@ -51,6 +51,16 @@ class Process:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def restart(self, env: dict[str, str]) -> None:
+        """Starts the (dead) process again on the ports it had announced, as a Deployment replaces a killed
+        pod behind the same Service address; its log goes on in a new file beside the first."""
+        assert not self.alive(), f"{self.name} is still running"
+        for flag, address in (("--port", self.address), ("--health-port", self.health_address)):
+            if address and flag in self.argv:
+                self.argv[self.argv.index(flag) + 1] = address.rsplit(":", 1)[1]
+        self.log_path = self.log_path.with_name(self.log_path.stem + "-restarted.log")
+        self.start(env)
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_text(errors="replace").splitlines()

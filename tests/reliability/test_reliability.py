@@ -4,7 +4,8 @@
 2. about 4x overload: the excess is refused at once with RESOURCE_EXHAUSTED and a retry hint, the rest
    complete, and the orchestrator's memory stays bounded; one caller cannot take every slot;
 3. SIGTERM one decoder replica during load: in-flight requests finish, new ones go to the others;
-4. SIGKILL one decoder replica during load: the orchestrator retries on another replica, no request fails.
+4. SIGKILL one decoder replica during load: the orchestrator retries on another replica, no request fails;
+5. the killed replica started again on its port (as a Deployment replaces a pod) serves again.
 
 One stack with three decoder replicas serves the whole module (3 and 4 each take one away), so the file runs
 in a few minutes on a shared 2-core machine. Every wait is bounded.
@@ -326,6 +327,24 @@ def test_sigkill_one_replica_during_load_fails_nothing(stack, stub):
     assert log.count(f"from {victim.address}, retrying on another replica") > 0, log[-2000:]
     assert log.count("retrying on another replica") > retries_before
     assert process(stack, "decoder").alive()
+
+
+def test_a_killed_replica_started_again_serves_on_its_address(stack, stub):
+    """As a Deployment replaces a killed pod behind the same Service: `Stack.restart` starts decoder#3 (killed
+    above) on its old port, and the orchestrator's channel to that address reconnects and sends it work."""
+    victim = process(stack, "decoder#3")
+    assert not victim.alive()
+    address = victim.address
+    stack.restart("decoder#3")
+    assert victim.alive() and victim.address == address
+    cpu = _cpu_seconds(victim.popen.pid)
+    seeds = range(700, 706)
+    deadline = time.monotonic() + 120
+    while _cpu_seconds(victim.popen.pid) - cpu < 0.2:  # round-robin reaches it once it is back
+        pool, futures = _load(stack, seeds=seeds)
+        assert all(f.result(timeout=300)[1] == "ok" for f in futures)
+        pool.shutdown()
+        assert time.monotonic() < deadline, "the restarted replica got no work"
 
 
 def _rss_mb(pid: int) -> float:
