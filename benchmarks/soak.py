@@ -250,8 +250,8 @@ def main() -> None:
         restarts: list[tuple[float, str]] = []  # (when, name): killed replicas to start again
         restarted: list[tuple[float, str]] = []  # (minute it served again, name)
 
-        def restart(name: str) -> None:
-            stack.restart(name)
+        def serving_again(name: str) -> None:
+            stack.wait_serving(name)
             restarted.append((round((time.monotonic() - began) / 60, 2), name))
             emit({"minute": restarted[-1][0], "serving_again": name})
 
@@ -277,7 +277,10 @@ def main() -> None:
                     restarts.append((now + args.restart_after, name))
             if restarts and now >= restarts[0][0]:
                 _, name = restarts.pop(0)
-                threading.Thread(target=restart, args=(name,), daemon=True).start()
+                # Started from this thread, which lives as long as the stack (the child's parent-death
+                # signal follows the thread that started it); waited for on another.
+                stack.restart(name, wait=False)
+                threading.Thread(target=serving_again, args=(name,), daemon=True).start()
             if now >= next_arrival:
                 if inflight.acquire(blocking=False):
                     kind = rng.choices(list(MIX), list(MIX.values()))[0]

@@ -236,10 +236,17 @@ class Stack:
         self.test_signer = mint_test_signer(self.log_dir / "provenance")
         return self.test_signer.env()
 
-    def restart(self, name: str, timeout: float = 120.0) -> None:
-        """Starts the dead stage process `name` ("decoder#2") again on its ports and waits until it serves."""
+    def restart(self, name: str, timeout: float = 120.0, wait: bool = True) -> None:
+        """Starts the dead stage process `name` ("decoder#2") again on its ports and (with `wait`) waits until
+        it serves. Call it from the thread that started the stack (see Process.restart)."""
         process = next(p for p in self.processes if p.name == name)
         process.restart(self._env())
+        if wait:
+            self.wait_serving(name, timeout)
+
+    def wait_serving(self, name: str, timeout: float = 120.0) -> None:
+        """Blocks until the process `name` says SERVING (StackError if it dies or the timeout passes)."""
+        process = next(p for p in self.processes if p.name == name)
         self._wait([process], time.monotonic() + timeout, need_serving=True)
 
     def _wait(self, processes: list[Process], deadline: float, need_serving: bool) -> None:

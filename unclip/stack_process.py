@@ -53,7 +53,9 @@ class Process:
 
     def restart(self, env: dict[str, str]) -> None:
         """Starts the (dead) process again on the ports it had announced, as a Deployment replaces a killed
-        pod behind the same Service address; its log goes on in a new file beside the first."""
+        pod behind the same Service address; its log goes on in a new file beside the first. Call it from a
+        thread that lives as long as the stack: the child's parent-death signal follows the thread that
+        started it, not the process."""
         assert not self.alive(), f"{self.name} is still running"
         for flag, address in (("--port", self.address), ("--health-port", self.health_address)):
             if address and flag in self.argv:
