@@ -26,7 +26,8 @@ def test_usage_in_every_response_and_in_the_ledger(stack):
             usage = stub.Generate(request, timeout=120).usage
             assert usage.images == n
             stages = dict(usage.stage_seconds)
-            assert set(stages) == {"prior", "decoder"} | ({"super_res"} if size == 64 else set()), stages
+            upsampler = {"super_res"} if size == 64 else set()
+            assert set(stages) == {"encoder", "prior", "decoder", "safety"} | upsampler, stages
             assert all(seconds > 0 for seconds in stages.values())
             assert abs(usage.compute_seconds - sum(stages.values())) < 1e-6
             assert usage.energy_joules > 0
