@@ -3,6 +3,7 @@ filled in and every range checked, and what every kind of request shares (size, 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
@@ -35,6 +36,21 @@ class StepDefaults:
     decoder_sampler: str = DEFAULT_SAMPLER
     super_res_sampler: str = DEFAULT_SAMPLER
     ddim_eta: float = default("ddim_eta")
+
+    def for_edits(self) -> StepDefaults:
+        """The defaults an edit's image stages use: they run the UnCLIP sampler, so a stage whose deployment
+        default is another sampler takes the library's default steps for it."""
+        return dataclasses.replace(
+            self,
+            decoder_num_inference_steps=self.decoder_num_inference_steps
+            if self.decoder_sampler == DEFAULT_SAMPLER
+            else DECODER_STEPS,
+            super_res_num_inference_steps=self.super_res_num_inference_steps
+            if self.super_res_sampler == DEFAULT_SAMPLER
+            else SUPER_RES_STEPS,
+            decoder_sampler=DEFAULT_SAMPLER,
+            super_res_sampler=DEFAULT_SAMPLER,
+        )
 
     def check(self) -> StepDefaults:
         """ValueError naming the setting's flag when a default is out of range."""
@@ -75,8 +91,12 @@ class Params:
         """Fills defaults and checks ranges; `prior=False` (variations) ignores the prior's fields.
         prior_guidance_scale, decoder_guidance_scale: the defaults for the unset request fields; defaults:
         the deployment's steps and samplers. `edit`: the image stages run ``unclip`` (the only sampler that
-        walks an edit's known region): another one asked for is refused, a deployment default is not used."""
+        walks an edit's known region): another one asked for is refused, a deployment default is not used,
+        and neither are the deployment's steps for a stage whose default sampler is another (steps chosen
+        for DPM-Solver++ are too few for UnCLIP's sampler): that stage takes the library's default steps."""
         defaults = defaults or StepDefaults()
+        if edit:
+            defaults = defaults.for_edits()
 
         def get(name: str, default: float) -> float:
             return getattr(params, name) if params.HasField(name) else default

@@ -142,7 +142,13 @@ class Pipeline:
         edit_defaults = orchestrator_pb2.SamplingParams()
         edit_defaults.CopyFrom(defaults)
         edit_defaults.decoder_guidance_scale = self.edit_decoder_guidance_scale
+        edit_steps = steps.for_edits()
         edit_defaults.decoder_sampler = edit_defaults.super_res_sampler = DEFAULT_SAMPLER
+        edit_defaults.decoder_num_inference_steps = edit_steps.decoder_num_inference_steps
+        del edit_defaults.super_res_num_inference_steps[:]
+        edit_defaults.super_res_num_inference_steps.extend(
+            [edit_steps.super_res_num_inference_steps] * (len(self.cascade) - 1)
+        )
         return orchestrator_pb2.Capabilities(
             sizes=self.sizes,
             defaults=defaults,

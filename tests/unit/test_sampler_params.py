@@ -35,6 +35,30 @@ def test_edits_run_unclip_and_refuse_another_sampler():
         Params.from_proto(pb.SamplingParams(super_res_sampler="dpmsolver++"), 1, edit=True)
 
 
+def test_edits_take_the_library_steps_where_the_deployment_default_sampler_is_another():
+    """Steps chosen for DPM-Solver++ (10 / 2) are too few for UnCLIP's sampler, which edits run."""
+    defaults = StepDefaults(
+        prior_num_inference_steps=10,
+        decoder_num_inference_steps=10,
+        super_res_num_inference_steps=2,
+        prior_sampler="dpmsolver++",
+        decoder_sampler="dpmsolver++",
+        super_res_sampler="dpmsolver++",
+    )
+    params = Params.from_proto(pb.SamplingParams(), 1, defaults=defaults, edit=True)
+    assert (params.prior_sampler, params.prior_num_inference_steps) == ("dpmsolver++", 10)
+    assert params.decoder_num_inference_steps == default("decoder_num_inference_steps")
+    assert params.super_res_num_inference_steps == [default("super_res_num_inference_steps")]
+    asked = pb.SamplingParams(decoder_num_inference_steps=12, super_res_num_inference_steps=[3])
+    params = Params.from_proto(asked, 1, defaults=defaults, edit=True)  # what a request asks for stands
+    assert (params.decoder_num_inference_steps, params.super_res_num_inference_steps) == (12, [3])
+    generate = Params.from_proto(pb.SamplingParams(), 1, defaults=defaults)
+    assert (generate.decoder_num_inference_steps, generate.super_res_num_inference_steps) == (10, [2])
+    unclip_defaults = StepDefaults(decoder_num_inference_steps=12, super_res_num_inference_steps=4)
+    params = Params.from_proto(pb.SamplingParams(), 1, defaults=unclip_defaults, edit=True)
+    assert (params.decoder_num_inference_steps, params.super_res_num_inference_steps) == (12, [4])
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
