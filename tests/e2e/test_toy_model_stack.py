@@ -170,7 +170,8 @@ def test_edit_uses_the_models_edit_guidance_and_draws_the_prompt(toy_stack):
 
 def test_stack_equals_the_reference_pipeline_on_the_bundled_model(toy_stack):
     """The foundation's parity on the shipped weights: the stack's float32 images equal diffusers'
-    UnCLIPPipeline built from the model's folders, within 1e-4, at the model's recommended guidance."""
+    UnCLIPPipeline built from the model's folders, within 1e-4, at the model's recommended guidance (with
+    the pipeline's sampler, UnCLIP's, asked for explicitly)."""
 
     from training.evaluate import reference_pipelines
     from unclip.runtime.tensors import from_proto
@@ -190,6 +191,10 @@ def test_stack_equals_the_reference_pipeline_on_the_bundled_model(toy_stack):
                 prior_num_inference_steps=steps,
                 decoder_num_inference_steps=steps,
                 super_res_num_inference_steps=[steps],
+                # UnCLIPPipeline's sampler (the model's default is DPM-Solver++)
+                prior_sampler="unclip",
+                decoder_sampler="unclip",
+                super_res_sampler="unclip",
                 **guidance,
             ),
         ),
