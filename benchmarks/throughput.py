@@ -209,7 +209,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from unclip.stack import parse_replicas
 
-    stack = start_stack(model, replicas=parse_replicas(args.replicas))
+    # One key sends every client's requests: the per-caller cap is the service's in-flight limit.
+    stack = start_stack(
+        model, replicas=parse_replicas(args.replicas), extra_env={"UNCLIP_MAX_INFLIGHT_PER_CALLER": "16"}
+    )
     try:
         client = stub(stack.address, stack.api_key)
         one_streamed(client, generate_request(PROMPT, 1, 0, steps))  # warm
