@@ -128,7 +128,9 @@ def start_stack(model: Path, **kwargs):
     return stack
 
 
-def generate_request(prompt: str, n: int, seed: int, steps: tuple[int, int, int]):
+def generate_request(prompt: str, n: int, seed: int, steps: tuple[int, int, int], sampler: str = "unclip"):
+    """A Generate request at `steps` with `sampler` on every stage: by default UnCLIPScheduler's, the one
+    diffusers' UnCLIPPipeline runs (the model's own default sampler may differ)."""
     from unclip.v1 import orchestrator_pb2
 
     return orchestrator_pb2.GenerateRequest(
@@ -139,6 +141,9 @@ def generate_request(prompt: str, n: int, seed: int, steps: tuple[int, int, int]
             prior_num_inference_steps=steps[0],
             decoder_num_inference_steps=steps[1],
             super_res_num_inference_steps=[steps[2]],
+            prior_sampler=sampler,
+            decoder_sampler=sampler,
+            super_res_sampler=sampler,
         ),
     )
 

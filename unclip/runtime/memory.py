@@ -4,9 +4,15 @@ glibc's malloc keeps freed memory for reuse: each thread that allocates may get 
 core), and its mmap threshold rises to the size of the last large block freed (up to 32 MB), after which
 blocks of that size come from the arenas and stay there once freed. A service whose requests carry tensors
 or decoded images of varying sizes on many server threads therefore holds its peak (an encoder went from
-427 to 818 MB after a fuzzing run and stayed there). `bound_allocator` fixes the threshold (large blocks are
-mmapped and unmapped when freed) and caps the arenas; `trim` hands free heap pages back, and `serve` calls it
-after busy periods. Linux/glibc only; elsewhere both do nothing.
+427 to 818 MB after a fuzzing run and stayed there). `bound_allocator` caps the arenas and fixes the
+thresholds; `trim` hands free heap pages back, and `serve` calls it every few seconds, so memory follows the
+load down without every allocation paying for it.
+
+The thresholds are high on purpose: a denoising step allocates and frees many 1-30 MB activations. Blocks
+mmapped one by one (a 1 MiB threshold) are unmapped when freed and page-faulted and zeroed again on the next
+step: a stage then spent a third of its CPU in the kernel and computed 1.6x slower than the same engine in
+one process (benchmarks.latency, n=4). From the arenas they are reused; the periodic trim returns them.
+Linux/glibc only; elsewhere both do nothing.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ import sys
 
 log = logging.getLogger(__name__)
 
-# Blocks from this size up are mmapped: a request's tensors and images, never the many small objects.
-MMAP_THRESHOLD_BYTES = 1024 * 1024
+# Blocks from this size up are mmapped (glibc's largest allowed value, 32 MiB on 64-bit): a step's
+# activations are reused from the arenas; only blocks larger than any step's are mapped and unmapped.
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 # Arenas per process: enough for the few threads that allocate at once; fewer arenas hold less free memory.
 ARENA_MAX = 2
-# Free memory at the top of a heap beyond this is returned at once (glibc's default is 128 KiB, but a fixed
-# mmap threshold also fixes this one at its default; keep it explicit).
-TRIM_THRESHOLD_BYTES = 4 * 1024 * 1024
+# Free memory at the top of a heap beyond this is returned at once; below it, the periodic trim returns it
+# (returning it on every free() would page-fault it back on the next step).
+TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # from glibc's malloc.h
 
