@@ -128,9 +128,9 @@ def format_record(record: dict[str, Any]) -> str:
 def audit_dir(args: argparse.Namespace) -> tuple[str, str]:
     """The folder to read and where that choice came from (for the error when it does not exist)."""
     from unclip.runtime.settings import SETTINGS
-    from unclip.stack_state import find_folder
+    from unclip.stack_state import find_path
 
-    folder, source = find_folder(args.dir, "audit_dir")
+    folder, source = find_path(args.dir, "audit_dir")
     if folder is None:
         return SETTINGS["audit_dir"].default, f"the default, as {source}"
     return str(folder), source

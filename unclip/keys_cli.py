@@ -43,17 +43,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def keys_file(flag: str | None) -> str:
-    from unclip import stack_state
-    from unclip.runtime import settings
+    """--keys-file, else UNCLIP_KEYS_FILE, else the running `unclip up` stack's (KeysFileError: none)."""
+    from unclip.stack_state import find_path
 
-    if flag:
-        return flag
-    if settings.env_default("keys_file"):
-        return settings.env_default("keys_file")
-    state = stack_state.current()
-    if state is not None and state.extra.get("keys_file"):
-        return str(state.extra["keys_file"])
-    raise keys.KeysFileError("--keys-file is required (no UNCLIP_KEYS_FILE and no running `unclip up` stack)")
+    path, source = find_path(flag, "keys_file", "--keys-file")
+    if path is None:
+        raise keys.KeysFileError(f"--keys-file is required (no UNCLIP_KEYS_FILE, and {source})")
+    return str(path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -116,12 +116,13 @@ def current() -> StackState | None:
     return state
 
 
-def find_folder(flag: str | None, setting: str) -> tuple[Path | None, str]:
-    """The folder a command reads (`unclip audit`'s log, `unclip usage`'s ledger) and where that choice came
-    from: `flag` (--dir), else the setting's environment variable, else the running local stack's, else None.
-    The environment wins when set at all, even to the default: a person who set it meant that folder."""
+def find_path(flag: str | None, setting: str, flag_name: str = "--dir") -> tuple[Path | None, str]:
+    """The folder or file a command reads (`unclip audit`'s log, `unclip usage`'s ledger, `unclip keys`' file)
+    and where that choice came from: `flag`, else the setting's environment variable, else the running local
+    stack's, else None. The environment wins when set at all, even to the default: a person who set it meant
+    that path."""
     if flag:
-        return Path(flag), "--dir"
+        return Path(flag), flag_name
     if env_is_set(setting):
         return Path(env_default(setting)), SETTINGS[setting].env
     running = current()

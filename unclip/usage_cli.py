@@ -40,9 +40,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def ledger_dir(flag: str | None) -> Path | None:
     """--dir, else UNCLIP_USAGE_DIR, else the running `unclip up` stack's ledger, else None."""
-    from unclip.stack_state import find_folder
+    from unclip.stack_state import find_path
 
-    return find_folder(flag, "usage_dir")[0]
+    return find_path(flag, "usage_dir")[0]
 
 
 def summarize(records, by: str, since: str | None) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.gateway import core, manipulations, provenance, schema
 from services.gateway.client import Orchestrator, OrchestratorConfig, OrchestratorError
 from services.gateway.core import ApiError, ImageFields
-from services.gateway.forms import read_multipart, read_upload
+from services.gateway.forms import read_json_object, read_multipart, read_upload
 from services.gateway.links import LinkConfig, LinkStore
 from services.gateway.streaming import EDIT, GENERATION, sse_events
 
@@ -207,13 +207,7 @@ def create_app(config: GatewayConfig) -> Limits:
         openapi_extra=schema.GENERATIONS,
     )
     async def generations(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"We could not parse the JSON body of your request ({error}).") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object.")
-        fields = ImageFields.parse(body)
+        fields = ImageFields.parse(await read_json_object(request))
         authorization = request.headers.get("authorization")
         served = await orchestrator().served(authorization)
         # A stream always carries b64 PNGs, as gpt-image's.

@@ -1,14 +1,26 @@
-"""Multipart bodies of the gateway's upload endpoints: text fields and image files, each file at most the
-upload limit, errors in OpenAI's shape naming the field."""
+"""Request bodies of the gateway's endpoints: a JSON object, or multipart text fields and image files (each
+file at most the upload limit); errors in OpenAI's shape naming the field."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import UploadFile  # what request.form() returns
 
 from services.gateway import core
+
+
+async def read_json_object(request: Request, alternative: str = "") -> dict[str, Any]:
+    """The body as a JSON object (400 when it is not one; `alternative` names another accepted form)."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise core.ApiError(400, f"We could not parse the JSON body of your request ({error}).") from None
+    if not isinstance(body, dict):
+        raise core.ApiError(400, f"The request body must be a JSON object{alternative}.")
+    return body
 
 
 async def read_upload(name: str, items: list[Any], max_upload_bytes: int) -> bytes:

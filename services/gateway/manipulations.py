@@ -11,7 +11,6 @@ are `services.gateway.manipulation`'s.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
@@ -20,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from services.gateway import manipulation, schema
 from services.gateway.client import Orchestrator, OrchestratorError
 from services.gateway.core import ApiError
-from services.gateway.forms import read_multipart
+from services.gateway.forms import read_json_object, read_multipart
 from services.gateway.links import LinkStore
 from services.gateway.manipulation import INTERPOLATION, TEXT_DIFF, ManipulationFields
 
@@ -38,12 +37,7 @@ def router(
             fields = ManipulationFields.parse(kind, values, form=True)
             fields.add_files(files)
             return fields
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"We could not parse the JSON body of your request ({error}).") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object (or multipart/form-data).")
+        body = await read_json_object(request, " (or multipart/form-data)")
         return ManipulationFields.parse(kind, body, max_image_bytes=max_upload_bytes)
 
     async def run(request: Request, kind: str) -> JSONResponse:

@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from unclip.runtime.guard import RequestGuard, receive_limit
 from unclip.runtime.memory import bound_allocator, trim
 from unclip.runtime.settings import DEFAULT_MAX_MESSAGE_BYTES
+from unclip.runtime.threads import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,11 @@ def create_server(
         options.append(("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)))
         options.append(("grpc.max_connection_age_grace_ms", int(max_connection_age_seconds * 1000)))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
+        # Request threads run torch single-threaded: only the stage's compute thread has an OpenMP team
+        # (unclip.runtime.threads: more teams than CPUs make every parallel region sleep and wake).
+        futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix=f"{name}-rpc", initializer=single_threaded
+        ),
         interceptors=[*interceptors, RequestGuard(name)],
         options=options,
     )
@@ -355,7 +360,8 @@ def serve(
             health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s: SERVING on port %d (loaded in %.1fs)", name, port, time.monotonic() - started)
         if readiness is not None and readiness_period_s > 0:
-            watch_readiness()
+            # A thread of its own: this one ends, and with it the OpenMP team the warm-up made.
+            threading.Thread(target=watch_readiness, name=f"{name}-readiness", daemon=True).start()
 
     def watch_readiness() -> None:
         ready = True

@@ -19,7 +19,7 @@ import grpc
 from unclip.batching.batcher import BatcherConfig, Cancelled, QueueFull, StepBatcher
 from unclip.runtime.errors import RequestCancelled, StatusError, resource_exhausted
 from unclip.runtime.settings import env_default
-from unclip.runtime.threads import ThreadPolicy
+from unclip.runtime.threads import ThreadPolicy, single_threaded
 
 # Metadata key of a per-request "deterministic" switch: "1" steps the request alone (bit-exact).
 DETERMINISTIC_KEY = "x-unclip-deterministic"
@@ -95,15 +95,16 @@ class InferenceModeStage:
 
 class ThreadedStage:
     """A step-wise stage whose start, step and finish first set the calling thread's torch thread count
-    (``unclip.runtime.threads``: OpenMP's count is per OS thread; start runs on the request's thread, step
-    and finish on the batcher's; an automatic policy re-decides before every step)."""
+    (``unclip.runtime.threads``): start runs on the request's thread, single-threaded (conditioning and
+    initial noise: small work, and no OpenMP team there); step and finish on the batcher's, the process's
+    one compute thread, at the policy's count (an automatic policy re-decides before every step)."""
 
     def __init__(self, stage: Any, threads: ThreadPolicy):
         self.stage = stage
         self.threads = threads
 
     def start(self, *args: Any, **kwargs: Any) -> Any:
-        self.threads.apply()
+        single_threaded()
         return self.stage.start(*args, **kwargs)
 
     def step(self, tasks: list[Any]) -> Any:
@@ -161,7 +162,9 @@ class EngineSlot:
 
     @contextlib.contextmanager
     def call(self, method: str, batch_size: int) -> Iterator[None]:
-        """Holds the engine for one request of `batch_size` images (queue and compute time measured)."""
+        """Holds the engine for one request of `batch_size` images (queue and compute time measured). The
+        body runs in the request's thread, single-threaded: only a process's batcher computes with a team
+        of threads (``unclip.runtime.threads``)."""
         with self._count_lock:
             if self._waiting >= self.config.max_queue_size:
                 raise resource_exhausted(
@@ -177,8 +180,7 @@ class EngineSlot:
                 with self._count_lock:
                     self._waiting -= 1
                 holding = True
-                if self.threads is not None:
-                    self.threads.apply()
+                single_threaded()
                 yield
         finally:
             if not holding:

@@ -7,10 +7,16 @@
   before each denoising step the stage takes the budget's idle CPUs — every core when it is alone on an idle
   machine (one request walking the stages one after another), fewer when other stages or processes are
   running (``/proc/loadavg``'s count of runnable threads), at least one.
-- OpenMP keeps the thread count per OS thread: a thread that never set it runs at OpenMP's default (every
-  core), which oversubscribes the machine and rounds differently from the stage's own steps (start runs on
-  the request's gRPC thread, steps on the batcher's). ``ThreadPolicy.apply`` is therefore called on every
-  thread that runs torch work, before it does.
+- One compute thread per process runs multi-threaded: the stage's batcher (steps and finish). libgomp
+  keeps a team of worker threads for every OS thread that ran a parallel region, for as long as that thread
+  lives, and once a process's teams hold more threads than there are CPUs it stops spinning between
+  parallel regions: every region then pays a futex wake-up. With three idle request threads' teams beside
+  it, a decoder step took 70 ms instead of 51 ms (2 cores). Request threads (the gRPC pool: parsing,
+  ``start``'s conditioning and initial noise, answers) and the loader therefore run torch on one thread
+  (``single_threaded``), which makes no team.
+- OpenMP keeps the thread count per OS thread, and a thread that never set it starts at torch's last
+  setting or OpenMP's default: ``ThreadPolicy.apply`` is called on the compute thread before every step,
+  ``single_threaded`` on every other thread before its first torch work.
 
 A step's float rounding can depend on the thread count; automatic threads therefore trade bit-exact
 repeatability across load levels for speed (outputs stay within the batch-drift bounds of docs/interfaces.md).
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +102,14 @@ class ThreadPolicy:
         threads = self.threads_now()
         torch.set_num_threads(threads)
         return threads
+
+
+def single_threaded() -> None:
+    """Runs the calling thread's torch work on one thread (no OpenMP team of its own; see the module
+    docstring). A no-op in a process that has not imported torch (the gateway, a torch-free orchestrator)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def policy_from_setting(torch_threads: int) -> ThreadPolicy:

@@ -109,21 +109,34 @@ async function generate(submit) {
   $("previews").dataset.count = "0";
   stream ? ($("progress").value = 0) : $("progress").removeAttribute("value");
   status(stream ? "starting" : `drawing ${body.n} images`);
-  $("generate").disabled = true;
-  try {
-    const response = await fetch("/v1/images/generations", {
-      method: "POST", headers: { "Content-Type": "application/json", ...headers() }, body: JSON.stringify(body),
-    });
-    if (!response.ok) throw new Error(await failure(response));
+  await withProgress($("generate"), async () => {
+    const response = await postJson("/v1/images/generations", body);
     if (stream) await readStream(response, body);
     else addToGallery((await response.json()).data, body.size, "generated");
+  });
+}
+
+// POSTs `body` as JSON with the key; an answer that is not 2xx throws its message.
+async function postJson(path, body) {
+  const response = await fetch(path, {
+    method: "POST", headers: { "Content-Type": "application/json", ...headers() }, body: JSON.stringify(body),
+  });
+  if (!response.ok) throw new Error(await failure(response));
+  return response;
+}
+
+// Runs `work` with `button` (if any) disabled; the progress bar and status line end as "done" or with the error.
+async function withProgress(button, work) {
+  if (button) button.disabled = true;
+  try {
+    await work();
     $("progress").value = 1;
     status("done");
   } catch (error) {
     $("progress").value = 0;
     status(String(error.message || error), true);
   } finally {
-    $("generate").disabled = false;
+    if (button) button.disabled = false;
   }
 }
 
@@ -189,17 +202,12 @@ async function postForm(path, fields, size, how) {
   }
   stream ? ($("progress").value = 0) : $("progress").removeAttribute("value");
   status(how === "variation" ? "drawing variations" : "editing");
-  try {
+  await withProgress(null, async () => {
     const response = await fetch(path, { method: "POST", headers: headers(), body: formOf(fields) });
     if (!response.ok) throw new Error(await failure(response));
     if (stream) await readStream(response, fields, how);
     else addToGallery((await response.json()).data, size, how);
-    $("progress").value = 1;
-    status("done");
-  } catch (error) {
-    $("progress").value = 0;
-    status(String(error.message || error), true);
-  }
+  });
 }
 
 function variations(b64, size) {
@@ -296,21 +304,7 @@ async function manipulate() {
   const [path, body] = manipulation();
   $("progress").removeAttribute("value");
   status(`drawing ${body.frames} frames`);
-  $("manip-run").disabled = true;
-  try {
-    const response = await fetch(path, {
-      method: "POST", headers: { "Content-Type": "application/json", ...headers() }, body: JSON.stringify(body),
-    });
-    if (!response.ok) throw new Error(await failure(response));
-    showFrames(await response.json());
-    $("progress").value = 1;
-    status("done");
-  } catch (error) {
-    $("progress").value = 0;
-    status(String(error.message || error), true);
-  } finally {
-    $("manip-run").disabled = false;
-  }
+  await withProgress($("manip-run"), async () => showFrames(await (await postJson(path, body)).json()));
 }
 
 function showFrames(answer) {
