@@ -60,21 +60,25 @@ def model_dir(path: str | None, tiny_width: int | None = None) -> Path:
 
 
 # The stages' compute options (unclip.models._tune_unet). The in-process side is diffusers' pipeline as it
-# comes, so reference_pipeline loads without them; the stack's processes inherit them from the environment,
-# e.g. `UNCLIP_CHANNELS_LAST=1 python -m benchmarks.latency ...` is the stack with channels-last UNets
-# against the plain monolith (the goal: beat it through the stages' compute work).
+# comes, so reference_pipeline loads with every option off; the stack's processes take theirs from the
+# environment (channels-last on by default; `UNCLIP_CHANNELS_LAST=0 python -m benchmarks.latency ...` is the
+# stack with diffusers' contiguous UNets).
 COMPUTE_OPTIONS = ("UNCLIP_CHANNELS_LAST", "UNCLIP_COMPILE")
 
 
 def compute_options() -> dict[str, str]:
-    """The compute options this run's stack gets (for the JSON header)."""
-    return {name: os.environ[name] for name in COMPUTE_OPTIONS if os.environ.get(name)}
+    """The compute options this run's stack gets (for the JSON header): the environment's, else the
+    stages' defaults."""
+    from unclip.runtime.settings import SETTINGS
+
+    by_env = {setting.env: setting for setting in SETTINGS.values()}
+    return {name: os.environ.get(name) or str(by_env[name].default) for name in COMPUTE_OPTIONS}
 
 
 def reference_pipeline(model: Path, device: str = "cpu", dtype: str = "float32"):
-    """diffusers' UnCLIPPipeline in this process, built from the same components the stages load, without
-    the stages' compute options (COMPUTE_OPTIONS): contiguous, eager, as diffusers runs it, on `device` in
-    `dtype` (the stack's UNCLIP_DEVICE / UNCLIP_DTYPE; float32 on the CPU by default)."""
+    """diffusers' UnCLIPPipeline in this process, built from the same components the stages load, with
+    every compute option of the stages off (COMPUTE_OPTIONS): contiguous, eager, as diffusers runs it, on
+    `device` in `dtype` (the stack's UNCLIP_DEVICE / UNCLIP_DTYPE; float32 on the CPU by default)."""
     import torch
     from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
 
@@ -82,12 +86,17 @@ def reference_pipeline(model: Path, device: str = "cpu", dtype: str = "float32")
     from services.encoder.engine import EncoderEngine
     from services.prior.engine import PriorEngine
 
-    saved = {name: os.environ.pop(name) for name in COMPUTE_OPTIONS if name in os.environ}
+    saved = {name: os.environ.get(name) for name in COMPUTE_OPTIONS}
+    os.environ.update({name: "0" for name in COMPUTE_OPTIONS})
     try:
         encoder, prior = EncoderEngine.from_pretrained(model), PriorEngine.from_pretrained(model)
         decoder, upsampler = DecoderEngine.from_pretrained(model), UpsamplerEngine.from_pretrained(model)
-    finally:
-        os.environ.update(saved)  # the stack started later still gets them
+    finally:  # the stack started later gets the caller's
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     pipe = UnCLIPPipeline(
         prior=prior.prior,
         decoder=decoder.decoder,

@@ -176,9 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--channels-last",
-        action="store_true",
-        help="the stack's decoder/upsamplers with channels-last UNets (as unclip up --channels-last); the "
-        "in-process baseline stays diffusers' plain pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the stack's decoder/upsamplers with channels-last UNets or not (as unclip up "
+        "--[no-]channels-last; default: the environment's, else on); the in-process baseline stays "
+        "diffusers' plain pipeline",
     )
     parser.add_argument("--max-batch-size", type=int, default=None, help="the stages' UNCLIP_MAX_BATCH_SIZE")
     parser.add_argument(
@@ -189,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     os.environ["UNCLIP_DEVICE"], os.environ["UNCLIP_DTYPE"] = args.device, args.dtype  # the stages
-    if args.channels_last:
-        os.environ["UNCLIP_CHANNELS_LAST"] = "1"  # the stages only (benchmarks.common.COMPUTE_OPTIONS)
+    if args.channels_last is not None:  # the stages only (benchmarks.common.COMPUTE_OPTIONS)
+        os.environ["UNCLIP_CHANNELS_LAST"] = "1" if args.channels_last else "0"
     if args.max_batch_size is not None:
         os.environ["UNCLIP_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     own_session()  # the in-process side competes for the CPU on the stack's terms (benchmarks.common)

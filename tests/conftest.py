@@ -23,6 +23,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Stages started by tests compute with one torch thread: the parity tests compare with one-thread in-process
 # references, and a step's rounding can depend on the thread count (the services default to automatic).
 os.environ.setdefault("UNCLIP_TORCH_THREADS", "1")
+# ... and with diffusers' contiguous UNets: channels-last (the services' default) rounds differently, by the
+# drift tests/unit/test_compute_options.py bounds.
+os.environ.setdefault("UNCLIP_CHANNELS_LAST", "0")
 # `unclip up` started by a test publishes its state (unclip.stack_state) here, not over a person's stack.
 os.environ["UNCLIP_STATE_DIR"] = tempfile.mkdtemp(prefix="unclip-test-state-")
 

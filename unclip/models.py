@@ -162,10 +162,11 @@ def _move(
 
 
 def _tune_unet(module: torch.nn.Module) -> Any:
-    """The UNet with the compute options the environment asks for (UNCLIP_CHANNELS_LAST, UNCLIP_COMPILE;
-    both off by default: neither is bit-exact with diffusers' reference, see BENCHMARKS.md for what each
-    gains on CPU). Tensors in and out keep their layout: a channels-last UNet takes the engines' contiguous
-    latents and answers channels-last outputs, which the element-wise scheduler maths accept as they are."""
+    """The UNet with the compute options the environment asks for (UNCLIP_CHANNELS_LAST, on by default;
+    UNCLIP_COMPILE, off by default; neither is bit-exact with diffusers' reference: BENCHMARKS.md has what
+    each gains on CPU, tests/unit/test_compute_options.py bounds the channels-last drift). Tensors in and
+    out keep their layout: a channels-last UNet takes the engines' contiguous latents and answers
+    channels-last outputs, which the element-wise scheduler maths accept as they are."""
     import torch
 
     from unclip.runtime.settings import env_default

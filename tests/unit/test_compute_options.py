@@ -2,8 +2,9 @@
 
 - UNCLIP_INFERENCE_MODE (default on): the stage's start/step/finish run under torch.inference_mode, bit-exact
   with the plain engine on a tiny model (decoder and super-res), through the step batcher the services run.
-- UNCLIP_CHANNELS_LAST=1: the decoder's and upsamplers' UNets load in channels-last format and give images
-  within the drift recorded for it (1.6e-4 on the toy model; bound here 1e-3, the step-batching bound).
+- UNCLIP_CHANNELS_LAST (default on; the tests run with it off, tests/conftest.py): the decoder's and
+  upsamplers' UNets load in channels-last format and give images within the drift recorded for it (1.6e-4 on
+  the toy model; bound here 1e-3, the step-batching bound).
 - A bad value is refused naming the variable.
 """
 
@@ -72,6 +73,18 @@ def test_channels_last_unets_stay_within_the_recorded_drift(engines, tiny_model_
     plain = engines.upsamplers[0].upsample(plain, generators_from_seed(5, 1), num_inference_steps=7).images
     fast = upsampler.upsample(fast, generators_from_seed(5, 1), num_inference_steps=7).images
     assert (fast - plain).abs().max().item() <= 10 * CHANNELS_LAST_DRIFT  # super-res amplifies (as batching)
+
+
+def test_channels_last_is_the_services_default(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("UNCLIP_CHANNELS_LAST", raising=False)
+    upsampler = UpsamplerEngine.from_pretrained(tiny_model_dir, "super_res")
+    kernels = [p for p in upsampler.first.parameters() if p.dim() == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    monkeypatch.setenv("UNCLIP_CHANNELS_LAST", "0")  # diffusers' contiguous layout, as the parity tests run
+    upsampler = UpsamplerEngine.from_pretrained(tiny_model_dir, "super_res")
+    assert not next(p for p in upsampler.first.parameters() if p.dim() == 4).is_contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 def test_a_bad_value_names_the_variable(tiny_model_dir, monkeypatch):

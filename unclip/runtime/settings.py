@@ -114,10 +114,10 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "channels_last",
             "UNCLIP_CHANNELS_LAST",
-            False,
+            True,
             _bool,
-            "decoder/upsamplers (read at load; `unclip up --channels-last`): channels-last UNets (not "
-            "bit-exact)",
+            "decoder/upsamplers (read at load; `unclip up --[no-]channels-last`): channels-last UNets, "
+            "10-16 % faster upsampler steps on CPU; within ~2e-4 of the contiguous layout, not bit-exact",
         ),
         Setting(
             "compile",
