@@ -6,7 +6,9 @@ run: the in-process pipeline called sequentially (one image per call), and at ea
 `--baseline-batches` (n images per call) with its best; every sweep point gives the stack's images/s divided
 by both (target: >= 1.2x the best batch at 16 clients on the toy model). The stack's images/s are counted in
 a steady window (every client busy: after --warmup-seconds, before the clients stop), as the baselines'
-back-to-back calls are; the whole run's rate, drain included, is reported beside it.
+back-to-back calls are; the whole run's rate, drain included, is reported beside it. The machine's speed can
+drift over minutes: the best batch is measured again after the stack (A-B-A) and the last line gives every
+point against the mean of the two.
 
     python -m benchmarks.throughput [--model DIR | --tiny-width 4] [--clients 1,2,4,8,16] [--seconds 20]
         [--steps 25,25,7] [--baseline-batches 1,2,4,8] [--replicas decoder=2]
@@ -213,20 +215,15 @@ def main(argv: list[str] | None = None) -> None:
     # Baselines: the in-process pipeline, one call after another for the same time, n images per call.
     pipe = reference_pipeline(model, args.device, args.dtype)
     run_reference(pipe, PROMPT, 1, 0, steps)
+    baseline_seconds = args.baseline_seconds or args.seconds
     baseline: dict[int, float] = {}
     for n in sorted({1, *(int(b) for b in args.baseline_batches.split(","))}):
-        count, began, cpu = 0, time.perf_counter(), time.process_time()
-        while time.perf_counter() - began < (args.baseline_seconds or args.seconds) or count == 0:
-            run_reference(pipe, PROMPT, n, count * n, steps)
-            count += 1
-        baseline[n] = round(count * n / (time.perf_counter() - began), 3)
-        cpu_ms = round(1000 * (time.process_time() - cpu) / (count * n), 1)
-        emit({"in_process_batch": n, "images_per_s": baseline[n], "cpu_ms_per_image": cpu_ms})
+        baseline[n] = in_process_rate(pipe, n, baseline_seconds, steps)
     sequential = baseline[1]
     best_batch = max(baseline, key=baseline.get)
     emit({"in_process_sequential_images_per_s": sequential, "in_process_best_batch": best_batch,
           "in_process_best_images_per_s": baseline[best_batch]})  # fmt: skip
-    del pipe
+    rates: dict[int, float] = {}
 
     from unclip.stack import parse_replicas
 
@@ -250,9 +247,29 @@ def main(argv: list[str] | None = None) -> None:
                                          "clients": round(1000 * mine / done, 1)}  # fmt: skip
             point["vs_in_process_sequential"] = round(point["images_per_s"] / sequential, 3)
             point["vs_in_process_best_batch"] = round(point["images_per_s"] / baseline[best_batch], 3)
+            rates[clients] = point["images_per_s"]
             emit(point)
     finally:
         stack.stop()
+    # The machine's speed drifts over minutes: the best batch again after the stack (A-B-A), and every point
+    # against the mean of the two.
+    after = in_process_rate(pipe, best_batch, baseline_seconds, steps)
+    mean = (baseline[best_batch] + after) / 2
+    ratios = {clients: round(rate / mean, 3) for clients, rate in rates.items()}
+    emit({"in_process_best_batch_before_after": [baseline[best_batch], after],
+          "vs_in_process_best_batch_mean": ratios})  # fmt: skip
+
+
+def in_process_rate(pipe, n: int, seconds: float, steps) -> float:
+    """Images/s of the in-process pipeline called back to back with n images per call for `seconds`."""
+    count, began, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - began < seconds or count == 0:
+        run_reference(pipe, PROMPT, n, count * n, steps)
+        count += 1
+    rate = round(count * n / (time.perf_counter() - began), 3)
+    cpu_ms = round(1000 * (time.process_time() - cpu) / (count * n), 1)
+    emit({"in_process_batch": n, "images_per_s": rate, "cpu_ms_per_image": cpu_ms})
+    return rate
 
 
 if __name__ == "__main__":
