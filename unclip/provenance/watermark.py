@@ -7,7 +7,8 @@ under 256 px and its dwtDct misreads flat images even unattacked; `trustmark` do
 use (not possible offline). A pattern that repeats every `TILE` pixels survives cropping (the fold still lines
 up; the shift is found by the correlation peak), JPEG and downscaling (the pattern is band-limited: cells of
 `CELL` px, smoothed), and it is cheap (one FFT of one tile). BENCHMARKS.md ("Provenance") has the robustness
-table that sets `THRESHOLD` and the sizes where the mark is reliable.
+table that sets `THRESHOLD` and the sizes where the mark is reliable, and the same attacks on
+`invisible-watermark` measured beside it ("Beside `invisible-watermark`", `benchmarks/watermark_imw.py`).
 
 The mark: a sync pattern (what detection looks for) plus `PAYLOAD_BITS` patterns whose signs carry the
 payload (hashes of the deployment id and of the image's seed). All patterns come from the key, so without the
