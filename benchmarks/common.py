@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,25 +60,24 @@ def model_dir(path: str | None, tiny_width: int | None = None) -> Path:
     return make_tiny_model(folder, width=tiny_width)
 
 
-# The stages' compute options (unclip.models._tune_unet). The in-process side is diffusers' pipeline as it
-# comes, so reference_pipeline loads with every option off; the stack's processes take theirs from the
-# environment (channels-last on by default; `UNCLIP_CHANNELS_LAST=0 python -m benchmarks.latency ...` is the
-# stack with diffusers' contiguous UNets).
-COMPUTE_OPTIONS = ("UNCLIP_CHANNELS_LAST", "UNCLIP_COMPILE")
+# The stages' compute options (unclip.models._tune_unet; their variables: unclip.stack_process.compute_env).
+# The in-process side is diffusers' pipeline as it comes, so reference_pipeline loads with every option off;
+# the stack's processes take theirs from the environment (channels-last on by default;
+# `UNCLIP_CHANNELS_LAST=0 python -m benchmarks.latency ...` is the stack with diffusers' contiguous UNets).
 
 
 def compute_options() -> dict[str, str]:
     """The compute options this run's stack gets (for the JSON header): the environment's, else the
     stages' defaults."""
-    from unclip.runtime.settings import SETTINGS
+    from unclip.runtime.settings import env_default
+    from unclip.stack_process import COMPUTE_OPTION_ENV
 
-    by_env = {setting.env: setting for setting in SETTINGS.values()}
-    return {name: os.environ.get(name) or str(by_env[name].default) for name in COMPUTE_OPTIONS}
+    return {env: str(env_default(name)) for name, env in COMPUTE_OPTION_ENV.items()}
 
 
 def reference_pipeline(model: Path, device: str = "cpu", dtype: str = "float32"):
     """diffusers' UnCLIPPipeline in this process, built from the same components the stages load, with
-    every compute option of the stages off (COMPUTE_OPTIONS): contiguous, eager, as diffusers runs it, on
+    every compute option of the stages off: contiguous, eager, as diffusers runs it, on
     `device` in `dtype` (the stack's UNCLIP_DEVICE / UNCLIP_DTYPE; float32 on the CPU by default)."""
     import torch
     from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
@@ -85,18 +85,12 @@ def reference_pipeline(model: Path, device: str = "cpu", dtype: str = "float32")
     from services.decoder.engine import DecoderEngine, UpsamplerEngine
     from services.encoder.engine import EncoderEngine
     from services.prior.engine import PriorEngine
+    from unclip.stack_process import COMPUTE_OPTION_ENV, compute_env
 
-    saved = {name: os.environ.get(name) for name in COMPUTE_OPTIONS}
-    os.environ.update({name: "0" for name in COMPUTE_OPTIONS})
-    try:
+    # Every option off while the engines load; the stack started later gets the caller's environment.
+    with mock.patch.dict(os.environ, compute_env(**dict.fromkeys(COMPUTE_OPTION_ENV, False))):
         encoder, prior = EncoderEngine.from_pretrained(model), PriorEngine.from_pretrained(model)
         decoder, upsampler = DecoderEngine.from_pretrained(model), UpsamplerEngine.from_pretrained(model)
-    finally:  # the stack started later gets the caller's
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     pipe = UnCLIPPipeline(
         prior=prior.prior,
         decoder=decoder.decoder,

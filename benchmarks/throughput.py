@@ -44,6 +44,7 @@ from benchmarks.common import (
     stub,
 )
 from unclip.runtime.errors import retry_after
+from unclip.stack_process import compute_env
 
 PROMPT = "a red circle above a blue square"
 
@@ -193,8 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     os.environ["UNCLIP_DEVICE"], os.environ["UNCLIP_DTYPE"] = args.device, args.dtype  # the stages
-    if args.channels_last is not None:  # the stages only (benchmarks.common.COMPUTE_OPTIONS)
-        os.environ["UNCLIP_CHANNELS_LAST"] = "1" if args.channels_last else "0"
+    os.environ.update(compute_env(channels_last=args.channels_last))  # the stages only (None: as it is)
     if args.max_batch_size is not None:
         os.environ["UNCLIP_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     own_session()  # the in-process side competes for the CPU on the stack's terms (benchmarks.common)
@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         client = stub(stack.address, stack.api_key)
         one_streamed(client, generate_request(PROMPT, 1, 0, steps))  # warm
+        warmup = args.seconds / 4 if args.warmup_seconds is None else args.warmup_seconds
         for clients in (int(c) for c in args.clients.split(",")):
             before, mine = process_cpu(stack), time.process_time()
-            warmup = args.seconds / 4 if args.warmup_seconds is None else args.warmup_seconds
             point = sweep_point(client, clients, args.seconds, steps, warmup)
             after, mine = process_cpu(stack), time.process_time() - mine
             # CPU per image (ms) in every process: under load steadier than images/s; "clients" is this
