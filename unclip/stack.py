@@ -239,15 +239,16 @@ class Stack:
     def restart(self, name: str, timeout: float = 120.0, wait: bool = True) -> None:
         """Starts the dead stage process `name` ("decoder#2") again on its ports and (with `wait`) waits until
         it serves. Call it from the thread that started the stack (see Process.restart)."""
-        self._process(name).restart(self._env())
+        self._running(name).restart(self._env())
         if wait:
             self.wait_serving(name, timeout)
 
     def wait_serving(self, name: str, timeout: float = 120.0) -> None:
         """Blocks until the process `name` says SERVING (StackError if it dies or the timeout passes)."""
-        self._wait([self._process(name)], time.monotonic() + timeout, need_serving=True)
+        self._wait([self._running(name)], time.monotonic() + timeout, need_serving=True)
 
-    def _process(self, name: str) -> Process:
+    def _running(self, name: str) -> Process:
+        """The process `name` of this stack ("decoder#2")."""
         return next(p for p in self.processes if p.name == name)
 
     def _wait(self, processes: list[Process], deadline: float, need_serving: bool) -> None:
