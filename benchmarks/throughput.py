@@ -8,10 +8,12 @@ by both (target: >= 1.2x the best batch at 16 clients on the toy model). The sta
 a steady window (every client busy: after --warmup-seconds, before the clients stop), as the baselines'
 back-to-back calls are; the whole run's rate, drain included, is reported beside it. The machine's speed can
 drift over minutes: the best batch is measured again after the stack (A-B-A) and the last line gives every
-point against the mean of the two.
+point against the mean of the two. With `--rounds R` each point is measured R times, each time followed by the
+best batch again while the stack stays up and idle (A-B-A-B-...): every round against the baselines on either
+side of it, and the median and minimum over the rounds: the estimate to trust on a drifting machine.
 
     python -m benchmarks.throughput [--model DIR | --tiny-width 4] [--clients 1,2,4,8,16] [--seconds 20]
-        [--steps 25,25,7] [--baseline-batches 1,2,4,8] [--replicas decoder=2]
+        [--steps 25,25,7] [--baseline-batches 1,2,4,8] [--replicas decoder=2] [--rounds 3]
 
 Which model: `--model DIR` (e.g. models/shapes-toy, compute-bound), else a generated tiny random model —
 by default diffusers' test sizes (compute-bound on one CPU thread: decoder ~1.4 s per image), with
@@ -187,6 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-batch-size", type=int, default=None, help="the stages' UNCLIP_MAX_BATCH_SIZE")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each point this many times, the best batch again after each round (stack up, idle)",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="both sides' torch device (the stages' UNCLIP_DEVICE)"
     )
     parser.add_argument(
@@ -235,20 +243,27 @@ def main(argv: list[str] | None = None) -> None:
         client = stub(stack.address, stack.api_key)
         one_streamed(client, generate_request(PROMPT, 1, 0, steps))  # warm
         warmup = args.seconds / 4 if args.warmup_seconds is None else args.warmup_seconds
+        last_baseline = baseline[best_batch]
         for clients in (int(c) for c in args.clients.split(",")):
-            before, mine = process_cpu(stack), time.process_time()
-            point = sweep_point(client, clients, args.seconds, steps, warmup)
-            after, mine = process_cpu(stack), time.process_time() - mine
-            # CPU per image (ms) in every process: under load steadier than images/s; "clients" is this
-            # script's gRPC clients (not part of the stack's cost)
-            done = max(1, point["requests"])
-            per = {name: round(1000 * (after[name] - before.get(name, 0.0)) / done, 1) for name in after}
-            point["cpu_ms_per_image"] = {**per, "stack": round(sum(per.values()), 1),
-                                         "clients": round(1000 * mine / done, 1)}  # fmt: skip
-            point["vs_in_process_sequential"] = round(point["images_per_s"] / sequential, 3)
-            point["vs_in_process_best_batch"] = round(point["images_per_s"] / baseline[best_batch], 3)
-            rates[clients] = point["images_per_s"]
-            emit(point)
+            round_ratios = []
+            for round_ in range(args.rounds):
+                point = measure_point(stack, client, clients, args.seconds, steps, warmup)
+                point["vs_in_process_sequential"] = round(point["images_per_s"] / sequential, 3)
+                point["vs_in_process_best_batch"] = round(point["images_per_s"] / baseline[best_batch], 3)
+                rates[clients] = point["images_per_s"]
+                if args.rounds > 1:  # the best batch again, the stack idle: this round between two baselines
+                    run_reference(pipe, PROMPT, best_batch, 0, steps)  # warm again (not counted)
+                    now = in_process_rate(pipe, best_batch, baseline_seconds, steps)
+                    point["round"] = round_ + 1
+                    point["vs_best_batch_either_side"] = round(
+                        point["images_per_s"] / ((last_baseline + now) / 2), 3
+                    )
+                    round_ratios.append(point["vs_best_batch_either_side"])
+                    last_baseline = now
+                emit(point)
+            if round_ratios:
+                emit({"clients": clients, "rounds_vs_best_batch_either_side": round_ratios,
+                      "median": median(round_ratios), "min": min(round_ratios)})  # fmt: skip
     finally:
         stack.stop()
     # The machine's speed drifts over minutes: the best batch again after the stack (A-B-A), and every point
@@ -258,6 +273,19 @@ def main(argv: list[str] | None = None) -> None:
     ratios = {clients: round(rate / mean, 3) for clients, rate in rates.items()}
     emit({"in_process_best_batch_before_after": [baseline[best_batch], after],
           "vs_in_process_best_batch_mean": ratios})  # fmt: skip
+
+
+def measure_point(stack, client, clients: int, seconds: float, steps, warmup: float) -> dict:
+    """One sweep point with the CPU each process of the stack spent per image (ms): under load steadier than
+    images/s; "clients" is this script's gRPC clients (not part of the stack's cost)."""
+    before, mine = process_cpu(stack), time.process_time()
+    point = sweep_point(client, clients, seconds, steps, warmup)
+    after, mine = process_cpu(stack), time.process_time() - mine
+    done = max(1, point["requests"])
+    per = {name: round(1000 * (after[name] - before.get(name, 0.0)) / done, 1) for name in after}
+    point["cpu_ms_per_image"] = {**per, "stack": round(sum(per.values()), 1),
+                                 "clients": round(1000 * mine / done, 1)}  # fmt: skip
+    return point
 
 
 def in_process_rate(pipe, n: int, seconds: float, steps) -> float:
