@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="both sides' weights"
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     os.environ["UNCLIP_DEVICE"], os.environ["UNCLIP_DTYPE"] = args.device, args.dtype  # the stages
     os.environ.update(compute_env(channels_last=args.channels_last))  # the stages only (None: as it is)
     if args.max_batch_size is not None:
