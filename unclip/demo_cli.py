@@ -50,6 +50,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import PIL.Image
 
+    from unclip.cli import EXIT_ERROR, EXIT_OK
     from unclip.stack import Stack, StackError
     from unclip.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -74,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         address = stack.start()
     except StackError as error:
         print(f"demo: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     try:
         print(
             f'demo: stack up, orchestrator at {address}; generating 4 images of "{args.prompt}"',
@@ -110,4 +111,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo: {response.withheld} image(s) withheld by the content policy", file=sys.stderr)
     for warning in response.warnings:
         print(f"demo: warning: {warning}", file=sys.stderr)
-    return 0
+    return EXIT_OK
