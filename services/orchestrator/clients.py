@@ -7,6 +7,7 @@ for.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -205,6 +206,7 @@ class Calls:
         streaming = on_event is not None and isinstance(method, ReplicatedMethod) and method.name in STREAMING
         if streaming:
             method = ReplicatedMethod(method.stage, STREAMING[method.name])
+        replicated = method.stage if isinstance(method, ReplicatedMethod) else None
         attempts = method.attempts() if isinstance(method, ReplicatedMethod) else [("", method)]
         hints: list[float] = []
         started = time.monotonic()
@@ -212,12 +214,13 @@ class Calls:
             on_event(orchestrator_pb2.GenerateEvent(stage_started=orchestrator_pb2.StageEvent(stage=stage)))
         for attempt, (target, multicallable) in enumerate(attempts):
             try:
-                if streaming:
-                    output = self._stream_once(multicallable, request, stage, on_event)
-                elif getattr(method, "name", "") in SHORT:
-                    output = self._call_blocking(multicallable, request)
-                else:
-                    output = self._call_once(multicallable, request)
+                with replicated.outstanding(target) if replicated is not None else contextlib.nullcontext():
+                    if streaming:
+                        output = self._stream_once(multicallable, request, stage, on_event)
+                    elif getattr(method, "name", "") in SHORT:
+                        output = self._call_blocking(multicallable, request)
+                    else:
+                        output = self._call_once(multicallable, request)
                 if on_event is not None:
                     finished = orchestrator_pb2.StageEvent(stage=stage, seconds=time.monotonic() - started)
                     on_event(orchestrator_pb2.GenerateEvent(stage_finished=finished))
@@ -227,8 +230,8 @@ class Calls:
                 code = error.code()
                 last = attempt + 1 == len(attempts)
                 if retryable(code, self._cancelled) and not self._cancelled:
-                    if isinstance(method, ReplicatedMethod):
-                        method.stage.failed(target)
+                    if replicated is not None:
+                        replicated.failed(target)
                     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         hints.append(retry_after(error) or 1.0)
                     if not last:

@@ -1,7 +1,7 @@
 """Several replicas of one stage, with failover.
 
 A stage's target is a list of addresses (`host:port|host:port` or `host:port,host:port`; each gets its own
-channel, tried round-robin) or one `dns:///name:port` (gRPC's round_robin policy spreads calls over every
+channel) or one `dns:///name:port` (gRPC's round_robin policy spreads calls over every
 address the name resolves to; `dns://<dns server>:53/name:port` names the DNS server to ask). With one `dns:`
 target a retry goes through the same channel, whose round_robin skips a replica whose connection dropped
 (tests/reliability/test_dns_failover.py and test_replicas.py check it with real resolution).
@@ -12,6 +12,12 @@ CANCELLED when this side did not cancel: a server shutting down cancels the call
 yet handed to a handler (grpc/grpc#41785), so a replica draining after SIGTERM can answer CANCELLED. Calls
 to a stage are idempotent, since the request carries every image's generator state, so a retry draws
 exactly the same noise. A replica that failed is tried last for a few seconds.
+
+Over a list of addresses each call goes to the replica with the fewest calls outstanding from this
+orchestrator (Envoy's LEAST_REQUEST), ties broken round-robin: replicas of unequal speed (another node, a
+busier core, a replica still warming up) get work in proportion to how fast they return it, where plain
+round-robin gives each the same share and the slow one's queue grows. Idle, sequential calls alternate
+exactly as round-robin does.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -69,7 +76,8 @@ class ReplicatedMethod:
         error: grpc.RpcError | None = None
         for target, method in self.attempts():
             try:
-                return method(request, timeout=timeout, metadata=metadata)
+                with self.stage.outstanding(target):
+                    return method(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as failed:
                 if not retryable(failed.code()):
                     raise
@@ -101,6 +109,7 @@ class Replicas:
         ]
         self._next = itertools.count()
         self._down: dict[str, float] = {}  # target -> until when it is tried last
+        self._outstanding = dict.fromkeys(targets, 0)  # target -> calls from this process not yet answered
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> ReplicatedMethod:
@@ -109,13 +118,15 @@ class Replicas:
         return ReplicatedMethod(self, name)
 
     def order(self) -> list[tuple[str, Any, Any]]:
-        """Round-robin from the next replica; those that failed recently go last."""
+        """Replicas in the order to try them: those that failed recently last, then fewest outstanding
+        calls first; equals keep the round-robin order from the next replica."""
         with self._lock:
             start = next(self._next) % len(self.stubs)
             now = time.monotonic()
             down = {t for t, until in self._down.items() if until > now}
+            load = dict(self._outstanding)
         rotated = self.stubs[start:] + self.stubs[:start]
-        ordered = [s for s in rotated if s[0] not in down] + [s for s in rotated if s[0] in down]
+        ordered = sorted(rotated, key=lambda s: (s[0] in down, load[s[0]]))  # stable: ties stay rotated
         if len(ordered) == 1 and ordered[0][0].startswith("dns:"):
             return ordered * DNS_ATTEMPTS
         return ordered
@@ -123,6 +134,17 @@ class Replicas:
     def serving(self, timeout: float = 2.0) -> bool:
         """Whether at least one replica's health says SERVING (a dns:/// target: the one gRPC picks)."""
         return any(stage_health_status(target, timeout=timeout) == "SERVING" for target in self.targets)
+
+    @contextmanager
+    def outstanding(self, target: str) -> Iterator[None]:
+        """Counts a call to `target` as outstanding while the block runs (the order() of other calls)."""
+        with self._lock:
+            self._outstanding[target] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._outstanding[target] -= 1
 
     def failed(self, target: str) -> None:
         with self._lock:

@@ -1,6 +1,8 @@
-"""Replicas reached through real name resolution, and a replicated second upsampler, with real
-processes and real gRPC:
+"""Replicas reached through a list of addresses and through real name resolution, and a replicated second
+upsampler, with real processes and real gRPC:
 
+0. `a|b` targets: the orchestrator sends each call to the replica with fewer calls outstanding (each
+   replica's own request counter shows where the calls went).
 1. `dns:` targets: two decoder replicas share one port on two loopback addresses (127.0.0.1, 127.0.0.2),
    and one DNS name resolves to both (a small DNS server on loopback, queried by gRPC's c-ares resolver
    through the target's authority: `dns://127.0.0.1:<dns port>/decoder.unclip.test:<port>`). An
@@ -9,8 +11,8 @@ processes and real gRPC:
 2. The two-upsampler cascade (64 -> 128 px) with two replicas of the second upsampler, started as
    `unclip up --replicas super_res_2=2` starts them: SIGKILL one during load, no request fails.
 
-One stack (tiny model, two upsampler stages) serves the module; the dns test adds two decoders and an
-orchestrator of its own beside it. Every wait is bounded.
+One stack (tiny model, two upsampler stages) serves the module; two decoders of the module's own (with
+metrics ports) serve tests 0 and 1, each with an orchestrator of its own. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -157,10 +159,13 @@ def test_replicas_flag():
     assert cli.returncode == 2 and "--replicas" in cli.stderr and "super_res_3" in cli.stderr, cli.stderr
 
 
-def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, tmp_path):
-    # Two decoder replicas on one port, one per loopback address: a DNS name with both A records reaches both.
-    # The first takes a free port on 127.0.0.1 (announced before it loads its weights); the second the same
-    # port on 127.0.0.2, where nothing else listens.
+@pytest.fixture(scope="module")
+def decoders(stack, tmp_path_factory):
+    """Two decoder replicas on one port, one per loopback address (127.0.0.1, 127.0.0.2), each with its own
+    metrics port: (processes, {name: metrics port}, port). The first takes a free port on 127.0.0.1
+    (announced before it loads its weights); the second the same port on 127.0.0.2, where nothing else
+    listens. The dns test, the last to use them, SIGKILLs one."""
+    log_dir = tmp_path_factory.mktemp("decoders")
     metrics = {"decoder-a": _free_port(), "decoder-b": _free_port()}
 
     def decoder(name: str, host: str, port: int) -> Process:
@@ -168,36 +173,87 @@ def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, tmp_path):
             name,
             ["services.decoder", "--model", stack.model, "--stage", "decoder", "--host", host,
              "--port", str(port), "--metrics-port", str(metrics[name]), "--metrics-host", "127.0.0.1"],
-            tmp_path,
+            log_dir,
         )  # fmt: skip
 
-    decoders = [decoder("decoder-a", "127.0.0.1", 0)]
-    deadline = time.monotonic() + 120
-    while decoders[0].poll_address() is None:
-        assert decoders[0].alive() and time.monotonic() < deadline, decoders[0].log_tail()
-        time.sleep(0.1)
-    port = int(decoders[0].address.rsplit(":", 1)[1])
-    decoders.append(decoder("decoder-b", "127.0.0.2", port))
+    started = [decoder("decoder-a", "127.0.0.1", 0)]
+    try:
+        deadline = time.monotonic() + 120
+        while started[0].poll_address() is None:
+            assert started[0].alive() and time.monotonic() < deadline, started[0].log_tail()
+            time.sleep(0.1)
+        port = int(started[0].address.rsplit(":", 1)[1])
+        started.append(decoder("decoder-b", "127.0.0.2", port))
+        _wait_serving(started)
+        yield started, metrics, port
+    finally:
+        for p in started:
+            if p.alive():
+                p.popen.terminate()
+                p.popen.wait(timeout=60)
+
+
+def _orchestrator(stack: Stack, name: str, decoder_addr: str, log_dir: Path) -> Process:
+    """An orchestrator of the module's stack with its own decoder target."""
+    upsamplers = [  # the live replicas (a test of this module SIGKILLs one)
+        "|".join(p.address for p in stack.processes if p.name.split("#")[0] == stage and p.alive())
+        for stage in ("super_res", "super_res_2")
+    ]
+    started = _start(
+        name,
+        ["services.orchestrator", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+         "--encoder-addr", process(stack, "encoder").address,
+         "--prior-addr", process(stack, "prior").address,
+         "--decoder-addr", decoder_addr,
+         "--upsampler-addrs", ",".join(upsamplers),
+         "--safety-addr", process(stack, "safety").address],
+        log_dir,
+    )  # fmt: skip
+    _wait_serving([started])
+    return started
+
+
+def test_calls_go_to_the_replica_with_fewer_outstanding(stack, decoders, tmp_path):
+    """An orchestrator given two decoder addresses (`a|b`) sends each call to the replica with fewer calls
+    outstanding: while one replica works on a long request, the short requests that follow all go to the
+    other (round-robin would send every second one to the busy replica)."""
+    processes, metrics, port = decoders
+    orchestrator = _orchestrator(stack, "orchestrator-lor", f"127.0.0.1:{port}|127.0.0.2:{port}", tmp_path)
+    channel = create_channel(orchestrator.address)
+    try:
+        stub = orchestrator_pb2_grpc.ImageServiceStub(channel)
+        assert len(stub.Generate(request(98, decoder_steps=2), timeout=120).images) == 1  # connections up
+        assert len(stub.Generate(request(97, decoder_steps=2), timeout=120).images) == 1
+        cpu = {p.name: _cpu_seconds(p.popen.pid) for p in processes}
+        long = stub.Generate.future(request(96, decoder_steps=1000), timeout=300)
+        deadline = time.monotonic() + 60
+        while not (busy := [p.name for p in processes if _cpu_seconds(p.popen.pid) - cpu[p.name] >= 0.3]):
+            assert time.monotonic() < deadline and not long.done(), "no decoder replica got busy"
+            time.sleep(0.05)
+        (busy_name,) = busy
+        idle_name = next(name for name in metrics if name != busy_name)
+        before = {name: _requests_computed(metrics_port, "decoder") for name, metrics_port in metrics.items()}
+        for seed in range(4):
+            assert len(stub.Generate(request(seed, decoder_steps=2), timeout=120).images) == 1
+        after = {name: _requests_computed(metrics_port, "decoder") for name, metrics_port in metrics.items()}
+        assert not long.done(), "the long request ended before the short ones: make it longer"
+        long.cancel()
+        assert after[idle_name] - before[idle_name] == 4, (before, after, busy_name)
+        assert after[busy_name] - before[busy_name] <= 1, (before, after, busy_name)  # at most the long one
+    finally:
+        channel.close()
+        orchestrator.popen.terminate()
+        orchestrator.popen.wait(timeout=60)
+
+
+def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, decoders, tmp_path):
+    # One DNS name with both replicas' A records reaches both.
+    processes, metrics, port = decoders
     orchestrator = None
     with DnsServer({DNS_NAME: ["127.0.0.1", "127.0.0.2"]}) as dns:
         try:
-            _wait_serving(decoders)
-            upsamplers = [
-                "|".join(p.address for p in stack.processes if p.name.split("#")[0] == stage)
-                for stage in ("super_res", "super_res_2")
-            ]
             target = f"dns://{dns.address}/{DNS_NAME}:{port}"
-            orchestrator = _start(
-                "orchestrator-dns",
-                ["services.orchestrator", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                 "--encoder-addr", process(stack, "encoder").address,
-                 "--prior-addr", process(stack, "prior").address,
-                 "--decoder-addr", target,
-                 "--upsampler-addrs", ",".join(upsamplers),
-                 "--safety-addr", process(stack, "safety").address],
-                tmp_path,
-            )  # fmt: skip
-            _wait_serving([orchestrator])
+            orchestrator = _orchestrator(stack, "orchestrator-dns", target, tmp_path)
             assert (DNS_NAME, 1) in dns.queries  # resolved through the DNS server (A records)
 
             channel = create_channel(orchestrator.address)
@@ -216,7 +272,7 @@ def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, tmp_path):
 
             # (b) SIGKILL one replica while both have requests in flight: the orchestrator retries through the
             # same name, gRPC picks the live address, no request fails.
-            victim = decoders[1]
+            victim = processes[1]
             pool, futures = _load(stub, seeds=range(100, 104), decoder_steps=60)
             _wait_busy(victim)
             victim.popen.kill()
@@ -229,10 +285,9 @@ def test_dns_name_spreads_calls_and_survives_a_sigkill(stack, tmp_path):
             assert f"from {target}, retrying on another replica" in log, log[-3000:]
             channel.close()
         finally:
-            for p in [orchestrator, *decoders]:
-                if p is not None and p.alive():
-                    p.popen.terminate()
-                    p.popen.wait(timeout=60)
+            if orchestrator is not None and orchestrator.alive():
+                orchestrator.popen.terminate()
+                orchestrator.popen.wait(timeout=60)
 
 
 def test_replicated_second_upsampler_survives_a_sigkill(stack):
