@@ -36,6 +36,7 @@ from benchmarks.common import (
     stub,
     timed,
 )
+from unclip.models import parse_dtype
 
 PROMPT = "a red circle above a blue square"
 
@@ -47,13 +48,29 @@ def main() -> None:
     parser.add_argument("--steps", default="25,25,7", help="prior,decoder,super-res steps")
     parser.add_argument("--sizes", default="1,4", help="values of n")
     parser.add_argument("--breakdown", type=int, default=0, help="trace this many n=1 requests (0: none)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="the stages' weights (UNCLIP_DTYPE; auto, the services' default: bfloat16 on a CPU with native "
+        "bfloat16)",
+    )
+    parser.add_argument(
+        "--baseline-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the in-process pipeline's (diffusers' default: float32)",
+    )
     args = parser.parse_args()
+    os.environ["UNCLIP_DTYPE"] = args.dtype  # the stages
     own_session()  # the in-process side competes for the CPU on the stack's terms
     steps = tuple(int(s) for s in args.steps.split(","))
     model = model_dir(args.model)
-    emit({"benchmark": "latency", **environment(), "model": str(model), "steps": steps})
+    dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")
+    emit({"benchmark": "latency", **environment(), "model": str(model), "steps": steps, "dtype": dtype,
+          "baseline_dtype": args.baseline_dtype})  # fmt: skip
 
-    pipe = reference_pipeline(model)
+    pipe = reference_pipeline(model, "cpu", args.baseline_dtype)
     stack = start_stack(model)
     try:
         client = stub(stack.address, stack.api_key)

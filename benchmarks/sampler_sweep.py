@@ -12,7 +12,9 @@ settings are compared image by image (paired). Per setting:
 - compute: CPU seconds per image of the denoising stages' processes (prior, decoder, upsamplers), read from
   /proc before and after the setting, and its ratio to the baseline's; wall seconds per image beside it.
 A setting is `SAMPLER:PRIOR,DECODER,SUPER_RES` (one sampler for every stage) or
-`PRIOR_SAMPLER/DECODER_SAMPLER/SUPER_RES_SAMPLER:PRIOR,DECODER,SUPER_RES`.
+`PRIOR_SAMPLER/DECODER_SAMPLER/SUPER_RES_SAMPLER:PRIOR,DECODER,SUPER_RES`. With `--dtypes float32,bfloat16`
+one stack per weights' precision (UNCLIP_DTYPE) answers every setting, the rows are named `SETTING@DTYPE`,
+and the baseline is the first setting at the first dtype.
 
 CPU seconds are what the stages spent, so other load on the machine matters less than for wall time, but a
 busy machine still slows every kernel: record the load with the numbers (the first JSON line has it).
@@ -112,6 +114,33 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def sweep_setting(stack, backend_class, cases, text: str, args) -> tuple[dict, list[int], float]:
+    """One setting on one stack: (row without the comparison, correct per image, CPU s per image)."""
+    backend = backend_class(stack.address, parse_setting(text), args.concurrency, stack.api_key)
+    cpu, began = denoising_cpu(stack), time.perf_counter()
+    images = backend.generate([c.prompt for c in cases], args.images, args.seed)
+    wall, cpu = time.perf_counter() - began, denoising_cpu(stack) - cpu
+    correct = correct_per_image(cases, images)
+    count = len(correct)
+    row = {"images": count, "fidelity": round(sum(correct) / count, 4)}
+    row["cpu_s_per_image"] = round(cpu / count, 3)
+    row["wall_s_per_image"] = round(wall / count, 3)
+    return row, correct, cpu / count
+
+
+def versus(baseline: tuple[list[int], float], correct: list[int], cpu_per_image: float) -> dict:
+    """The paired fidelity difference to the baseline (95 % interval) and the compute ratio."""
+    diff, low, high = paired_interval(baseline[0], correct)
+    base_fidelity = sum(baseline[0]) / len(correct)
+    return dict(
+        fidelity_low=round(base_fidelity + low, 4),
+        fidelity_high=round(base_fidelity + high, 4),
+        vs_baseline=round(diff, 4),
+        vs_baseline_95=[round(low, 4), round(high, 4)],
+        compute_ratio=round(cpu_per_image / baseline[1], 3),
+    )
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     from training.evaluate import Stack as StackBackend
     from training.evaluate import fully_specified_prompts
@@ -129,40 +158,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--concurrency", type=int, default=1, help="requests in flight (1: compute per image)"
     )
+    parser.add_argument(
+        "--dtypes", default=None, help="','-separated UNCLIP_DTYPE values, one stack each (default: as set)"
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
+    from unclip.runtime.settings import DTYPES
+
+    for dtype in (args.dtypes or "float32").split(","):
+        if dtype not in DTYPES:
+            parser.error(f"--dtypes: each must be one of {', '.join(DTYPES)}, got {dtype!r}")
     own_session()
     emit({"benchmark": "sampler_sweep", **environment(), "model": args.model, "prompts": args.prompts})
     cases = fully_specified_prompts(args.prompts, random.Random(args.seed))
-    stack = start_stack(Path(args.model))
-    rows, baseline = [], None
-    try:
-        for text in args.settings.split(";"):
-            backend = StackBackend(stack.address, parse_setting(text), args.concurrency, stack.api_key)
-            cpu, began = denoising_cpu(stack), time.perf_counter()
-            images = backend.generate([c.prompt for c in cases], args.images, args.seed)
-            wall, cpu = time.perf_counter() - began, denoising_cpu(stack) - cpu
-            correct = correct_per_image(cases, images)
-            count = len(correct)
-            row = {"setting": text, "images": count, "fidelity": round(sum(correct) / count, 4)}
-            row["cpu_s_per_image"] = round(cpu / count, 3)
-            row["wall_s_per_image"] = round(wall / count, 3)
-            if baseline is None:
-                baseline = (correct, cpu / count)
-            diff, low, high = paired_interval(baseline[0], correct)
-            base_fidelity = sum(baseline[0]) / count
-            row.update(
-                fidelity_low=round(base_fidelity + low, 4),
-                fidelity_high=round(base_fidelity + high, 4),
-                vs_baseline=round(diff, 4),
-                vs_baseline_95=[round(low, 4), round(high, 4)],
-                compute_ratio=round((cpu / count) / baseline[1], 3),
-            )
-            emit(row)
-            rows.append(row)
-    finally:
-        stack.stop()
+    rows: list[dict] = []
+    baseline: tuple[list[int], float] | None = None
+    dtypes = args.dtypes.split(",") if args.dtypes else [None]
+    for dtype in dtypes:
+        if dtype is not None:
+            os.environ["UNCLIP_DTYPE"] = dtype  # every model stage of the next stack
+        stack = start_stack(Path(args.model))
+        try:
+            for text in args.settings.split(";"):
+                name = text if len(dtypes) == 1 else f"{text}@{dtype}"
+                row, correct, cpu = sweep_setting(stack, StackBackend, cases, text, args)
+                if baseline is None:
+                    baseline = (correct, cpu)
+                row = {"setting": name, **row, **versus(baseline, correct, cpu)}
+                emit(row)
+                rows.append(row)
+        finally:
+            stack.stop()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.plot:

@@ -45,6 +45,7 @@ from benchmarks.common import (
     start_stack,
     stub,
 )
+from unclip.models import parse_dtype
 from unclip.runtime.errors import retry_after
 from unclip.stack_process import compute_env
 
@@ -198,7 +199,17 @@ def main(argv: list[str] | None = None) -> None:
         "--device", default="cpu", help="both sides' torch device (the stages' UNCLIP_DEVICE)"
     )
     parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="both sides' weights"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="the stages' weights (UNCLIP_DTYPE; auto, the services' default: bfloat16 on a CPU with native "
+        "bfloat16, float16 on CUDA)",
+    )
+    parser.add_argument(
+        "--baseline-dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="the in-process pipeline's (diffusers' default on the CPU: float32)",
     )
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -218,12 +229,13 @@ def main(argv: list[str] | None = None) -> None:
             "tiny_width": None if args.model else (args.tiny_width or 32),
             "steps": steps,
             "device": args.device,
-            "dtype": args.dtype,
+            "dtype": str(parse_dtype(args.dtype, args.device)).removeprefix("torch."),
+            "baseline_dtype": args.baseline_dtype,
         }
     )
 
     # Baselines: the in-process pipeline, one call after another for the same time, n images per call.
-    pipe = reference_pipeline(model, args.device, args.dtype)
+    pipe = reference_pipeline(model, args.device, args.baseline_dtype)
     run_reference(pipe, PROMPT, 1, 0, steps)
     baseline_seconds = args.baseline_seconds or args.seconds
     baseline: dict[int, float] = {}

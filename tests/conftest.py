@@ -26,6 +26,9 @@ os.environ.setdefault("UNCLIP_TORCH_THREADS", "1")
 # ... and with diffusers' contiguous UNets: channels-last (the services' default) rounds differently, by the
 # drift tests/unit/test_compute_options.py bounds.
 os.environ.setdefault("UNCLIP_CHANNELS_LAST", "0")
+# ... and in float32, as the reference pipelines compute (the services' default "auto" picks bfloat16 on a CPU
+# with native bfloat16; tests/unit/test_dtype.py and tests/e2e/test_compute_flags.py check that path).
+os.environ.setdefault("UNCLIP_DTYPE", "float32")
 # `unclip up` started by a test publishes its state (unclip.stack_state) here, not over a person's stack.
 os.environ["UNCLIP_STATE_DIR"] = tempfile.mkdtemp(prefix="unclip-test-state-")
 

@@ -63,15 +63,46 @@ class ModelLoadError(RuntimeError):
 DTYPES = ("float32", "float16", "bfloat16")  # the weights' precision a model stage may load
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """ "bfloat16" / torch.bfloat16 -> torch.bfloat16; None -> float32; ValueError naming dtype otherwise."""
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX, Arm's BF16 extension), where
+    oneDNN's bfloat16 convolutions and matmuls run ~1.5-2x faster than float32 (BENCHMARKS.md). Without it
+    oneDNN emulates bfloat16 and is slower than float32."""
+    import platform
+
+    import torch
+
+    try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # aarch64: the BF16 extension
+    except (AttributeError, RuntimeError):  # a torch build without these probes: assume none
+        return False
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """UNCLIP_DTYPE=auto: float16 on CUDA, bfloat16 on a CPU with native bfloat16, float32 otherwise."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.float16
+    if kind == "cpu" and native_bfloat16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """ "bfloat16" / torch.bfloat16 -> torch.bfloat16; None -> float32; "auto" -> auto_dtype(device);
+    ValueError naming dtype otherwise."""
     import torch
 
     if dtype is None:
         return torch.float32
+    if dtype == "auto":
+        return auto_dtype(device)
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
     return getattr(torch, name)
 
 
@@ -154,6 +185,8 @@ def _move(
     import torch
 
     module = module.to(device).eval().requires_grad_(False)
+    # The stage's log says which precision each module computes in (UNCLIP_DTYPE=auto decides per machine).
+    logger.info("weights: %s dtype=%s", type(module).__name__, str(next(module.parameters()).dtype)[6:])
     if unet:
         module = _tune_unet(module)
     if dtype is None or dtype == torch.float32:

@@ -103,9 +103,9 @@ class DecoderEngine:
     def from_pretrained(
         cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
     ) -> DecoderEngine:
-        """`dtype`: the weights' precision (float32, float16 or bfloat16; see models.LowPrecision). Tensors in
-        and out stay float32 whatever it is."""
-        dtype = models.parse_dtype(dtype)
+        """`dtype`: the weights' precision (auto, float32, float16 or bfloat16; see models.parse_dtype).
+        Tensors in and out stay float32 whatever it is."""
+        dtype = models.parse_dtype(dtype, device)
         model_dir = models.resolve_model_dir(model_dir)
         return cls(
             text_proj=models.load_text_proj(model_dir, device, dtype),
@@ -327,9 +327,9 @@ class UpsamplerEngine:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
     ) -> UpsamplerEngine:
-        """`dtype`: the weights' precision (float32, float16 or bfloat16; see models.LowPrecision). Tensors in
-        and out stay float32 whatever it is."""
-        dtype = models.parse_dtype(dtype)
+        """`dtype`: the weights' precision (auto, float32, float16 or bfloat16; see models.parse_dtype).
+        Tensors in and out stay float32 whatever it is."""
+        dtype = models.parse_dtype(dtype, device)
         model_dir = models.resolve_model_dir(model_dir)
         first, last, scheduler = models.load_super_res(model_dir, stage, device, dtype)
         input_size = models.stage_input_size(model_dir, stage)

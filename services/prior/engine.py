@@ -74,9 +74,9 @@ class PriorEngine:
     def from_pretrained(
         cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
     ) -> PriorEngine:
-        """`dtype`: the weights' precision (float32, float16 or bfloat16; see models.LowPrecision). Tensors in
-        and out stay float32 whatever it is."""
-        dtype = models.parse_dtype(dtype)
+        """`dtype`: the weights' precision (auto, float32, float16 or bfloat16; see models.parse_dtype).
+        Tensors in and out stay float32 whatever it is."""
+        dtype = models.parse_dtype(dtype, device)
         model_dir = models.resolve_model_dir(model_dir)
         return cls(
             prior=models.load_prior(model_dir, device, dtype),

@@ -2,8 +2,9 @@
 
 The flags set UNCLIP_CHANNELS_LAST / UNCLIP_COMPILE for the stage processes, which read them when they load
 their UNets (unclip.models._tune_unet); each stage logs what its UNets now *are* (the weights' memory
-format, whether the module is compiled), so the check reads the real stage processes' own logs after a real
-`unclip up`, and generates an image through the flagged stack.
+format, whether the module is compiled) and the precision each module was loaded in (UNCLIP_DTYPE, default
+auto), so the check reads the real stage processes' own logs after a real `unclip up`, and generates an image
+through the flagged stack.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import PIL.Image
 UNCLIP = [sys.executable, "-m", "unclip"]
 FAST = ["--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2"]
 OPTIONS = re.compile(r"compute options: (\w+) channels_last=(True|False) compile=(True|False)")
+WEIGHTS = re.compile(r"weights: (\w+) dtype=(\w+)")
 
 
 def start_up(model: Path, log_dir: Path, *flags: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
@@ -52,6 +54,17 @@ def logged_options(log: Path) -> list[tuple[str, bool, bool]]:
     return [(m[0], m[1] == "True", m[2] == "True") for m in OPTIONS.findall(log.read_text(errors="replace"))]
 
 
+def logged_dtypes(log: Path) -> set[str]:
+    """The precisions the stage process's modules were loaded in, from its own log."""
+    return {m[1] for m in WEIGHTS.findall(log.read_text(errors="replace"))}
+
+
+def native_bfloat16() -> bool:
+    """From the kernel's CPU flags, not torch's probes: AVX512-BF16 or AMX (x86)."""
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
 def test_up_help_documents_the_compute_flags():
     done = subprocess.run([*UNCLIP, "up", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -67,6 +80,7 @@ def test_compute_flags_reach_the_stage_processes(tmp_path):
     model = make_tiny_model(tmp_path / "model", variation=False)
     env = dict(os.environ)
     env.pop("UNCLIP_CHANNELS_LAST", None)
+    env.pop("UNCLIP_DTYPE", None)  # the default, auto: bfloat16 where this CPU multiplies it natively
     env["UNCLIP_COMPILE"] = "1"  # the flag must win over the environment (else start-up compiles for minutes)
 
     up, address = start_up(model, tmp_path / "logs", "--channels-last", "--no-compile", env=env)
@@ -77,6 +91,9 @@ def test_compute_flags_reach_the_stage_processes(tmp_path):
         assert super_res == [("UNet2DModel", True, False)] * 2, super_res  # super_res_first and _last
         for other in ("encoder", "prior", "orchestrator"):  # no UNet there: nothing to tune
             assert logged_options(tmp_path / "logs" / f"{other}.log") == []
+        auto = "bfloat16" if native_bfloat16() else "float32"
+        for stage in ("encoder", "prior", "decoder", "super_res"):
+            assert logged_dtypes(tmp_path / "logs" / f"{stage}.log") == {auto}, stage
 
         # The channels-last stack answers as any other.
         done = subprocess.run(
@@ -89,13 +106,16 @@ def test_compute_flags_reach_the_stage_processes(tmp_path):
         stop(up)
     assert up.returncode == 0
 
-    # Off by flag although the environment says on.
+    # Off by flag although the environment says on; float32 where the environment says so.
     env["UNCLIP_CHANNELS_LAST"] = "1"
+    env["UNCLIP_DTYPE"] = "float32"
     up, _ = start_up(model, tmp_path / "logs-off", "--no-channels-last", "--no-compile", env=env)
     try:
         off = tmp_path / "logs-off"
         assert logged_options(off / "decoder.log") == [("UNet2DConditionModel", False, False)]
         assert logged_options(off / "super_res.log") == [("UNet2DModel", False, False)] * 2
+        for stage in ("encoder", "prior", "decoder", "super_res"):
+            assert logged_dtypes(off / f"{stage}.log") == {"float32"}, stage
     finally:
         stop(up)
 

@@ -8,6 +8,7 @@ float32's; a bad value is refused naming the setting (flag and variable) and the
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -123,8 +124,28 @@ def test_step_batched_decoder_in_bfloat16(engines_bf16):
     assert_close(batched.images, alone.images)
 
 
+def cpu_flags() -> set[str]:
+    """The kernel's view of this CPU's features (independent of torch's own probes)."""
+    for line in open("/proc/cpuinfo"):
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo"), reason="x86 Linux")
+def test_auto_picks_bfloat16_where_the_cpu_multiplies_it_natively():
+    """UNCLIP_DTYPE=auto (the services' default): bfloat16 on a CPU with AVX512-BF16 or AMX (oneDNN runs the
+    UNets' convolutions ~1.5-2x faster there, BENCHMARKS.md), float32 on one without (emulated bfloat16 is
+    slower than float32); float16 on CUDA whatever the CPU."""
+    native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    assert parse_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+    assert parse_dtype("auto", "cpu") == parse_dtype("auto")
+    assert parse_dtype("auto", "cuda") == torch.float16
+    assert parse_dtype("auto", torch.device("cuda", 0)) == torch.float16
+
+
 def test_bad_dtype_is_refused_naming_it(tiny_model_dir):
-    with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16"):
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, float16, bfloat16"):
         PriorEngine.from_pretrained(tiny_model_dir, dtype="float64")
     assert parse_dtype("float16") == torch.float16
     assert parse_dtype(None) == torch.float32

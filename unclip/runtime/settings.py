@@ -55,7 +55,8 @@ class InvalidSetting(argparse.ArgumentTypeError, ValueError):
     """A bad value whose message argparse (flags) and env_default (variables) both show as is."""
 
 
-DTYPES = ("float32", "float16", "bfloat16")  # as unclip.models.DTYPES (kept import-free: no torch here)
+# As unclip.models.DTYPES (kept import-free: no torch here); "auto" is resolved by unclip.models.parse_dtype.
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def _dtype(value: str) -> str:
@@ -90,9 +91,10 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "dtype",
             "UNCLIP_DTYPE",
-            "float32",
+            "auto",
             _dtype,
-            "model stages: weights' precision (float32, float16, bfloat16); wire tensors stay float32",
+            "model stages: weights' precision (auto, float32, float16, bfloat16; auto: bfloat16 on a CPU "
+            "with native bfloat16 arithmetic, float16 on CUDA, else float32); wire tensors stay float32",
         ),
         Setting(
             "torch_threads",
