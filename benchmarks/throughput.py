@@ -209,11 +209,14 @@ def main(argv: list[str] | None = None) -> None:
         "--baseline-dtype",
         default="float32",
         choices=["float32", "float16", "bfloat16"],
-        help="the in-process pipeline's (diffusers' default on the CPU: float32)",
+        help="the in-process pipeline's (diffusers' default: float32, on the CPU the only one it runs in)",
     )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.device == "cpu" and args.baseline_dtype != "float32":
+        parser.error("--baseline-dtype: on the CPU UnCLIPPipeline runs in float32 only (its antialiased "
+                     "bicubic resize has no bfloat16 / float16 CPU kernel in torch 2.13)")  # fmt: skip
     os.environ["UNCLIP_DEVICE"], os.environ["UNCLIP_DTYPE"] = args.device, args.dtype  # the stages
     os.environ.update(compute_env(channels_last=args.channels_last))  # the stages only (None: as it is)
     if args.max_batch_size is not None:
