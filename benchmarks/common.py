@@ -7,6 +7,7 @@ date and commit.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -73,6 +74,17 @@ def compute_options() -> dict[str, str]:
     from unclip.stack_process import COMPUTE_OPTION_ENV
 
     return {env: str(env_default(name)) for name, env in COMPUTE_OPTION_ENV.items()}
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`: the stages' weights (UNCLIP_DTYPE), default the services' own, auto."""
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="the stages' weights (UNCLIP_DTYPE; auto, the services' default: bfloat16 on a CPU with native "
+        "bfloat16, float16 on CUDA)",
+    )
 
 
 def reference_pipeline(model: Path, device: str = "cpu", dtype: str = "float32"):

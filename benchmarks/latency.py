@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
+    add_dtype_argument,
     breakdown,
     emit,
     environment,
@@ -48,13 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", default="25,25,7", help="prior,decoder,super-res steps")
     parser.add_argument("--sizes", default="1,4", help="values of n")
     parser.add_argument("--breakdown", type=int, default=0, help="trace this many n=1 requests (0: none)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
-        help="the stages' weights (UNCLIP_DTYPE; auto, the services' default: bfloat16 on a CPU with native "
-        "bfloat16)",
-    )
+    add_dtype_argument(parser)
     args = parser.parse_args()
     os.environ["UNCLIP_DTYPE"] = args.dtype  # the stages
     own_session()  # the in-process side competes for the CPU on the stack's terms

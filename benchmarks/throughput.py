@@ -33,6 +33,7 @@ from pathlib import Path
 import grpc
 
 from benchmarks.common import (
+    add_dtype_argument,
     emit,
     environment,
     generate_request,
@@ -198,13 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--device", default="cpu", help="both sides' torch device (the stages' UNCLIP_DEVICE)"
     )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
-        help="the stages' weights (UNCLIP_DTYPE; auto, the services' default: bfloat16 on a CPU with native "
-        "bfloat16, float16 on CUDA)",
-    )
+    add_dtype_argument(parser)
     parser.add_argument(
         "--baseline-dtype",
         default="float32",
