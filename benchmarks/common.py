@@ -78,10 +78,12 @@ def compute_options() -> dict[str, str]:
 
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     """`--dtype`: the stages' weights (UNCLIP_DTYPE), default the services' own, auto."""
+    from unclip.runtime.settings import DTYPES
+
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
+        choices=DTYPES,
         help="the stages' weights (UNCLIP_DTYPE; auto, the services' default: bfloat16 on a CPU with native "
         "bfloat16, float16 on CUDA)",
     )

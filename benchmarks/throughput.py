@@ -46,7 +46,7 @@ from benchmarks.common import (
     start_stack,
     stub,
 )
-from unclip.models import parse_dtype
+from unclip.models import DTYPES, parse_dtype
 from unclip.runtime.errors import retry_after
 from unclip.stack_process import compute_env
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline-dtype",
         default="float32",
-        choices=["float32", "float16", "bfloat16"],
+        choices=DTYPES,
         help="the in-process pipeline's (diffusers' default: float32, on the CPU the only one it runs in)",
     )
     args = parser.parse_args(argv)
