@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The upsampler fine-tuned on whole 128 px canvases, from the shipped weights, then judged by the strict
-# evaluator in process before and after, on the same machine. One GPU (H100/H200): about 10 minutes of
+# The upsampler fine-tuned on whole 128 px canvases against the decoder's errors (training/train.py UPSAMPLER_FIX:
+# colour and shape errors in its input, L1 loss, the stack's 2-step grid), from the shipped weights, then judged
+# by the strict evaluator in process before and after, on the same machine. One GPU (H100/H200): about 10 minutes of
 # device time (420 s of training, the "before" evaluation beside it, about 2 minutes of "after").
 #   training/fix_upsampler.sh OUT_DIR                                  # one GPU, preset gpu-canvas
 #   DEVICE=cpu PRESET=finetune training/fix_upsampler.sh runs/fix       # two CPU cores in the background (30 min)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,26 @@ class Preset:
     decoder_small_share: float = 0.5  # share of small objects in the decoder's batches (the world's is 0.5)
     lr_scale: float = 1.0  # multiplies every peak learning rate (lower when fine-tuning)
     warmup_steps: int = 200  # linear learning-rate warm-up
+    # Per-channel size ([0, 1] units) of the decoder-like colour errors added to the upsampler's 32 px input,
+    # so that it learns to return the palette's flat colours from the decoder's slightly-off ones (0: none).
+    super_res_colour_error: float = 0.0
+    # Size (32 px pixels, per-image scale U(0, 2)) of a smooth random warp of the upsampler's 32 px input, so
+    # that it learns to draw the world's straight edges and sharp corners from the decoder's bent ones.
+    super_res_shape_error: float = 0.0
+    # The upsampler's loss on its x0 prediction: "mse", or "l1" (a per-pixel median), which keeps an uncertain
+    # edge between two flat colours sharp where the mean is a soft ramp.
+    super_res_loss: str = "mse"
+    # Timesteps half of each upsampler batch is drawn at: the grid the stack samples it on (dpmsolver++ with 2
+    # steps: 995, 495), so that the few predictions a picture is made of are the best-trained ones.
+    super_res_focus: tuple[int, ...] = ()
 
+
+# The upsampler's fine-tuning recipe against the decoder's errors (MODEL_CARD.md, "The upsampler fine-tuned
+# against the decoder's errors"): decoder-like colour and shape errors in its input, an L1 loss, half of each
+# batch at the dpmsolver++ 2-step grid the stack samples it on.
+UPSAMPLER_FIX: dict[str, Any] = dict(
+    super_res_colour_error=0.04, super_res_shape_error=0.3, super_res_loss="l1", super_res_focus=(995, 495)
+)
 
 PRESETS = {
     # Two CPU cores: ≈ 20 + 20 + 90 + 45 minutes = 2 h 55 min (see the issue's step timings).
@@ -68,6 +88,7 @@ PRESETS = {
         decoder_small_share=0.75,
         lr_scale=0.3,
         warmup_steps=50,
+        **UPSAMPLER_FIX,
     ),
     # The upsampler fine-tuned from trained weights on whole 128 px canvases on one GPU
     # (`training/fix_upsampler.sh`): trained on 64 px crops, it leaves an off-palette patch over the canvas'
@@ -81,6 +102,7 @@ PRESETS = {
         dict(clip=80, prior=240, decoder=240, super_res=420),
         lr_scale=0.3,
         warmup_steps=50,
+        **UPSAMPLER_FIX,
     ),
 }
 LEARNING_RATES = dict(clip=5e-4, prior=3e-4, decoder=1e-3, super_res=1e-3)
@@ -123,8 +145,12 @@ def noise_schedule(device: str) -> torch.Tensor:
     return UnCLIPScheduler(**C.DECODER_SCHEDULER).alphas_cumprod.to(device)  # the cosine schedule, [1000]
 
 
-def add_noise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, g: torch.Generator | None = None):
+def add_noise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, focus: tuple[int, ...] = ()):
+    """Noises x0 at uniform timesteps; with `focus`, half of the batch (alternate rows) at those timesteps."""
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
+    if focus:
+        picks = torch.tensor(focus, device=x0.device)[torch.randint(0, len(focus), (x0.shape[0],))]
+        t[::2] = picks[::2]
     a = alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
     noise = torch.randn_like(x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t
@@ -292,8 +318,42 @@ def train_decoder(args, preset: Preset, sz: C.ModelSizes) -> None:
     C.save_schedulers(out)
 
 
-def degrade(low: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-    """Gaussian blur (σ 0.3–1.2 px, per image) and slight noise on the 32 px input (DALL-E 2's upsamplers)."""
+def colour_errors(low: torch.Tensor, size: float) -> torch.Tensor:
+    """Adds what the decoder gets wrong in colour at 32 px: a per-image shift, a smooth field (bicubic from
+    4 × 4 control points) and per-pixel noise, each ~N(0, size²) per channel in [0, 1] units, scaled per image
+    by U(0, 2) so that some inputs are nearly exact. The world's palette colours are ≥ 0.36 apart, so errors
+    of this size leave the intended colour unambiguous. low: [B, 3, H, W] in [-1, 1]."""
+    b, _, h, w = low.shape
+    dev = low.device
+    strength = 2 * size * 2 * torch.rand(b, 1, 1, 1, device=dev)  # ×2: [0, 1] -> [-1, 1] units
+    shift = torch.randn(b, 3, 1, 1, device=dev)
+    control = torch.randn(b, 3, 4, 4, device=dev)
+    field = F.interpolate(control, size=(h, w), mode="bicubic", align_corners=False)
+    pixel = torch.randn_like(low)
+    return (low + strength * (shift + field + pixel) / 3**0.5).clamp(-1, 1)
+
+
+def shape_errors(low: torch.Tensor, size_px: float) -> torch.Tensor:
+    """Bends outlines as the decoder does at 32 px: resamples the image through a smooth random displacement
+    field (bicubic from 8 × 8 control points, ~N(0, size_px²) pixels per axis, scaled per image by U(0, 2)).
+    low: [B, 3, H, W] in [-1, 1]."""
+    b, _, h, w = low.shape
+    dev = low.device
+    strength = size_px * (2 / h) * 2 * torch.rand(b, 1, 1, 1, device=dev)  # pixels -> grid units ([-1, 1])
+    control = torch.randn(b, 2, 8, 8, device=dev)
+    field = F.interpolate(control, size=(h, w), mode="bicubic", align_corners=False)  # [B, 2, H, W]
+    identity = torch.eye(2, 3, device=dev)[None].expand(b, 2, 3)
+    grid = F.affine_grid(identity, [b, 3, h, w], align_corners=False) + strength * field.permute(0, 2, 3, 1)
+    return F.grid_sample(low, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def degrade(low: torch.Tensor, colour_error: float = 0.0, shape_error: float = 0.0) -> torch.Tensor:
+    """Optional decoder-like errors (`shape_errors`, `colour_errors`), then a Gaussian blur (σ 0.3–1.2 px, per
+    image) and slight noise on the 32 px input (DALL-E 2's upsamplers)."""
+    if shape_error > 0:
+        low = shape_errors(low, shape_error)
+    if colour_error > 0:
+        low = colour_errors(low, colour_error)
     b = low.shape[0]
     sigma = 0.3 + 0.9 * torch.rand(b, device=low.device)
     x = torch.arange(-3, 4, device=low.device, dtype=torch.float32)
@@ -319,13 +379,15 @@ def train_super_res(args, preset: Preset, sz: C.ModelSizes) -> None:
     def step(_: int) -> torch.Tensor:
         scenes = sample_scenes(preset.super_res_batch)
         high = render(scenes, sz.super_res_size, dev)  # [B, 3, 128, 128]
-        low = degrade(render(scenes, sz.decoder_size, dev))
+        low = render(scenes, sz.decoder_size, dev)
+        low = degrade(low, preset.super_res_colour_error, preset.super_res_shape_error)
         up = F.interpolate(low, size=high.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
         i, j = (random.randrange(0, sz.super_res_size - crop + 1) for _ in range(2))
         high, up = high[..., i : i + crop, j : j + crop], up[..., i : i + crop, j : j + crop]
-        x_t, t = add_noise(high, acp)
+        x_t, t = add_noise(high, acp, preset.super_res_focus)
         pred = unet(torch.cat([x_t, up], dim=1), t).sample
-        return F.mse_loss(pred, high)  # x₀ prediction
+        loss = F.l1_loss if preset.super_res_loss == "l1" else F.mse_loss
+        return loss(pred, high)  # x₀ prediction
 
     ema = train_loop(_loop_cfg("super_res", args, preset), unet, step, Path(args.work))
     ema.save_pretrained(out / "super_res_first")
@@ -366,6 +428,10 @@ def main(argv: list[str] | None = None) -> None:
         help="model folder whose trained weights each component starts from (fine-tuning; clip excluded)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--super-res-colour-error", type=float, default=None, help="default: the preset's")
+    p.add_argument("--super-res-shape-error", type=float, default=None, help="default: the preset's")
+    p.add_argument("--super-res-loss", choices=["mse", "l1"], default=None, help="default: the preset's")
+    p.add_argument("--super-res-focus", default=None, help="timesteps, e.g. 995,495 (default: the preset's)")
     args = p.parse_args(argv)
     names = [c.strip() for c in args.components.split(",") if c.strip()]
     unknown = [c for c in names if c not in COMPONENTS]
@@ -380,9 +446,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    overrides = dict(
+        super_res_colour_error=args.super_res_colour_error,
+        super_res_shape_error=args.super_res_shape_error,
+        super_res_loss=args.super_res_loss,
+        super_res_focus=None
+        if args.super_res_focus is None
+        else tuple(int(t) for t in args.super_res_focus.split(",") if t.strip()),
+    )
+    preset = replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     for name in names:
         t0 = time.time()
-        TRAINERS[name](args, PRESETS[args.preset], C.ModelSizes())
+        TRAINERS[name](args, preset, C.ModelSizes())
         print(f"[{name}] exported to {args.out} ({time.time() - t0:.0f}s wall)", flush=True)
 
 

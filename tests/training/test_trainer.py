@@ -63,8 +63,12 @@ def test_fine_tune_starts_from_the_given_weights(tmp_path, capsys):
     out = tmp_path / "model"
     shutil.copytree(shipped, out)  # the fine-tune reads the model's own CLIP from --out
     common = ["--out", str(out), "--work", str(tmp_path / "work"), "--init-from", str(shipped)]
+    upsampler_recipe = ["--super-res-colour-error", "0.04", "--super-res-shape-error", "0.3"]
+    upsampler_recipe += ["--super-res-loss", "l1", "--super-res-focus", "995,495"]
     train.main(
-        common + ["--preset", "smoke", "--components", "super_res", "--max-steps", "1", "--log-every", "1"]
+        common
+        + ["--preset", "smoke", "--components", "super_res", "--max-steps", "1", "--log-every", "1"]
+        + upsampler_recipe
     )
     assert "initialised super_res_first from" in capsys.readouterr().out
     before = UNet2DModel.from_pretrained(shipped / "super_res_first").state_dict()

@@ -1,0 +1,63 @@
+"""The upsampler's training input: the decoder-like colour errors it learns to undo."""
+
+import torch
+
+from training.train import PRESETS, add_noise, colour_errors, degrade, noise_schedule, shape_errors
+from training.world import PALETTE, render, sample_scenes
+
+
+def _flat_canvases(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 32 px canvases of one palette colour each, [-1, 1], and their colour indices."""
+    idx = torch.arange(n) % len(PALETTE)
+    return (PALETTE[idx] * 2 - 1)[:, :, None, None].expand(n, 3, 32, 32).clone(), idx
+
+
+def test_colour_errors_are_of_the_asked_size_and_keep_the_colour_unambiguous():
+    torch.manual_seed(0)
+    flat, idx = _flat_canvases(512)
+    noisy = colour_errors(flat, 0.04)
+    err = (noisy - flat) / 2  # [0, 1] units
+    assert 0.02 < err.std().item() < 0.06  # E[U(0, 2)²] = 4/3: the per-channel std is about 0.046
+    per_image = err.flatten(1).std(1)
+    assert per_image.min() < 0.01 and per_image.max() > 0.06  # some inputs nearly exact, some well off
+    rgb = ((noisy + 1) / 2).permute(0, 2, 3, 1).reshape(-1, 3)
+    nearest = torch.cdist(rgb, PALETTE).argmin(1).reshape(512, -1)
+    assert (nearest == idx[:, None]).float().mean() > 0.995  # still read as the colour it was
+    assert torch.equal(colour_errors(flat, 0.0), flat)
+
+
+def test_degrade_blurs_without_colour_errors_and_adds_them_when_asked():
+    torch.manual_seed(1)
+    low = render(sample_scenes(64), 32, "cpu")
+    border = torch.cat([low[..., 0, :], low[..., -1, :]], -1)  # flat background rows, [B, 3, 64]
+    plain = degrade(low)
+    shifted = degrade(low, 0.04)
+    rows = [torch.cat([x[..., 0, :], x[..., -1, :]], -1) for x in (plain, shifted)]
+    off = [(r - border).abs().mean().item() for r in rows]
+    assert off[0] < 0.02 < off[1]  # blur and the slight noise keep a flat border; colour errors move it
+    assert PRESETS["cpu"].super_res_colour_error == 0.0  # the shipped recipe is unchanged
+    for name in ("finetune", "gpu-canvas"):  # the upsampler's fine-tuning recipe
+        assert PRESETS[name].super_res_colour_error > 0 and PRESETS[name].super_res_loss == "l1"
+
+
+def test_shape_errors_move_outlines_by_about_the_asked_size_and_keep_flat_colours():
+    torch.manual_seed(2)
+    n, h = 256, 32
+    ramp = ((torch.arange(h) + 0.5) / h * 2 - 1).expand(n, 3, h, h).clone()  # x, in [-1, 1] units
+    moved = shape_errors(ramp, 0.3)
+    shift_px = ((moved - ramp) / 2 * h)[..., 4:-4, 4:-4]  # away from the clamped border
+    assert 0.1 < shift_px.std().item() < 0.6  # about 0.3 px; the per-image scale makes some much larger
+    assert shift_px.abs().max().item() < 4  # bent, not scrambled
+    flat, _ = _flat_canvases(8)
+    assert torch.allclose(shape_errors(flat, 0.3), flat, atol=1e-5)
+
+
+def test_focus_draws_half_of_the_batch_at_the_given_timesteps():
+    torch.manual_seed(3)
+    acp = noise_schedule("cpu")
+    x0 = torch.zeros(1000, 3, 4, 4)
+    _, t = add_noise(x0, acp, (995, 495))
+    assert set(t[::2].tolist()) == {995, 495}  # alternate rows at the grid, both of its steps
+    assert len(set(t[1::2].tolist())) > 300  # the others uniform over the schedule
+    _, t = add_noise(x0, acp)
+    assert ((t == 995) | (t == 495)).float().mean() < 0.01
