@@ -411,6 +411,17 @@ def _loop_cfg(name: str, args, preset: Preset) -> LoopConfig:
 TRAINERS = dict(clip=train_clip, prior=train_prior, decoder=train_decoder, super_res=train_super_res)
 
 
+def parse_timesteps(p: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+    """ "995,495" -> (995, 495); "" -> () (no focus); anything else is a usage error (exit 2)."""
+    try:
+        steps = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        p.error(f"--super-res-focus: {text!r} is not a comma-separated list of timesteps")
+    if any(not 0 <= t < 1000 for t in steps):
+        p.error(f"--super-res-focus: timesteps must be in 0..999, got {text!r}")
+    return steps
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="model folder (Karlo layout) to write")
@@ -445,16 +456,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for flag in ("super_res_colour_error", "super_res_shape_error"):
+        if (getattr(args, flag) or 0) < 0:
+            p.error(f"--{flag.replace('_', '-')}: must be ≥ 0")
     overrides = dict(
         super_res_colour_error=args.super_res_colour_error,
         super_res_shape_error=args.super_res_shape_error,
         super_res_loss=args.super_res_loss,
-        super_res_focus=None
-        if args.super_res_focus is None
-        else tuple(int(t) for t in args.super_res_focus.split(",") if t.strip()),
+        super_res_focus=None if args.super_res_focus is None else parse_timesteps(p, args.super_res_focus),
     )
     preset = replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     for name in names:
         t0 = time.time()
         TRAINERS[name](args, preset, C.ModelSizes())

@@ -1,7 +1,9 @@
 """The upsampler's training input: the decoder-like colour errors it learns to undo."""
 
+import pytest
 import torch
 
+from training import train
 from training.train import PRESETS, add_noise, colour_errors, degrade, noise_schedule, shape_errors
 from training.world import PALETTE, render, sample_scenes
 
@@ -61,3 +63,21 @@ def test_focus_draws_half_of_the_batch_at_the_given_timesteps():
     assert len(set(t[1::2].tolist())) > 300  # the others uniform over the schedule
     _, t = add_noise(x0, acp)
     assert ((t == 995) | (t == 495)).float().mean() < 0.01
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--super-res-focus", "995,x"],
+        ["--super-res-focus", "1000"],
+        ["--super-res-colour-error", "-0.1"],
+        ["--super-res-shape-error", "-1"],
+        ["--super-res-loss", "huber"],
+    ],
+)
+def test_bad_upsampler_flags_are_usage_errors(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        paths = ["--out", str(tmp_path / "m"), "--work", str(tmp_path / "w")]
+        train.main([*paths, "--components", "super_res", *flags])
+    assert stop.value.code == 2 and flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # nothing written
