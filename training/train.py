@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import UnCLIPScheduler
+from diffusers import DPMSolverMultistepScheduler, UnCLIPScheduler
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from training import components as C
 from training.loop import LoopConfig, train_loop
 from training.vocabulary import write_vocabulary
 from training.world import random_captions, render, sample_scenes
+from unclip.sampling.dpmsolver import dpmsolver_config
 
 COMPONENTS = ["clip", "prior", "decoder", "super_res"]
 
@@ -60,11 +61,22 @@ class Preset:
     super_res_focus: tuple[int, ...] = ()
 
 
+def sampler_grid(steps: int) -> tuple[int, ...]:
+    """The timesteps the stack's dpmsolver++ sampler runs the upsampler at for `steps` steps (2: 995, 495)."""
+    config = dpmsolver_config(UnCLIPScheduler(**C.SUPER_RES_SCHEDULER).config)
+    scheduler = DPMSolverMultistepScheduler(**config)
+    scheduler.set_timesteps(steps)
+    return tuple(int(t) for t in scheduler.timesteps)
+
+
 # The upsampler's fine-tuning recipe against the decoder's errors (MODEL_CARD.md, "The upsampler fine-tuned
 # against the decoder's errors"): decoder-like colour and shape errors in its input, an L1 loss, half of each
-# batch at the dpmsolver++ 2-step grid the stack samples it on.
+# batch at the grid the stack samples it on (sampling_defaults.json: dpmsolver++, 2 steps).
 UPSAMPLER_FIX: dict[str, Any] = dict(
-    super_res_colour_error=0.04, super_res_shape_error=0.3, super_res_loss="l1", super_res_focus=(995, 495)
+    super_res_colour_error=0.04,
+    super_res_shape_error=0.3,
+    super_res_loss="l1",
+    super_res_focus=sampler_grid(2),
 )
 
 PRESETS = {
@@ -149,8 +161,8 @@ def add_noise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, focus: tuple[int, 
     """Noises x0 at uniform timesteps; with `focus`, half of the batch (alternate rows) at those timesteps."""
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
     if focus:
-        picks = torch.tensor(focus, device=x0.device)[torch.randint(0, len(focus), (x0.shape[0],))]
-        t[::2] = picks[::2]
+        rows = t[::2]
+        rows.copy_(torch.tensor(focus, device=x0.device)[torch.randint(0, len(focus), rows.shape)])
     a = alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
     noise = torch.randn_like(x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t
@@ -411,14 +423,22 @@ def _loop_cfg(name: str, args, preset: Preset) -> LoopConfig:
 TRAINERS = dict(clip=train_clip, prior=train_prior, decoder=train_decoder, super_res=train_super_res)
 
 
-def parse_timesteps(p: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
-    """ "995,495" -> (995, 495); "" -> () (no focus); anything else is a usage error (exit 2)."""
+def non_negative(text: str) -> float:
+    """argparse type: a float ≥ 0."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
+    return value
+
+
+def timesteps(text: str) -> tuple[int, ...]:
+    """argparse type: "995,495" -> (995, 495); "" -> () (no focus)."""
     try:
         steps = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        p.error(f"--super-res-focus: {text!r} is not a comma-separated list of timesteps")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of timesteps") from None
     if any(not 0 <= t < 1000 for t in steps):
-        p.error(f"--super-res-focus: timesteps must be in 0..999, got {text!r}")
+        raise argparse.ArgumentTypeError(f"timesteps must be in 0..999, got {text!r}")
     return steps
 
 
@@ -439,10 +459,12 @@ def main(argv: list[str] | None = None) -> None:
         help="model folder whose trained weights each component starts from (fine-tuning; clip excluded)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--super-res-colour-error", type=float, default=None, help="default: the preset's")
-    p.add_argument("--super-res-shape-error", type=float, default=None, help="default: the preset's")
+    p.add_argument("--super-res-colour-error", type=non_negative, default=None, help="default: the preset's")
+    p.add_argument("--super-res-shape-error", type=non_negative, default=None, help="default: the preset's")
     p.add_argument("--super-res-loss", choices=["mse", "l1"], default=None, help="default: the preset's")
-    p.add_argument("--super-res-focus", default=None, help="timesteps, e.g. 995,495 (default: the preset's)")
+    p.add_argument(
+        "--super-res-focus", type=timesteps, default=None, help="e.g. 995,495 (default: the preset's)"
+    )
     args = p.parse_args(argv)
     names = [c.strip() for c in args.components.split(",") if c.strip()]
     unknown = [c for c in names if c not in COMPONENTS]
@@ -456,14 +478,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
-    for flag in ("super_res_colour_error", "super_res_shape_error"):
-        if (getattr(args, flag) or 0) < 0:
-            p.error(f"--{flag.replace('_', '-')}: must be ≥ 0")
     overrides = dict(
         super_res_colour_error=args.super_res_colour_error,
         super_res_shape_error=args.super_res_shape_error,
         super_res_loss=args.super_res_loss,
-        super_res_focus=None if args.super_res_focus is None else parse_timesteps(p, args.super_res_focus),
+        super_res_focus=args.super_res_focus,
     )
     preset = replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     Path(args.out).mkdir(parents=True, exist_ok=True)
