@@ -49,6 +49,10 @@ class ModelSizes:
     super_res_size: int = 128  # upsampler output, px
     super_res_channels: tuple[int, ...] = (32, 64, 64)
     super_res_layers: int = 1
+    # GroupNorm groups in the upsampler: 8 channels per group at its 32-channel 128 px blocks. With one
+    # channel per group (diffusers' default of 32 groups) a channel cannot keep its scale through the norm,
+    # and the network learned to set it with a single-pixel spike (StyleGAN's "droplet"): a speck.
+    super_res_norm_groups: int = 4
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -175,14 +179,20 @@ def build_decoder(sz: ModelSizes) -> UNet2DConditionModel:
 
 def build_super_res(sz: ModelSizes) -> UNet2DModel:
     n = len(sz.super_res_channels)
-    return UNet2DModel(  # convolution only: trained on crops, run on the whole image
+    # Convolution only, as the DALL-E 2 paper's upsamplers (trained on crops, run on the whole image):
+    # UNet2DModel adds a self-attention to its mid block unless told not to, and in the upsampler it learned
+    # to send up to 30 % of all attention to one 32 px cell. Norm groups: ModelSizes.super_res_norm_groups
+    # (MODEL_CARD.md, "The speck: a single-pixel spike that sets GroupNorm's statistics").
+    return UNet2DModel(
         sample_size=sz.super_res_size,
+        add_attention=False,
         in_channels=6,
         out_channels=3,
         layers_per_block=sz.super_res_layers,
         down_block_types=("ResnetDownsampleBlock2D",) * n,
         up_block_types=("ResnetUpsampleBlock2D",) * n,
         block_out_channels=sz.super_res_channels,
+        norm_num_groups=sz.super_res_norm_groups,
         resnet_time_scale_shift="scale_shift",
     )
 

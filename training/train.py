@@ -184,7 +184,15 @@ def init_from(module: torch.nn.Module, args, folder: str) -> None:
     if not args.init_from:
         return
     trained = type(module).from_pretrained(Path(args.init_from) / folder)
-    module.load_state_dict(trained.state_dict())
+    try:
+        result = module.load_state_dict(trained.state_dict(), strict=False)
+    except RuntimeError as error:  # a tensor of another shape: another model size
+        raise SystemExit(f"--init-from: {folder} does not match this model's sizes: {error}") from None
+    # The one change of architecture a fine-tune may make: dropping the upsampler's mid-block attention.
+    dropped = [k for k in result.unexpected_keys if not k.startswith("mid_block.attentions.")]
+    if result.missing_keys or dropped:
+        missing = result.missing_keys
+        raise SystemExit(f"--init-from: {folder} does not match: missing {missing}, extra {dropped}")
     print(f"initialised {folder} from {args.init_from}", flush=True)
 
 
