@@ -69,9 +69,9 @@ def sampler_grid(steps: int) -> tuple[int, ...]:
     return tuple(int(t) for t in scheduler.timesteps)
 
 
-# The upsampler's fine-tuning recipe against the decoder's errors (MODEL_CARD.md, "The upsampler fine-tuned
-# against the decoder's errors"): decoder-like colour and shape errors in its input, an L1 loss, half of each
-# batch at the grid the stack samples it on (sampling_defaults.json: dpmsolver++, 2 steps).
+# The upsampler's fine-tuning recipe against the decoder's errors (MODEL_CARD.md, "The upsampler"):
+# decoder-like colour and shape errors in its input, an L1 loss, half of each batch at the grid the stack
+# samples it on (sampling_defaults.json: dpmsolver++, 2 steps).
 UPSAMPLER_FIX: dict[str, Any] = dict(
     super_res_colour_error=0.04,
     super_res_shape_error=0.3,
@@ -179,8 +179,9 @@ def oversample_small(scenes, share: float):
     return scenes
 
 
-def init_from(module: torch.nn.Module, args, folder: str) -> None:
-    """Loads trained weights from --init-from/<folder> into a freshly built module (fine-tuning)."""
+def init_from(module: torch.nn.Module, args, folder: str, droppable: tuple[str, ...] = ()) -> None:
+    """Loads trained weights from --init-from/<folder> into a freshly built module (fine-tuning).
+    droppable: prefixes of trained weights the module may lack (a part its architecture no longer has)."""
     if not args.init_from:
         return
     trained = type(module).from_pretrained(Path(args.init_from) / folder)
@@ -188,11 +189,10 @@ def init_from(module: torch.nn.Module, args, folder: str) -> None:
         result = module.load_state_dict(trained.state_dict(), strict=False)
     except RuntimeError as error:  # a tensor of another shape: another model size
         raise SystemExit(f"--init-from: {folder} does not match this model's sizes: {error}") from None
-    # The one change of architecture a fine-tune may make: dropping the upsampler's mid-block attention.
-    dropped = [k for k in result.unexpected_keys if not k.startswith("mid_block.attentions.")]
-    if result.missing_keys or dropped:
+    extra = [k for k in result.unexpected_keys if not k.startswith(droppable)]  # startswith(()) is False
+    if result.missing_keys or extra:
         missing = result.missing_keys
-        raise SystemExit(f"--init-from: {folder} does not match: missing {missing}, extra {dropped}")
+        raise SystemExit(f"--init-from: {folder} does not match: missing {missing}, extra {extra}")
     print(f"initialised {folder} from {args.init_from}", flush=True)
 
 
@@ -392,7 +392,8 @@ def degrade(low: torch.Tensor, colour_error: float = 0.0, shape_error: float = 0
 def train_super_res(args, preset: Preset, sz: C.ModelSizes) -> None:
     out, dev = Path(args.out), args.device
     unet = C.build_super_res(sz).to(dev)
-    init_from(unet, args, "super_res_first")
+    # Upsamplers trained with UNet2DModel's default mid-block attention fine-tune without it.
+    init_from(unet, args, "super_res_first", droppable=("mid_block.attentions.",))
     acp = noise_schedule(dev)
     crop = preset.super_res_crop
 
@@ -445,8 +446,9 @@ def timesteps(text: str) -> tuple[int, ...]:
         steps = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of timesteps") from None
-    if any(not 0 <= t < 1000 for t in steps):
-        raise argparse.ArgumentTypeError(f"timesteps must be in 0..999, got {text!r}")
+    last = C.SUPER_RES_SCHEDULER["num_train_timesteps"] - 1
+    if any(not 0 <= t <= last for t in steps):
+        raise argparse.ArgumentTypeError(f"timesteps must be in 0..{last}, got {text!r}")
     return steps
 
 
