@@ -43,18 +43,22 @@ def decode_inpaint(request, n: int, output_size: int):
     from services.decoder.engine import InpaintInput
 
     inpaint = request.inpaint
+    largest = int(LIMITS["inpaint_scale"].high) * output_size
+    # The size limit is checked on the declared shape first, so a refused image is never copied out of
+    # the message (decoding copies it and scans it for NaN: two more buffers the size of the request).
+    declared = list(inpaint.image.shape) if inpaint.HasField("image") else []
+    if len(declared) == 4 and max(declared[-2:]) > largest:
+        height, width = declared[-2:]
+        raise ValueError(
+            f"inpaint.image is {height}x{width}, over {largest}x{largest} "
+            f"({LIMITS['inpaint_scale'].high} x this stage's output size {output_size})"
+        )
     image = from_field(
         inpaint, "image", prefix="inpaint.", dtype=torch.float32, shape=[n, 3, None, None], finite=True
     )
     size = image.shape[-1]
     if image.shape[-2] != size or size < 1:
         raise ValueError(f"inpaint.image must be square, got {list(image.shape)}")
-    largest = int(LIMITS["inpaint_scale"].high) * output_size
-    if size > largest:
-        raise ValueError(
-            f"inpaint.image is {size}x{size}, over {largest}x{largest} "
-            f"({LIMITS['inpaint_scale'].high} x this stage's output size {output_size})"
-        )
     mask = from_field(
         inpaint, "mask", prefix="inpaint.", dtype=torch.float32, shape=[n, 1, size, size], finite=True
     )

@@ -129,7 +129,7 @@ def test_playground_generate_vary_edit(browser, gateway, api_key, tmp_path):
     assert not set(edit_previews) & set(generate_previews)
     difference = np.abs(pixels(edited) - pixels(original))
     # Far from the painted corner: kept, but for the two pictures' own invisible watermarks (each image's
-    # mark follows its seed; PSNR ~38 dB, BENCHMARKS.md "Provenance").
+    # mark follows its seed; PSNR ~40 dB, BENCHMARKS.md "Provenance").
     assert difference[96:, 96:].mean() <= 3
     assert difference[:32, :48].mean() > 5  # the painted corner was regenerated
 

@@ -5,8 +5,10 @@ and Maes, "A video watermarking system for broadcast monitoring", SPIE 3657, 199
 Why this method: the bundled model makes 64-128 px images of flat shapes. `invisible-watermark` refuses images
 under 256 px and its dwtDct misreads flat images even unattacked; `trustmark` downloads its weights on first
 use (not possible offline). A pattern that repeats every `TILE` pixels survives cropping (the fold still lines
-up; the shift is found by the correlation peak), JPEG and downscaling (the pattern is band-limited: cells of
-`CELL` px, smoothed), and it is cheap (one FFT of one tile). BENCHMARKS.md ("Provenance") has the robustness
+up; the shift is found by the correlation peak), JPEG and downscaling (the pattern is band-limited to
+periods of 4-10 px: `BAND`), and it is cheap (one FFT of one tile). No energy at periods over 10 px: there
+the eye sees a mark on a flat colour as blotches (the bundled model's pictures are flat colours), and the
+detector's median filter removes those scales anyway. BENCHMARKS.md ("Provenance") has the robustness
 table that sets `THRESHOLD` and the sizes where the mark is reliable, and the same attacks on
 `invisible-watermark` measured beside it ("Beside `invisible-watermark`", `benchmarks/watermark_imw.py`).
 
@@ -28,11 +30,14 @@ import PIL.Image
 import PIL.ImageFilter
 
 TILE = 64  # the pattern repeats every TILE px (images are multiples of it; others fold with a partial tile)
-CELL = (
-    4  # px per random cell of the pattern before smoothing: its finest detail, so JPEG and resizing keep it
-)
+# The pattern's spatial frequencies, cycles per px: periods of 4-10 px. Above 1/4, a 50 % downscale and JPEG
+# lose it; below 1/10, it shows on flat colours as blotches of several px (and the detector's 9 px median
+# filter drops it). An earlier pattern of smoothed 4 px cells, with most of its energy below 1/10, left 28
+# of 40 flat renders with off-palette blotches over 8 px where this one leaves none (BENCHMARKS.md,
+# "Provenance").
+BAND = (0.1, 0.25)
 PAYLOAD_BITS = 16  # bits carried beside the sync pattern
-STRENGTH = 3.0  # standard deviation of the added pattern, in 8-bit levels (PSNR ~38.6 dB before clipping)
+STRENGTH = 2.5  # standard deviation of the added pattern, in 8-bit levels (PSNR ~40 dB before clipping)
 THRESHOLD = 7.0  # detection: the sync correlation peak, in standard deviations of the correlation surface
 SCALES = (1.0, 2.0)  # detection tries the image as it is and upscaled 2x (a 50 % downscale undone)
 MEDIAN = 9  # px, the median filter whose residual detection reads (content suppression)
@@ -58,7 +63,7 @@ class Watermark:
             raise ValueError("watermark key must hold at least 16 bytes")
         self.strength = strength  # std of the mark in 8-bit levels
         self.threshold = threshold  # detection threshold in standard deviations
-        seed = int.from_bytes(hmac.new(key, b"unclip-watermark-v1", hashlib.sha256).digest()[:8], "big")
+        seed = int.from_bytes(hmac.new(key, b"unclip-watermark-v2", hashlib.sha256).digest()[:8], "big")
         rng = np.random.default_rng(seed)
         self.patterns = np.stack([_pattern(rng) for _ in range(1 + PAYLOAD_BITS)])  # [1 + K, T, T]
         self._spectra_plain = np.fft.fft2(self.patterns)  # [1 + K, T, T]
@@ -138,16 +143,17 @@ def payload_for(deployment_id: str, seed: int) -> int:
 
 
 def _pattern(rng: np.random.Generator) -> np.ndarray:
-    """A zero-mean, unit-std random field of TILE x TILE px, periodic, smoothed over CELL px."""
-    cells = rng.standard_normal((TILE // CELL, TILE // CELL))
-    field = np.kron(cells, np.ones((CELL, CELL)))
-    # Circular Gaussian blur (the tile wraps around): no seams where tiles meet.
+    """A zero-mean, unit-std random field of TILE x TILE px, periodic (no seams where tiles meet), white noise
+    band-passed to `BAND` with soft (linear, 20 %) edges."""
+    low, high = BAND
     freq = np.fft.fftfreq(TILE)
-    sigma = CELL / 4
-    gauss = np.exp(-2 * (np.pi * sigma) ** 2 * (freq[:, None] ** 2 + freq[None, :] ** 2))
-    smooth = np.real(np.fft.ifft2(np.fft.fft2(field) * gauss))
-    smooth -= smooth.mean()
-    return smooth / smooth.std()
+    radius = np.hypot(freq[:, None], freq[None, :])
+    rise = np.clip((radius - 0.8 * low) / (0.4 * low), 0, 1)
+    fall = np.clip((1.2 * high - radius) / (0.4 * high), 0, 1)
+    gain = rise * fall
+    field = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((TILE, TILE))) * gain))
+    field -= field.mean()
+    return field / field.std()
 
 
 def _residual(image: PIL.Image.Image) -> np.ndarray:
