@@ -19,6 +19,7 @@ from services.decoder.engine import DecoderEngine, UpsamplerEngine
 from services.encoder.engine import EncoderEngine
 from services.prior.engine import PriorEngine
 from training.evaluate import fully_specified_prompts
+from training.evaluate_strict import model_defaults
 from training.outline import read_strict
 
 BATCH = 8  # images per call (the engines take at most 10)
@@ -26,8 +27,7 @@ BATCH = 8  # images per call (the engines take at most 10)
 
 def run(model: str, n: int, overrides: dict, engines) -> dict:
     enc, pri, dec, up = engines
-    with open(f"{model}/sampling_defaults.json") as f:
-        sd = json.load(f) | overrides
+    sd = model_defaults(model) | overrides
     rows = []
     for i, case_batch in enumerate(batched(fully_specified_prompts(n, random.Random(4321)), BATCH)):
         e = enc.encode_text([c.prompt for c in case_batch], True)
