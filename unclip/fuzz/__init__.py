@@ -134,6 +134,12 @@ class Fuzzer:
                 return
             time.sleep(0.5)
 
+    def rebase(self) -> dict[str, float]:
+        """Makes each process's RSS after the last `settle` the reference that later ratios and `settle` use
+        (the working set a process keeps once it has served hostile input); returns the one it replaces."""
+        replaced, self.report.rss_warm_mb = self.report.rss_warm_mb, dict(self.report.rss_after_mb)
+        return replaced
+
     def _one(self, rng: random.Random, mutator: Mutator) -> None:
         # The product's methods three times as often as each process's health and reflection methods.
         method = rng.choices(self.methods, [1 if m.path.startswith("/grpc.") else 3 for m in self.methods])[0]
