@@ -73,9 +73,12 @@ def test_focus_draws_half_of_the_batch_at_the_given_timesteps():
         ["--super-res-colour-error", "-0.1"],
         ["--super-res-shape-error", "-1"],
         ["--super-res-loss", "huber"],
+        ["--lr-scale", "-0.1"],
+        ["--decoder-small-share", "1.5"],
+        ["--decoder-focus", "995,-5"],
     ],
 )
-def test_bad_upsampler_flags_are_usage_errors(flags, tmp_path, capsys):
+def test_bad_training_flags_are_usage_errors(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         paths = ["--out", str(tmp_path / "m"), "--work", str(tmp_path / "w")]
         train.main([*paths, "--components", "super_res", *flags])
