@@ -5,7 +5,7 @@
         [--variations 12] [--edits 12] [--json out.json] [--save-dir DIR]
 
 Without --addr, in process (diffusers' reference pipelines; edits through training/edits.py's loop) at the
-model folder's own sampling defaults (`sampling_defaults.json`: prior guidance 2, decoder guidance 3,
+model folder's own sampling defaults (`sampling_defaults.json`: prior guidance 2, decoder guidance 2,
 edits 4); with --addr, the running stack at its defaults; with --from-dir, the pictures an earlier run saved
 with --save-dir, read again (no generation). The same prompts, seeds and cases as `training.evaluate` with
 the same --seed and counts. Measures (targets from the issue of crisp, clean pictures):

@@ -67,9 +67,9 @@ def test_bundled_model_draws_the_prompt_through_the_stack(toy_stack):
     capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
     assert list(capabilities.sizes) == [32, 128]
     # The model's sampling_defaults.json reached the orchestrator: unset prior guidance is 2, not 4, and the
-    # decoder's 3, not 8 (8 overshoots colours on this model; model card).
+    # decoder's 2, not 8 (8 overshoots colours on this model; model card).
     assert capabilities.defaults.prior_guidance_scale == 2.0
-    assert capabilities.defaults.decoder_guidance_scale == 3.0
+    assert capabilities.defaults.decoder_guidance_scale == 2.0
 
     backgrounds_right = objects_right = total = 0
     first: list[bytes] = []  # the first prompt's images, at the defaults
@@ -95,7 +95,7 @@ def test_bundled_model_draws_the_prompt_through_the_stack(toy_stack):
         return [image.png for image in stub.Generate(request, timeout=600).images]
 
     # unset guidance is exactly the recommended one, and not Karlo's
-    assert first == generate(prior_guidance_scale=2.0, decoder_guidance_scale=3.0)
+    assert first == generate(prior_guidance_scale=2.0, decoder_guidance_scale=2.0)
     assert first != generate(decoder_guidance_scale=8.0)
 
 
@@ -135,7 +135,7 @@ def test_edit_uses_the_models_edit_guidance_and_draws_the_prompt(toy_stack):
     stub = orchestrator_pb2_grpc.ImageServiceStub(toy_stack.channel())
     capabilities = stub.GetCapabilities(orchestrator_pb2.CapabilitiesRequest())
     assert capabilities.edit_defaults.decoder_guidance_scale == 4.0
-    assert capabilities.defaults.decoder_guidance_scale == 3.0  # generation's own
+    assert capabilities.defaults.decoder_guidance_scale == 2.0  # generation's own
     assert capabilities.edit_defaults.prior_guidance_scale == capabilities.defaults.prior_guidance_scale
 
     attrs, wants, prompts, sources, mask = edit_cases(2, random.Random(3), seed=3)
