@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -506,15 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
-    overrides = dict(
-        lr_scale=args.lr_scale,
-        decoder_small_share=args.decoder_small_share,
-        decoder_focus=args.decoder_focus,
-        super_res_colour_error=args.super_res_colour_error,
-        super_res_shape_error=args.super_res_shape_error,
-        super_res_loss=args.super_res_loss,
-        super_res_focus=args.super_res_focus,
-    )
+    # every flag named after a Preset field overrides it when given
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Preset)}
     preset = replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for name in names:
