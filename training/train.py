@@ -14,6 +14,7 @@ its time budget is spent.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 from dataclasses import dataclass, fields, replace
@@ -28,7 +29,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 from training import components as C
 from training.loop import LoopConfig, train_loop
 from training.vocabulary import write_vocabulary
-from training.world import random_captions, render, sample_scenes
+from training.world import PALETTE, random_captions, render, sample_scenes
 from unclip.sampling.dpmsolver import dpmsolver_config
 
 COMPONENTS = ["clip", "prior", "decoder", "super_res"]
@@ -48,6 +49,8 @@ class Preset:
     # Timesteps half of each decoder batch is drawn at (as super_res_focus; the stack's dpmsolver++ with 10
     # steps: 995, 895, ..., 95): the predictions a picture is made of get most of the training.
     decoder_focus: tuple[int, ...] = ()
+    # Extra weight of the decoder's x0 loss on pixels along outlines (`edge_weights`; 0: a plain MSE).
+    decoder_edge_weight: float = 0.0
     lr_scale: float = 1.0  # multiplies every peak learning rate (lower when fine-tuning)
     warmup_steps: int = 200  # linear learning-rate warm-up
     # Per-channel size ([0, 1] units) of the decoder-like colour errors added to the upsampler's 32 px input,
@@ -56,6 +59,11 @@ class Preset:
     # Size (32 px pixels, per-image scale U(0, 2)) of a smooth random warp of the upsampler's 32 px input, so
     # that it learns to draw the world's straight edges and sharp corners from the decoder's bent ones.
     super_res_shape_error: float = 0.0
+    # Size (32 px pixels, per-image scale U(0, 2)) of the blur-and-cut rounding of the object in the
+    # upsampler's 32 px input (`round_shapes`), so that it draws the world's sharp star points and corners
+    # from the decoder's blunt small shapes (0: none).
+    super_res_rounding: float = 0.0
+    super_res_small_share: float = 0.5  # share of small objects in the upsampler's batches
     # The upsampler's loss on its x0 prediction: "mse", or "l1" (a per-pixel median), which keeps an uncertain
     # edge between two flat colours sharp where the mean is a soft ramp.
     super_res_loss: str = "mse"
@@ -73,13 +81,16 @@ def sampler_grid(steps: int) -> tuple[int, ...]:
 
 
 # The upsampler's fine-tuning recipe against the decoder's errors (MODEL_CARD.md, "The upsampler"):
-# decoder-like colour and shape errors in its input, an L1 loss, half of each batch at the grid the stack
-# samples it on (sampling_defaults.json: dpmsolver++, 2 steps). The error sizes are those of the shipped
-# weights' last run (run 7); runs 1-6 used 0.04 and 0.3, which left red patches in orange objects and
-# yellow arm tips on green stars as the decoder drew them.
+# decoder-like colour and shape errors in its input, blunted shapes, three small objects in four, an L1 loss,
+# half of each batch at the grid the stack samples it on (sampling_defaults.json: dpmsolver++, 2 steps).
+# The shipped weights' last run (run 9) added the rounding and the small share to run 7's recipe; runs 1-6
+# used errors of 0.04 and 0.3, which left red patches in orange objects and yellow arm tips on green stars
+# as the decoder drew them.
 UPSAMPLER_FIX: dict[str, Any] = dict(
     super_res_colour_error=0.08,
     super_res_shape_error=0.5,
+    super_res_rounding=0.5,
+    super_res_small_share=0.75,
     super_res_loss="l1",
     super_res_focus=sampler_grid(2),
 )
@@ -335,12 +346,22 @@ def train_decoder(args, preset: Preset, sz: C.ModelSizes) -> None:
         ).sample  # [B, 6, 32, 32]
         x0_pred, variance = pred.split(3, dim=1)
         # x₀ prediction; the variance half is trained towards -1: learned_range's small posterior variance.
-        return F.mse_loss(x0_pred, x0) + 0.1 * F.mse_loss(variance, torch.full_like(variance, -1.0))
+        weight = edge_weights(x0, preset.decoder_edge_weight)
+        x0_loss = (weight * (x0_pred - x0).square()).mean() / weight.mean()
+        return x0_loss + 0.1 * F.mse_loss(variance, torch.full_like(variance, -1.0))
 
     ema = train_loop(_loop_cfg("decoder", args, preset), parts, step, Path(args.work))
     ema["text_proj"].save_pretrained(out / "text_proj")
     ema["decoder"].save_pretrained(out / "decoder")
     C.save_schedulers(out)
+
+
+def edge_weights(images: torch.Tensor, extra: float) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, H, W]: 1, plus `extra` where a 3 × 3 neighbourhood spans two colours
+    (a band about two pixels wide along every outline), so that the few pixels that decide a small shape's
+    points and corners weigh more than the flat canvas around them. images: [B, 3, H, W] in [-1, 1]."""
+    spread = F.max_pool2d(images, 3, 1, 1) + F.max_pool2d(-images, 3, 1, 1)  # max - min per channel
+    return 1.0 + extra * (spread.amax(1, keepdim=True) > 0.1).float()
 
 
 def colour_errors(low: torch.Tensor, size: float) -> torch.Tensor:
@@ -380,18 +401,41 @@ def degrade(low: torch.Tensor, colour_error: float = 0.0, shape_error: float = 0
     if colour_error > 0:
         low = colour_errors(low, colour_error)
     b = low.shape[0]
-    sigma = 0.3 + 0.9 * torch.rand(b, device=low.device)
-    x = torch.arange(-3, 4, device=low.device, dtype=torch.float32)
-    k = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
+    y = gaussian_blur(low, 0.3 + 0.9 * torch.rand(b, device=low.device))
+    return (y + 0.02 * torch.rand(b, 1, 1, 1, device=low.device) * torch.randn_like(y)).clamp(-1, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A separable Gaussian blur with one σ (pixels, ≤ ~1.5: a 7-tap kernel) per image; x: [B, C, H, W],
+    sigma: [B]. Edges replicate."""
+    b, c = x.shape[:2]
+    taps = torch.arange(-3, 4, device=x.device, dtype=torch.float32)
+    k = torch.exp(-(taps[None] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)  # [B, 7]
-    padded = F.pad(low, (3, 3, 3, 3), mode="replicate")
-    c = low.shape[1]
-    # separable blur: per-image kernels through grouped convolutions
+    padded = F.pad(x, (3, 3, 3, 3), mode="replicate")
+    # per-image kernels through grouped convolutions
     y = padded.reshape(1, b * c, *padded.shape[2:])
     kh = k.repeat_interleave(c, 0)[:, None, None, :]
     kv = k.repeat_interleave(c, 0)[:, None, :, None]
-    y = F.conv2d(F.conv2d(y, kh, groups=b * c), kv, groups=b * c).reshape_as(low)
-    return (y + 0.02 * torch.rand(b, 1, 1, 1, device=low.device) * torch.randn_like(y)).clamp(-1, 1)
+    return F.conv2d(F.conv2d(y, kh, groups=b * c), kv, groups=b * c).reshape_as(x)
+
+
+def round_shapes(
+    low: torch.Tensor, background: torch.Tensor, colour: torch.Tensor, size_px: float
+) -> torch.Tensor:
+    """Draws the object as the decoder draws small shapes at 32 px: points short and blunt, corners rounded,
+    concave corners filled, the edge still one pixel wide. The object's coverage (read back from the render's
+    two colours) is blurred (σ = size_px × U(0, 2) pixels per image) and cut again at one half with the
+    slope of a one-pixel edge. low: [B, 3, H, W] world renders in [-1, 1]; background, colour: [B, 3] their
+    palette colours in [0, 1]."""
+    bg, span = background[:, :, None, None], (colour - background)[:, :, None, None]
+    alpha = ((low + 1) / 2 - bg).mul(span).sum(1, keepdim=True) / span.square().sum(1, keepdim=True)
+    sigma = size_px * 2 * torch.rand(low.shape[0], device=low.device)
+    blurred = gaussian_blur(alpha, sigma)
+    # a straight edge blurred by σ has slope 1 / (σ √(2π)) at one half; a one-pixel edge has slope 1
+    gain = (sigma * (2 * math.pi) ** 0.5).clamp(min=1.0)[:, None, None, None]
+    alpha = ((blurred - 0.5) * gain + 0.5).clamp(0, 1)
+    return (bg + alpha * span) * 2 - 1
 
 
 def train_super_res(args, preset: Preset, sz: C.ModelSizes) -> None:
@@ -403,9 +447,14 @@ def train_super_res(args, preset: Preset, sz: C.ModelSizes) -> None:
     crop = preset.super_res_crop
 
     def step(_: int) -> torch.Tensor:
-        scenes = sample_scenes(preset.super_res_batch)
+        scenes = oversample_small(sample_scenes(preset.super_res_batch), preset.super_res_small_share)
         high = render(scenes, sz.super_res_size, dev)  # [B, 3, 128, 128]
         low = render(scenes, sz.decoder_size, dev)
+        if preset.super_res_rounding > 0:
+            palette = PALETTE.to(dev)
+            low = round_shapes(
+                low, palette[scenes.background], palette[scenes.color], preset.super_res_rounding
+            )
         low = degrade(low, preset.super_res_colour_error, preset.super_res_shape_error)
         up = F.interpolate(low, size=high.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
         i, j = (random.randrange(0, sz.super_res_size - crop + 1) for _ in range(2))
@@ -484,11 +533,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--lr-scale", type=non_negative, default=None, help="default: the preset's")
     p.add_argument("--decoder-small-share", type=share, default=None, help="default: the preset's")
+    p.add_argument("--decoder-edge-weight", type=non_negative, default=None, help="default: the preset's")
     p.add_argument(
         "--decoder-focus", type=timesteps, default=None, help="e.g. 995,895,...,95 (default: the preset's)"
     )
     p.add_argument("--super-res-colour-error", type=non_negative, default=None, help="default: the preset's")
     p.add_argument("--super-res-shape-error", type=non_negative, default=None, help="default: the preset's")
+    p.add_argument("--super-res-rounding", type=non_negative, default=None, help="default: the preset's")
+    p.add_argument("--super-res-small-share", type=share, default=None, help="default: the preset's")
     p.add_argument("--super-res-loss", choices=["mse", "l1"], default=None, help="default: the preset's")
     p.add_argument(
         "--super-res-focus", type=timesteps, default=None, help="e.g. 995,495 (default: the preset's)"

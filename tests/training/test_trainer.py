@@ -65,6 +65,7 @@ def test_fine_tune_starts_from_the_given_weights(tmp_path, capsys):
     common = ["--out", str(out), "--work", str(tmp_path / "work"), "--init-from", str(shipped)]
     upsampler_recipe = ["--super-res-colour-error", "0.04", "--super-res-shape-error", "0.3"]
     upsampler_recipe += ["--super-res-loss", "l1", "--super-res-focus", "995,495"]
+    upsampler_recipe += ["--super-res-rounding", "0.5", "--super-res-small-share", "0.75"]
     train.main(
         common
         + ["--preset", "smoke", "--components", "super_res", "--max-steps", "1", "--log-every", "1"]
