@@ -298,3 +298,45 @@ def breakdown(spans: list[dict]) -> list[dict]:
         row["services_add_ms"] = row["total_ms"] - row["compute_ms"]
         rows.append(row)
     return sorted(rows, key=lambda r: r["start"])
+
+
+def in_process_engines(model: str) -> tuple:
+    """The stack's four engines (encoder, prior, decoder, upsampler) of a model folder in this process."""
+    from services.decoder.engine import DecoderEngine, UpsamplerEngine
+    from services.encoder.engine import EncoderEngine
+    from services.prior.engine import PriorEngine
+
+    return (EncoderEngine.from_pretrained(model), PriorEngine.from_pretrained(model),
+            DecoderEngine.from_pretrained(model), UpsamplerEngine.from_pretrained(model))  # fmt: skip
+
+
+def draw_in_process(engines: tuple, prompts: list[str], generators: list, settings: dict, image_embeds=None):
+    """Prompts through the engines at `settings` (sampling_defaults.json's keys), as the stack draws them.
+    image_embeds [n, D], if given, replaces the prior's. Returns the decoder's images [n, 3, 32, 32] and the
+    upsampler's [n, 3, 128, 128] (float32, in [-1, 1])."""
+    enc, pri, dec, up = engines
+    e = enc.encode_text(prompts, True)
+    text = (e.text_embeds, e.text_encoder_hidden_states, e.text_mask)
+    p = pri.sample(
+        *text,
+        generators,
+        num_inference_steps=settings["prior_num_inference_steps"],
+        guidance_scale=settings["prior_guidance_scale"],
+        sampler=settings["prior_sampler"],
+    )
+    embeds = p.image_embeds if image_embeds is None else image_embeds.to(p.image_embeds.dtype)
+    d = dec.decode(
+        embeds,
+        *text,
+        p.generators,
+        num_inference_steps=settings["decoder_num_inference_steps"],
+        guidance_scale=settings["decoder_guidance_scale"],
+        sampler=settings["decoder_sampler"],
+    )
+    u = up.upsample(
+        d.images,
+        d.generators,
+        num_inference_steps=settings["super_res_num_inference_steps"],
+        sampler=settings["super_res_sampler"],
+    )
+    return d.images.float().clamp(-1, 1), u.images.float().clamp(-1, 1)

@@ -59,9 +59,9 @@ class Preset:
     # Size (32 px pixels, per-image scale U(0, 2)) of a smooth random warp of the upsampler's 32 px input, so
     # that it learns to draw the world's straight edges and sharp corners from the decoder's bent ones.
     super_res_shape_error: float = 0.0
-    # Size (32 px pixels, per-image scale U(0, 2)) of the blur-and-cut rounding of the object in the
-    # upsampler's 32 px input (`round_shapes`), so that it draws the world's sharp star points and corners
-    # from the decoder's blunt small shapes (0: none).
+    # Size (32 px pixels, per-image scale U(0, 2); ≤ 0.75 for the blur's 7-tap kernel) of the blur-and-cut
+    # rounding of the object in the upsampler's 32 px input (`round_shapes`), so that it draws the world's
+    # sharp star points and corners from inputs that lack them (0: none).
     super_res_rounding: float = 0.0
     super_res_small_share: float = 0.5  # share of small objects in the upsampler's batches
     # The upsampler's loss on its x0 prediction: "mse", or "l1" (a per-pixel median), which keeps an uncertain
@@ -423,11 +423,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def round_shapes(
     low: torch.Tensor, background: torch.Tensor, colour: torch.Tensor, size_px: float
 ) -> torch.Tensor:
-    """Draws the object as the decoder draws small shapes at 32 px: points short and blunt, corners rounded,
-    concave corners filled, the edge still one pixel wide. The object's coverage (read back from the render's
-    two colours) is blurred (σ = size_px × U(0, 2) pixels per image) and cut again at one half with the
-    slope of a one-pixel edge. low: [B, 3, H, W] world renders in [-1, 1]; background, colour: [B, 3] their
-    palette colours in [0, 1]."""
+    """Blunts the object: points short and blunt, corners rounded, concave corners filled, the edge still one
+    pixel wide, so that the upsampler learns to draw sharp points and corners from inputs that lack them. The
+    object's coverage (read back from the render's two colours) is blurred (σ = size_px × U(0, 2) pixels per
+    image) and cut again at one half with the slope of a one-pixel edge. low: [B, 3, H, W] world renders in
+    [-1, 1]; background, colour: [B, 3] their palette colours in [0, 1]."""
     bg, span = background[:, :, None, None], (colour - background)[:, :, None, None]
     alpha = ((low + 1) / 2 - bg).mul(span).sum(1, keepdim=True) / span.square().sum(1, keepdim=True)
     sigma = size_px * 2 * torch.rand(low.shape[0], device=low.device)

@@ -17,9 +17,8 @@ from collections import Counter, defaultdict
 import torch
 from PIL import Image
 
-from services.decoder.engine import DecoderEngine, UpsamplerEngine
+from benchmarks.common import draw_in_process, in_process_engines
 from services.encoder.engine import EncoderEngine
-from services.prior.engine import PriorEngine
 from training.evaluate import fully_specified_prompts
 from training.evaluate_strict import model_defaults
 from training.outline import read_strict
@@ -42,37 +41,18 @@ def oracle_embeds(enc: EncoderEngine, cases, first: int) -> torch.Tensor:
 
 
 def main(model: str, mode: str = "prior", n: int = 96) -> dict:
-    enc, pri = EncoderEngine.from_pretrained(model), PriorEngine.from_pretrained(model)
-    dec, up = DecoderEngine.from_pretrained(model), UpsamplerEngine.from_pretrained(model)
+    engines = in_process_engines(model)
     sd = model_defaults(model)
     cases = fully_specified_prompts(n, random.Random(4321))
     count, ious = Counter(), defaultdict(list)
     for i in range(0, n, 8):
         batch = cases[i : i + 8]
-        e = enc.encode_text([c.prompt for c in batch], True)
-        text = (e.text_embeds, e.text_encoder_hidden_states, e.text_mask)
         gens = [torch.Generator().manual_seed(1000 + i + j) for j in range(len(batch))]
-        p = pri.sample(
-            *text,
-            gens,
-            num_inference_steps=sd["prior_num_inference_steps"],
-            guidance_scale=sd["prior_guidance_scale"],
-            sampler=sd["prior_sampler"],
-        )
-        embeds = p.image_embeds if mode == "prior" else oracle_embeds(enc, batch, i).to(p.image_embeds.dtype)
-        d = dec.decode(
-            embeds,
-            *text,
-            p.generators,
-            num_inference_steps=sd["decoder_num_inference_steps"],
-            guidance_scale=sd["decoder_guidance_scale"],
-            sampler=sd["decoder_sampler"],
-        )
-        steps = sd["super_res_num_inference_steps"]
-        u = up.upsample(d.images, d.generators, num_inference_steps=steps, sampler=sd["super_res_sampler"])
-        for image, case in zip(u.images.float(), batch, strict=True):
+        embeds = None if mode == "prior" else oracle_embeds(engines[0], batch, i)
+        _, high = draw_in_process(engines, [c.prompt for c in batch], gens, sd, embeds)
+        for image, case in zip(high, batch, strict=True):
             want = case.expected
-            r = read_strict(image.clamp(-1, 1), want["shape"])
+            r = read_strict(image, want["shape"])
             right = r["shape_right"] and r["color"] == want["color"] and r["background"] == want["background"]
             cell = f"{KINDS[want['shape']]}-{SIZES[want['size']]}"
             count["right"] += right

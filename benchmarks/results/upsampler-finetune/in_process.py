@@ -15,9 +15,7 @@ import sys
 
 import torch
 
-from services.decoder.engine import DecoderEngine, UpsamplerEngine
-from services.encoder.engine import EncoderEngine
-from services.prior.engine import PriorEngine
+from benchmarks.common import draw_in_process, in_process_engines
 from training.evaluate import fully_specified_prompts
 from training.evaluate_strict import model_defaults
 from training.outline import read_strict
@@ -26,37 +24,14 @@ BATCH = 8  # images per call (the engines take at most 10)
 
 
 def run(model: str, n: int, overrides: dict, engines) -> dict:
-    enc, pri, dec, up = engines
     sd = model_defaults(model) | overrides
     rows = []
     for i, case_batch in enumerate(batched(fully_specified_prompts(n, random.Random(4321)), BATCH)):
-        e = enc.encode_text([c.prompt for c in case_batch], True)
         gens = [torch.Generator().manual_seed(1000 + i * BATCH + j) for j in range(len(case_batch))]
-        text = (e.text_embeds, e.text_encoder_hidden_states, e.text_mask)
-        p = pri.sample(
-            *text,
-            gens,
-            num_inference_steps=sd["prior_num_inference_steps"],
-            guidance_scale=sd["prior_guidance_scale"],
-            sampler=sd["prior_sampler"],
-        )
-        d = dec.decode(
-            p.image_embeds,
-            *text,
-            p.generators,
-            num_inference_steps=sd["decoder_num_inference_steps"],
-            guidance_scale=sd["decoder_guidance_scale"],
-            sampler=sd["decoder_sampler"],
-        )
-        u = up.upsample(
-            d.images,
-            d.generators,
-            num_inference_steps=sd["super_res_num_inference_steps"],
-            sampler=sd["super_res_sampler"],
-        )
-        for image, case in zip(u.images.float(), case_batch, strict=True):
+        _, high = draw_in_process(engines, [c.prompt for c in case_batch], gens, sd)
+        for image, case in zip(high, case_batch, strict=True):
             want = case.expected
-            r = read_strict(image.clamp(-1, 1), want["shape"])
+            r = read_strict(image, want["shape"])
             colours = r["color"] == want["color"] and r["background"] == want["background"]
             right = r["shape_right"]
             rows.append(
@@ -85,7 +60,6 @@ def batched(items: list, size: int) -> list[list]:
 
 if __name__ == "__main__":
     model, n = sys.argv[1], int(sys.argv[2])
-    engines = (EncoderEngine.from_pretrained(model), PriorEngine.from_pretrained(model),
-               DecoderEngine.from_pretrained(model), UpsamplerEngine.from_pretrained(model))  # fmt: skip
+    engines = in_process_engines(model)
     for spec in sys.argv[3:] or ["{}"]:
         print(json.dumps(run(model, n, json.loads(spec), engines)), flush=True)
