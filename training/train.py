@@ -423,14 +423,20 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def round_shapes(
     low: torch.Tensor, background: torch.Tensor, colour: torch.Tensor, size_px: float
 ) -> torch.Tensor:
-    """Blunts the object: points short and blunt, corners rounded, concave corners filled, the edge still one
-    pixel wide, so that the upsampler learns to draw sharp points and corners from inputs that lack them. The
-    object's coverage (read back from the render's two colours) is blurred (σ = size_px × U(0, 2) pixels per
-    image) and cut again at one half with the slope of a one-pixel edge. low: [B, 3, H, W] world renders in
-    [-1, 1]; background, colour: [B, 3] their palette colours in [0, 1]."""
+    """Blunts the object (`blunt`) by σ = size_px × U(0, 2) pixels per image, so that the upsampler learns to
+    draw sharp points and corners from inputs that lack them. low: [B, 3, H, W] world renders in [-1, 1];
+    background, colour: [B, 3] their palette colours in [0, 1]."""
+    return blunt(low, background, colour, size_px * 2 * torch.rand(low.shape[0], device=low.device))
+
+
+def blunt(
+    low: torch.Tensor, background: torch.Tensor, colour: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """Points short and blunt, corners rounded, concave corners filled, the edge still one pixel wide: the
+    object's coverage (read back from the render's two colours) blurred by sigma [B] pixels and cut again at
+    one half with the slope of a one-pixel edge. Arguments as `round_shapes`."""
     bg, span = background[:, :, None, None], (colour - background)[:, :, None, None]
     alpha = ((low + 1) / 2 - bg).mul(span).sum(1, keepdim=True) / span.square().sum(1, keepdim=True)
-    sigma = size_px * 2 * torch.rand(low.shape[0], device=low.device)
     blurred = gaussian_blur(alpha, sigma)
     # a straight edge blurred by σ has slope 1 / (σ √(2π)) at one half; a one-pixel edge has slope 1
     gain = (sigma * (2 * math.pi) ** 0.5).clamp(min=1.0)[:, None, None, None]

@@ -1,5 +1,5 @@
-"""The upsampler's ceiling: exact 32 px world renders (optionally blunted as `training.train.round_shapes`
-does, with one fixed σ) through a model's upsampler at the stack's defaults (dpmsolver++, 2 steps, float32),
+"""The upsampler's ceiling: exact 32 px world renders (optionally blunted by `training.train.blunt` with
+one fixed σ) through a model's upsampler at the stack's defaults (dpmsolver++, 2 steps, float32),
 each 128 px picture read by the strict reader. Prints one JSON line: per shape × size, pictures, shape right,
 clean.
 
@@ -7,7 +7,6 @@ clean.
 """
 
 import json
-import math
 import sys
 from collections import defaultdict
 
@@ -15,20 +14,10 @@ import torch
 
 from services.decoder.engine import UpsamplerEngine
 from training.outline import read_strict
-from training.train import gaussian_blur
+from training.train import blunt
 from training.world import PALETTE, render, scenes_from_attributes
 
 KINDS = ("circle", "square", "triangle", "star")
-
-
-def blunt(low: torch.Tensor, scenes, sigma: float) -> torch.Tensor:
-    """round_shapes with one σ for every image."""
-    bg = PALETTE[scenes.background][:, :, None, None]
-    span = (PALETTE[scenes.color] - PALETTE[scenes.background])[:, :, None, None]
-    alpha = ((low + 1) / 2 - bg).mul(span).sum(1, keepdim=True) / span.square().sum(1, keepdim=True)
-    blurred = gaussian_blur(alpha, torch.full((len(low),), sigma))
-    alpha = ((blurred - 0.5) * max(1.0, sigma * (2 * math.pi) ** 0.5) + 0.5).clamp(0, 1)
-    return (bg + alpha * span) * 2 - 1
 
 
 def main(model: str, per: int = 8, steps: int = 2, sigma: float = 0.0) -> dict:
@@ -44,7 +33,7 @@ def main(model: str, per: int = 8, steps: int = 2, sigma: float = 0.0) -> dict:
     scenes = scenes_from_attributes(attrs, torch.Generator().manual_seed(7))
     low = render(scenes, 32)
     if sigma > 0:
-        low = blunt(low, scenes, sigma)
+        low = blunt(low, PALETTE[scenes.background], PALETTE[scenes.color], torch.full((len(low),), sigma))
     table = defaultdict(lambda: [0, 0, 0])
     for i in range(0, len(attrs), 8):
         gens = [torch.Generator().manual_seed(100 + i + j) for j in range(len(attrs[i : i + 8]))]
